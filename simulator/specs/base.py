@@ -1,0 +1,55 @@
+"""Base class of every spec: frozen pydantic models whose errors name field, value and rule.
+
+pydantic does the type coercion from YAML; `Spec.parse` turns its ValidationError into a
+`SpecError` whose message reads `model.num_layers = -3: must be > 0`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from simulator.errors import SpecError
+
+
+class Spec(BaseModel):
+    """A frozen, validated spec. Unknown fields are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    kind: str = "spec"  # overridden by subclasses; used as the prefix of error field names
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], prefix: str | None = None) -> Self:
+        """Validate `data`; raise SpecError naming the first bad field."""
+        if not isinstance(data, dict):
+            raise SpecError(prefix or cls.__name__, data, "must be a mapping of fields")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+            field = ".".join(p for p in (prefix or cls.model_fields["kind"].default, loc) if p)
+            value = first.get("input")
+            msg = first["msg"]
+            if first["type"] == "extra_forbidden":
+                allowed = sorted(k for k in cls.model_fields if k != "kind")
+                msg = f"unknown field; known fields are {', '.join(allowed)}"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            if isinstance(value, dict) and first["type"] == "missing":
+                value = None
+                msg = "is required"
+            raise SpecError(field, value, msg) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, in the schema `parse` reads back."""
+        return self.model_dump(mode="json", exclude={"kind"}, exclude_none=True)
+
+    def spec_hash(self) -> str:
+        """Stable hash of the content, for caches."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,105 @@
+"""The catalog: named specs shipped as YAML, and loading by name, path or mapping.
+
+Every spec argument accepts a catalog name (`llama-3-8b`, `8xh100`), a path to a YAML/JSON
+file of the same schema, a mapping, or an already-built spec. Clusters also accept the
+multi-node form `N x node`, e.g. `16x8xa100-80gb` is 16 nodes of the `8xa100-80gb` node.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from simulator.errors import SpecError
+from simulator.specs.base import Spec
+from simulator.specs.hardware import ClusterSpec, DeviceSpec
+from simulator.specs.model import TransformerSpec
+from simulator.specs.plan import TrainingPlan
+
+CATALOG_DIR = Path(__file__).parent / "catalog"
+KINDS = {"devices": DeviceSpec, "clusters": ClusterSpec, "models": TransformerSpec, "plans": TrainingPlan}
+_MULTI_NODE = re.compile(r"^(\d+)x(\d+x.+)$")
+
+S = TypeVar("S", bound=Spec)
+
+
+@cache
+def _entries(kind: str) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((CATALOG_DIR / kind).glob("*.yaml"))}
+
+
+def catalog_names(kind: str | None = None) -> dict[str, list[str]]:
+    """Names in the catalog, by kind (devices, clusters, models, plans)."""
+    kinds = [kind] if kind else list(KINDS)
+    return {k: list(_entries(k)) for k in kinds}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(str(path), "<file>", f"is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), type(data).__name__, "must hold a mapping of fields")
+    return data
+
+
+def _load(kind: str, ref: Any, what: str) -> Spec:
+    cls = KINDS[kind]
+    if isinstance(ref, cls):
+        return ref
+    if isinstance(ref, dict):
+        return cls.parse(ref)
+    if not isinstance(ref, (str, Path)):
+        raise SpecError(what, ref, "must be a catalog name, a file path, or a mapping")
+    name = str(ref)
+    if name in _entries(kind):
+        return cls.parse(read_yaml(_entries(kind)[name]))
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        if not path.exists():
+            raise SpecError(what, name, "file does not exist")
+        return cls.parse(read_yaml(path))
+    known = ", ".join(_entries(kind))
+    raise SpecError(what, name, f"unknown {kind[:-1]}; catalog names are: {known}")
+
+
+@cache
+def _load_named(kind: str, name: str) -> Spec:
+    return _load(kind, name, kind[:-1])
+
+
+def _load_any(kind: str, ref: Any, what: str) -> Spec:
+    if isinstance(ref, str) and ref in _entries(kind):
+        return _load_named(kind, ref)  # catalog entries are immutable: parse once
+    return _load(kind, ref, what)
+
+
+def load_device(ref: Any) -> DeviceSpec:
+    return _load_any("devices", ref, "device")
+
+
+def load_model(ref: Any) -> TransformerSpec:
+    return _load_any("models", ref, "model")
+
+
+def load_plan(ref: Any) -> TrainingPlan:
+    return _load_any("plans", ref, "plan")
+
+
+def load_cluster(ref: Any) -> ClusterSpec:
+    """A cluster by name, `NxNODE` multi-node name, path, or mapping."""
+    if isinstance(ref, str) and ref not in _entries("clusters"):
+        m = _MULTI_NODE.match(ref)
+        if m and m.group(2) in _entries("clusters"):
+            node = _load_named("clusters", m.group(2))
+            nodes = int(m.group(1))
+            if nodes < 1:
+                raise SpecError("cluster", ref, "needs at least one node")
+            return node.model_copy(update={"name": ref, "num_nodes": nodes * node.num_nodes})
+    return _load_any("clusters", ref, "cluster")

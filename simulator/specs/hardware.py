@@ -1,0 +1,127 @@
+"""Hardware specs: a device, its achievable efficiencies, and a cluster of devices.
+
+Datasheet peaks say what a device could do; `Efficiency` says what real kernels and
+collectives achieve on it. Efficiencies are data, one set per device type, so a measured
+profile from `profiler/` can replace the datasheet-derived defaults without code changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from simulator.specs.base import Spec
+
+GiB = 1024**3
+GB = 1e9
+
+
+class CollectiveEfficiency(Spec):
+    """Alpha-beta parameters of collectives on one link level (NCCL-tests bus bandwidth)."""
+
+    kind: str = "collective"
+    alpha_us: float = Field(ge=0, description="fixed latency per ring step, microseconds")
+    efficiency: float = Field(gt=0, le=1, description="achieved bus bandwidth / link peak")
+
+
+class Efficiency(Spec):
+    """Achievable fractions of the datasheet peaks, and fixed overheads.
+
+    GEMM efficiency saturates with the smallest GEMM dimension d:
+    eff(d) = gemm_max * d / (d + gemm_half_dim); small per-rank shards (large TP) run below
+    the large-GEMM efficiency, as cuBLAS tile quantization and wave effects predict.
+    """
+
+    kind: str = "efficiency"
+    gemm_max: float = Field(gt=0, le=1)
+    gemm_half_dim: float = Field(ge=0)
+    attention: float = Field(gt=0, le=1, description="attention core (batched GEMMs or flash)")
+    memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
+    kernel_overhead_us: float = Field(ge=0)
+    pcie: float = Field(gt=0, le=1, description="achieved / peak host link bandwidth")
+    intra_node: CollectiveEfficiency
+    inter_node: CollectiveEfficiency
+
+
+class DeviceSpec(Spec):
+    """One accelerator as its datasheet describes it, plus achievable efficiencies."""
+
+    kind: str = "device"
+    name: str
+    source: Literal["datasheet", "measured"] = "datasheet"
+    measured_on: str | None = None
+    peak_tflops: dict[Literal["fp32", "tf32", "fp16", "bf16", "fp8"], float]
+    memory_GiB: float = Field(gt=0)
+    hbm_bandwidth_GBps: float = Field(gt=0)
+    pcie_bandwidth_GBps: float = Field(gt=0, description="host link, one direction")
+    nvlink_bandwidth_GBps: float = Field(ge=0, description="per device, one direction; 0: none")
+    efficiency: Efficiency
+
+    @field_validator("peak_tflops")
+    @classmethod
+    def _needs_16bit(cls, v: dict[str, float]) -> dict[str, float]:
+        if "bf16" not in v and "fp16" not in v:
+            raise ValueError("must give a dense 16-bit peak (bf16 or fp16)")
+        if any(x <= 0 for x in v.values()):
+            raise ValueError("peaks must be > 0")
+        return v
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense 16-bit peak in FLOP/s (the MFU denominator)."""
+        return 1e12 * self.peak_tflops.get("bf16", self.peak_tflops.get("fp16", 0.0))
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory_GiB * GiB
+
+    @property
+    def hbm_bandwidth_bytes_per_s(self) -> float:
+        return self.hbm_bandwidth_GBps * GB
+
+
+class ClusterSpec(Spec):
+    """Nodes x devices per node, with one intra-node and one inter-node link level.
+
+    Bandwidths are per device and per direction, as DESIGN.md specifies.
+    """
+
+    kind: str = "cluster"
+    name: str
+    device: DeviceSpec
+    num_nodes: int = Field(ge=1)
+    devices_per_node: int = Field(ge=1)
+    intra_node_link: Literal["nvlink", "pcie"] = "nvlink"
+    intra_node_bandwidth_GBps: float = Field(gt=0)
+    inter_node_bandwidth_GBps: float = Field(gt=0)
+    host_memory_GiB_per_device: float = Field(default=128.0, gt=0)
+    host_optimizer_params_per_s: float = Field(
+        default=1.0e9, gt=0, description="CPU Adam throughput per device's host share"
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_by_name(cls, v):
+        if isinstance(v, str):
+            from simulator.specs.catalog import load_device
+
+            return load_device(v)
+        return v
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    def bandwidth_bytes_per_s(self, level: Literal["intra_node", "inter_node"]) -> float:
+        gbps = (
+            self.intra_node_bandwidth_GBps
+            if level == "intra_node"
+            else self.inter_node_bandwidth_GBps
+        )
+        return gbps * GB
+
+    def host_link_bytes_per_s(self) -> float:
+        """Achievable device<->host bandwidth (PCIe), one direction."""
+        d = self.device
+        return d.pcie_bandwidth_GBps * GB * d.efficiency.pcie

@@ -1,0 +1,60 @@
+"""Transformer model spec: the published shape of a GPT- or Llama-style decoder."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from simulator.specs.base import Spec
+
+
+class TransformerSpec(Spec):
+    """A decoder-only transformer.
+
+    `gpt` style: LayerNorm with bias, biased linears, learned position embeddings, GELU MLP.
+    `llama` style: RMSNorm, no biases, rotary positions, SwiGLU MLP, optional GQA.
+    """
+
+    kind: str = "model"
+    name: str
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_kv_heads: int | None = Field(default=None, ge=1)
+    ffn_hidden_size: int | None = Field(default=None, ge=1)
+    vocab_size: int = Field(ge=1)
+    seq_length: int = Field(ge=1)
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    bias: bool = True
+    position_embedding: Literal["learned", "rope", "alibi"] = "learned"
+    tied_embeddings: bool = True
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_attention_heads)
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads {self.num_kv_heads} must divide "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Number of h x f weight matrices in the MLP: 3 for SwiGLU, 2 for GELU."""
+        return 3 if self.activation == "swiglu" else 2

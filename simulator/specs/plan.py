@@ -1,0 +1,170 @@
+"""Training plan spec: parallel degrees, batching, schedule, memory options, per-stage overrides.
+
+A plan is checked on its own here; checks that need the model or the cluster (TP divides the
+heads, the degrees fill the cluster, stage layers sum to the model's) live in `validate_plan`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from simulator.errors import SpecError
+from simulator.specs.base import Spec
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.model import TransformerSpec
+
+Fraction = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class Offload(Spec):
+    """Fractions of each kind of state kept in host memory instead of device memory."""
+
+    kind: str = "plan.offload"
+    weights: float = Fraction
+    gradients: float = Fraction
+    optimizer: float = Fraction
+    activations: float = Fraction
+
+    @property
+    def any(self) -> bool:
+        return any((self.weights, self.gradients, self.optimizer, self.activations))
+
+
+class StagePlan(Spec):
+    """Per pipeline stage overrides: layer count and how many of them are checkpointed."""
+
+    kind: str = "plan.stages[]"
+    layers: int = Field(ge=1)
+    checkpointed_layers: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _ckpt(self):
+        if self.checkpointed_layers is not None and self.checkpointed_layers > self.layers:
+            raise ValueError(
+                f"checkpointed_layers {self.checkpointed_layers} exceeds layers {self.layers}"
+            )
+        return self
+
+
+class TrainingPlan(Spec):
+    """How one training iteration runs. Field names follow DESIGN.md."""
+
+    kind: str = "plan"
+    name: str | None = None
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    dp: int = Field(default=1, ge=1)
+    micro_batch_size: int = Field(default=1, ge=1)
+    global_batch_size: int = Field(ge=1)
+    seq_length: int | None = Field(default=None, ge=1, description="default: the model's")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    virtual_stages: int = Field(default=1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    gradient_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    sequence_parallel: bool = False
+    recompute: Literal["none", "selective", "full"] = "none"
+    checkpointed_layers: int | None = Field(
+        default=None, ge=0, description="with full recompute: layers per stage (default all)"
+    )
+    offload: Offload = Offload()
+    flash_attention: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_tp_comm: bool = False
+    stages: list[StagePlan] | None = None
+
+    @model_validator(mode="after")
+    def _self_consistent(self):
+        if self.global_batch_size % (self.micro_batch_size * self.dp):
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size x dp = {self.micro_batch_size * self.dp}"
+            )
+        if self.schedule == "interleaved":
+            if self.virtual_stages < 2:
+                raise ValueError("schedule 'interleaved' needs virtual_stages >= 2")
+            if self.pp < 2:
+                raise ValueError("schedule 'interleaved' needs pp >= 2")
+        elif self.virtual_stages != 1:
+            raise ValueError(f"virtual_stages > 1 needs schedule 'interleaved', not {self.schedule!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tp > 1")
+        if self.stages is not None and len(self.stages) != self.pp:
+            raise ValueError(f"stages lists {len(self.stages)} entries but pp = {self.pp}")
+        return self
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per pipeline per iteration (gradient accumulation steps)."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def seq(self, model: TransformerSpec) -> int:
+        return self.seq_length or model.seq_length
+
+    def stage_layers(self, model: TransformerSpec) -> list[int]:
+        """Transformer layers per pipeline stage (uniform unless `stages` says otherwise)."""
+        if self.stages is not None:
+            return [st.layers for st in self.stages]
+        base, extra = divmod(model.num_layers, self.pp)
+        # Megatron requires divisibility; we give any remainder to the stages without the
+        # embedding or the LM head first (the middle ones), then the last, then the first.
+        layers = [base] * self.pp
+        order = [*range(1, self.pp - 1), self.pp - 1, 0] if self.pp > 1 else [0]
+        for i in order[:extra]:
+            layers[i] += 1
+        return layers
+
+    def stage_checkpointed(self, model: TransformerSpec) -> list[int]:
+        """Checkpointed (fully recomputed) layers per stage."""
+        layers = self.stage_layers(model)
+        out = []
+        for i, n in enumerate(layers):
+            if self.stages is not None and self.stages[i].checkpointed_layers is not None:
+                out.append(self.stages[i].checkpointed_layers)
+            elif self.recompute == "full":
+                out.append(n if self.checkpointed_layers is None else min(self.checkpointed_layers, n))
+            else:
+                out.append(0)
+        return out
+
+
+def validate_plan(plan: TrainingPlan, model: TransformerSpec, cluster: ClusterSpec) -> None:
+    """Checks that need the model and the cluster. Raises SpecError naming the field."""
+    heads = model.num_attention_heads
+    if heads % plan.tp:
+        raise SpecError("plan.tp", plan.tp, f"must divide num_attention_heads = {heads} of {model.name}")
+    kv = model.num_kv_heads
+    if kv % plan.tp and plan.tp % kv:
+        raise SpecError("plan.tp", plan.tp, f"must divide or be a multiple of num_kv_heads = {kv}")
+    if model.ffn_hidden_size % plan.tp:
+        raise SpecError("plan.tp", plan.tp, f"must divide ffn_hidden_size = {model.ffn_hidden_size}")
+    if plan.pp > model.num_layers:
+        raise SpecError("plan.pp", plan.pp, f"must be <= num_layers = {model.num_layers} of {model.name}")
+    if plan.schedule == "interleaved" and plan.pp * plan.virtual_stages > model.num_layers:
+        raise SpecError(
+            "plan.virtual_stages", plan.virtual_stages,
+            f"pp x virtual_stages must be <= num_layers = {model.num_layers}",
+        )
+    if plan.num_devices != cluster.num_devices:
+        raise SpecError(
+            "plan", f"tp={plan.tp} pp={plan.pp} dp={plan.dp}",
+            f"tp x pp x dp = {plan.num_devices} must equal the {cluster.num_devices} devices of {cluster.name}",
+        )
+    layers = plan.stage_layers(model)
+    if sum(layers) != model.num_layers:
+        raise SpecError("plan.stages", layers, f"layers must sum to num_layers = {model.num_layers}")
+    if plan.schedule == "interleaved":
+        v = plan.virtual_stages
+        bad = [n for n in layers if n < v]
+        if bad:
+            raise SpecError("plan.stages", layers, f"each stage needs >= virtual_stages = {v} layers")
+        if plan.num_microbatches % plan.pp:
+            raise SpecError(
+                "plan.global_batch_size", plan.global_batch_size,
+                f"interleaved 1F1B needs micro-batches ({plan.num_microbatches}) divisible by pp = {plan.pp}",
+            )
