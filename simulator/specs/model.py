@@ -30,6 +30,7 @@ class TransformerSpec(Spec):
     bias: bool = True
     position_embedding: Literal["learned", "rope", "alibi"] = "learned"
     tied_embeddings: bool = True
+    dropout: bool = True
     source: str | None = None
 
     @model_validator(mode="after")

@@ -1,0 +1,1 @@
+"""Cost models: symbolic (sympy) per-layer costs, collectives, compilation, and timing."""

@@ -1,0 +1,30 @@
+"""Seconds from FLOPs and bytes: a roofline with achievable efficiencies and kernel overheads.
+
+GEMM efficiency saturates with the smallest GEMM dimension (see `Efficiency`); attention
+and element-wise kernels run at their own achievable fractions of the FLOP and HBM peaks.
+"""
+
+from __future__ import annotations
+
+from simulator.specs.hardware import DeviceSpec
+
+
+def gemm_efficiency(device: DeviceSpec, min_dim):
+    e = device.efficiency
+    return e.gemm_max * min_dim / (min_dim + e.gemm_half_dim)
+
+
+def gemm_s(device: DeviceSpec, flops, min_dim):
+    """Time of large GEMMs totalling `flops`, whose smallest dimension is `min_dim`."""
+    return flops / (device.peak_flops * gemm_efficiency(device, min_dim))
+
+
+def attention_s(device: DeviceSpec, flops):
+    """Attention core (score and value products, or a fused flash kernel)."""
+    return flops / (device.peak_flops * device.efficiency.attention)
+
+
+def memory_bound_s(device: DeviceSpec, nbytes, kernels: float = 0.0):
+    """Element-wise kernels moving `nbytes` through HBM, plus their launch overheads."""
+    e = device.efficiency
+    return nbytes / (device.hbm_bandwidth_bytes_per_s * e.memory_bound) + kernels * e.kernel_overhead_us * 1e-6
