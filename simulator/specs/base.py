@@ -40,6 +40,11 @@ class Spec(BaseModel):
                 msg = f"unknown field; known fields are {', '.join(allowed)}"
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
+                # A whole-spec rule names its field first: "global_batch_size: must be ..."
+                name, sep, rest = msg.partition(": ")
+                if sep and name in cls.model_fields and isinstance(value, dict):
+                    field, msg = f"{field}.{name}", rest
+                    value = value.get(name, cls.model_fields[name].default)
             if isinstance(value, dict) and first["type"] == "missing":
                 value = None
                 msg = "is required"

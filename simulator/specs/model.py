@@ -41,13 +41,11 @@ class TransformerSpec(Spec):
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size {self.hidden_size} must be divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
+                f"hidden_size: must be divisible by num_attention_heads = {self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_kv_heads {self.num_kv_heads} must divide "
-                f"num_attention_heads {self.num_attention_heads}"
+                f"num_kv_heads: must divide num_attention_heads = {self.num_attention_heads}"
             )
         return self
 

@@ -42,9 +42,7 @@ class StagePlan(Spec):
     @model_validator(mode="after")
     def _ckpt(self):
         if self.checkpointed_layers is not None and self.checkpointed_layers > self.layers:
-            raise ValueError(
-                f"checkpointed_layers {self.checkpointed_layers} exceeds layers {self.layers}"
-            )
+            raise ValueError(f"checkpointed_layers: must be <= layers = {self.layers}")
         return self
 
 
@@ -78,20 +76,20 @@ class TrainingPlan(Spec):
     def _self_consistent(self):
         if self.global_batch_size % (self.micro_batch_size * self.dp):
             raise ValueError(
-                f"global_batch_size {self.global_batch_size} must be a multiple of "
-                f"micro_batch_size x dp = {self.micro_batch_size * self.dp}"
+                "global_batch_size: must be a multiple of micro_batch_size x dp = "
+                f"{self.micro_batch_size} x {self.dp} = {self.micro_batch_size * self.dp}"
             )
         if self.schedule == "interleaved":
             if self.virtual_stages < 2:
-                raise ValueError("schedule 'interleaved' needs virtual_stages >= 2")
+                raise ValueError("virtual_stages: must be >= 2 with schedule 'interleaved'")
             if self.pp < 2:
-                raise ValueError("schedule 'interleaved' needs pp >= 2")
+                raise ValueError("pp: must be >= 2 with schedule 'interleaved'")
         elif self.virtual_stages != 1:
-            raise ValueError(f"virtual_stages > 1 needs schedule 'interleaved', not {self.schedule!r}")
+            raise ValueError(f"virtual_stages: must be 1 unless schedule is 'interleaved' (it is {self.schedule!r})")
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("sequence_parallel needs tp > 1")
+            raise ValueError("sequence_parallel: needs tp > 1")
         if self.stages is not None and len(self.stages) != self.pp:
-            raise ValueError(f"stages lists {len(self.stages)} entries but pp = {self.pp}")
+            raise ValueError(f"stages: must list one entry per pipeline stage (pp = {self.pp}), not {len(self.stages)}")
         return self
 
     @property

@@ -42,7 +42,7 @@ def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Pat
     crit = max(range(plan.pp), key=lambda i: result.stages[i].end_s)
     tl, tl0 = result.stages[crit], free_p2p.stages[crit]
     busy = sum(tl.busy_parts.values())
-    idle = tl.compute_end_s - busy
+    idle = max(0.0, tl.compute_end_s - busy)  # clamp float round-off (pp = 1 has no idle time)
     bubble = min(idle, max(0.0, tl0.compute_end_s - sum(tl0.busy_parts.values())))
     parts = tl.busy_parts
     breakdown = {
