@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,7 +20,7 @@ class Spec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    kind: str = "spec"  # overridden by subclasses; used as the prefix of error field names
+    kind: ClassVar[str] = "spec"  # overridden by subclasses; used as the prefix of error field names
 
     @classmethod
     def parse(cls, data: dict[str, Any], prefix: str | None = None) -> Self:
@@ -32,11 +32,11 @@ class Spec(BaseModel):
         except ValidationError as err:
             first = err.errors()[0]
             loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
-            field = ".".join(p for p in (prefix or cls.model_fields["kind"].default, loc) if p)
+            field = ".".join(p for p in (prefix or cls.kind, loc) if p)
             value = first.get("input")
             msg = first["msg"]
             if first["type"] == "extra_forbidden":
-                allowed = sorted(k for k in cls.model_fields if k != "kind")
+                allowed = sorted(cls.model_fields)
                 msg = f"unknown field; known fields are {', '.join(allowed)}"
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
@@ -52,7 +52,7 @@ class Spec(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, in the schema `parse` reads back."""
-        return self.model_dump(mode="json", exclude={"kind"}, exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True)
 
     def spec_hash(self) -> str:
         """Stable hash of the content, for caches."""

@@ -7,7 +7,7 @@ profile from `profiler/` can replace the datasheet-derived defaults without code
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -20,7 +20,7 @@ GB = 1e9
 class CollectiveEfficiency(Spec):
     """Alpha-beta parameters of collectives on one link level (NCCL-tests bus bandwidth)."""
 
-    kind: str = "collective"
+    kind: ClassVar[str] = "collective"
     alpha_us: float = Field(ge=0, description="fixed latency per ring step, microseconds")
     efficiency: float = Field(gt=0, le=1, description="achieved bus bandwidth / link peak")
 
@@ -33,7 +33,7 @@ class Efficiency(Spec):
     the large-GEMM efficiency, as cuBLAS tile quantization and wave effects predict.
     """
 
-    kind: str = "efficiency"
+    kind: ClassVar[str] = "efficiency"
     gemm_max: float = Field(gt=0, le=1)
     gemm_half_dim: float = Field(ge=0)
     attention: float = Field(gt=0, le=1, description="attention core (batched GEMMs or flash)")
@@ -47,7 +47,7 @@ class Efficiency(Spec):
 class DeviceSpec(Spec):
     """One accelerator as its datasheet describes it, plus achievable efficiencies."""
 
-    kind: str = "device"
+    kind: ClassVar[str] = "device"
     name: str
     source: Literal["datasheet", "measured"] = "datasheet"
     measured_on: str | None = None
@@ -87,7 +87,7 @@ class ClusterSpec(Spec):
     Bandwidths are per device and per direction, as DESIGN.md specifies.
     """
 
-    kind: str = "cluster"
+    kind: ClassVar[str] = "cluster"
     name: str
     device: DeviceSpec
     num_nodes: int = Field(ge=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,7 +16,7 @@ class TransformerSpec(Spec):
     `llama` style: RMSNorm, no biases, rotary positions, SwiGLU MLP, optional GQA.
     """
 
-    kind: str = "model"
+    kind: ClassVar[str] = "model"
     name: str
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)

@@ -6,7 +6,7 @@ heads, the degrees fill the cluster, stage layers sum to the model's) live in `v
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -21,7 +21,7 @@ Fraction = Field(default=0.0, ge=0.0, le=1.0)
 class Offload(Spec):
     """Fractions of each kind of state kept in host memory instead of device memory."""
 
-    kind: str = "plan.offload"
+    kind: ClassVar[str] = "plan.offload"
     weights: float = Fraction
     gradients: float = Fraction
     optimizer: float = Fraction
@@ -35,7 +35,7 @@ class Offload(Spec):
 class StagePlan(Spec):
     """Per pipeline stage overrides: layer count and how many of them are checkpointed."""
 
-    kind: str = "plan.stages[]"
+    kind: ClassVar[str] = "plan.stages[]"
     layers: int = Field(ge=1)
     checkpointed_layers: int | None = Field(default=None, ge=0)
 
@@ -49,7 +49,7 @@ class StagePlan(Spec):
 class TrainingPlan(Spec):
     """How one training iteration runs. Field names follow DESIGN.md."""
 
-    kind: str = "plan"
+    kind: ClassVar[str] = "plan"
     name: str | None = None
     tp: int = Field(default=1, ge=1)
     pp: int = Field(default=1, ge=1)

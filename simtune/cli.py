@@ -1,0 +1,426 @@
+"""simtune's command line: `catalog`, `simulate train`, `validate train`.
+
+Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
+file of the same schema. Human output is rich tables on stdout. With `--json` a command prints
+exactly one JSON object on stdout and nothing else; notes and errors always go to stderr.
+Input errors (`SpecError`, `InfeasiblePlan`, a missing file) print `error: ...` and exit 2,
+like click's own usage errors, so scripts can tell them from a failed `--strict` check (1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import numpy as np
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from simulator.errors import InfeasiblePlan, SpecError
+from simulator.specs.catalog import (
+    catalog_names,
+    load_cluster,
+    load_device,
+    load_model,
+    load_plan,
+)
+from simulator.training import TrainingReport, simulate_training
+from simulator.training.report import BREAKDOWN_KEYS
+
+GiB = 2**30
+EXIT_INPUT_ERROR = 2
+EXIT_CHECK_FAILED = 1
+
+out = Console(highlight=False)              # tables; never used when --json is given
+err = Console(stderr=True, highlight=False)  # notes and errors
+
+app = typer.Typer(
+    help="Simulation-first performance modeling for distributed LLM training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+simulate_app = typer.Typer(
+    help="Predict one run of a workload from its specs.", no_args_is_help=True
+)
+validate_app = typer.Typer(
+    help="Compare predictions with published measurements.", no_args_is_help=True
+)
+app.add_typer(simulate_app, name="simulate")
+app.add_typer(validate_app, name="validate")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn the user's input errors into `error: ...` on stderr and exit code 2 (no traceback)."""
+    try:
+        yield
+    except (SpecError, InfeasiblePlan) as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(f"{e.strerror or 'file not found'}: {e.filename}" if e.filename else str(e))
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(Text(f"error: {message}", style="bold red"), soft_wrap=True)
+    raise typer.Exit(EXIT_INPUT_ERROR)
+
+
+def handles_errors(fn: F) -> F:
+    """Decorator form of `input_errors` for commands (typer reads the wrapped signature)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with input_errors():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON data: numpy scalars/arrays unwrapped, non-finite floats as null."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN/Infinity
+    if isinstance(obj, (Path, Enum)):
+        return str(obj.value if isinstance(obj, Enum) else obj)
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """The one JSON object a `--json` command prints on stdout."""
+    typer.echo(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
+
+
+def fmt_seconds(s: float) -> str:
+    """A duration with a unit that keeps 3-4 significant digits."""
+    if not math.isfinite(s):
+        return str(s)
+    if s == 0.0:
+        return "0"
+    if abs(s) >= 1.0:
+        return f"{s:.3f} s"
+    if abs(s) >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def fmt_gib(nbytes: float, digits: int = 2, sep: str = ",") -> str:
+    return f"{nbytes / GiB:{sep}.{digits}f}"
+
+
+def fmt_number(x: Any) -> str:
+    """A measured or predicted value of any magnitude; non-numbers as they are."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.number)):
+        return escape(str(x))
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.4g}"
+
+
+def _table(title: str | None, *headers: str, numeric_from: int = 1) -> Table:
+    """A compact table; columns from `numeric_from` on are right-aligned, the first never wraps."""
+    table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                  show_edge=False, collapse_padding=True)
+    for i, h in enumerate(headers):
+        numeric = i >= numeric_from
+        table.add_column(h, justify="right" if numeric else "left", no_wrap=numeric or i == 0)
+    return table
+
+
+# --- catalog -------------------------------------------------------------------------------
+
+
+class Kind(StrEnum):
+    devices = "devices"
+    clusters = "clusters"
+    models = "models"
+    plans = "plans"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One catalog column: its JSON key, table header, getter on the spec, and format."""
+
+    key: str
+    header: str
+    get: Callable[[Any], Any]
+    fmt: Callable[[Any], str] = str
+    numeric: bool = True
+
+
+def _device_source(d: Any) -> str:
+    return f"{d.source} ({d.measured_on})" if d.measured_on else d.source
+
+
+def _schedule(p: Any) -> str:
+    return f"{p.schedule} (v={p.virtual_stages})" if p.schedule == "interleaved" else p.schedule
+
+
+CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
+    "devices": (load_device, [
+        Column("full_name", "device", lambda d: d.name, numeric=False),
+        Column("peak_bf16_tflops", "bf16 TFLOP/s", lambda d: d.peak_flops / 1e12, "{:,.0f}".format),
+        Column("memory_GiB", "memory GiB", lambda d: d.memory_GiB, "{:g}".format),
+        Column("hbm_bandwidth_GBps", "HBM GB/s", lambda d: d.hbm_bandwidth_GBps, "{:,.0f}".format),
+        Column("source", "source", _device_source, numeric=False),
+    ]),
+    "clusters": (load_cluster, [
+        Column("num_nodes", "nodes", lambda c: c.num_nodes),
+        Column("devices_per_node", "per node", lambda c: c.devices_per_node),
+        Column("device", "device", lambda c: c.device.name, numeric=False),
+        Column("intra_node_bandwidth_GBps", "intra GB/s", lambda c: c.intra_node_bandwidth_GBps,
+               "{:g}".format),
+        Column("inter_node_bandwidth_GBps", "inter GB/s", lambda c: c.inter_node_bandwidth_GBps,
+               "{:g}".format),
+        Column("intra_node_link", "link", lambda c: c.intra_node_link, numeric=False),
+    ]),
+    "models": (load_model, [
+        Column("num_layers", "layers", lambda m: m.num_layers),
+        Column("hidden_size", "hidden", lambda m: m.hidden_size),
+        Column("num_attention_heads", "heads", lambda m: m.num_attention_heads),
+        Column("num_kv_heads", "kv", lambda m: m.num_kv_heads),
+        Column("ffn_hidden_size", "ffn", lambda m: m.ffn_hidden_size),
+        Column("vocab_size", "vocab", lambda m: m.vocab_size),
+        Column("seq_length", "seq", lambda m: m.seq_length),
+        Column("activation", "act", lambda m: m.activation, numeric=False),
+    ]),
+    "plans": (load_plan, [
+        Column("tp", "tp", lambda p: p.tp),
+        Column("pp", "pp", lambda p: p.pp),
+        Column("dp", "dp", lambda p: p.dp),
+        Column("micro_batch_size", "mbs", lambda p: p.micro_batch_size),
+        Column("global_batch_size", "gbs", lambda p: p.global_batch_size, "{:,}".format),
+        Column("schedule", "schedule", _schedule, numeric=False),
+        Column("zero_stage", "zero", lambda p: p.zero_stage),
+        Column("recompute", "recompute", lambda p: p.recompute, numeric=False),
+    ]),
+}
+
+
+def catalog_rows(kind: str) -> list[dict[str, Any]]:
+    """One dict per catalog entry of `kind`: its name, then the kind's key fields."""
+    load, columns = CATALOG[kind]
+    rows = []
+    for name in catalog_names(kind)[kind]:
+        spec = load(name)
+        rows.append({"name": name, **{c.key: c.get(spec) for c in columns}})
+    return rows
+
+
+def _catalog_table(kind: str, rows: list[dict[str, Any]]) -> Table:
+    columns = CATALOG[kind][1]
+    table = _table(kind, "name", *(c.header for c in columns))
+    for col, c in zip(table.columns[1:], columns):
+        col.justify, col.no_wrap = ("right", True) if c.numeric else ("left", False)
+    for row in rows:
+        table.add_row(escape(row["name"]), *(escape(c.fmt(row[c.key])) for c in columns))
+    return table
+
+
+@app.command()
+@handles_errors
+def catalog(
+    kind: Annotated[Kind | None, typer.Option(help="Only this kind of spec.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the named specs: devices, clusters, models and training plans."""
+    kinds = [kind.value] if kind else list(CATALOG)
+    data = {k: catalog_rows(k) for k in kinds}
+    if as_json:
+        print_json(data)
+        return
+    for k in kinds:
+        out.print(_catalog_table(k, data[k]))
+    if "clusters" in kinds:
+        out.print("Clusters also take the multi-node form N x node, e.g. [bold]16x8xa100-80gb[/] "
+                  "(16 nodes of 8xa100-80gb).")
+    out.print("Every spec argument also accepts a path to a YAML file of the same schema.")
+
+
+# --- simulate train ------------------------------------------------------------------------
+
+
+def _plan_summary(plan: Any) -> str:
+    parts = [f"tp {plan.tp}", f"pp {plan.pp}", f"dp {plan.dp}", f"mbs {plan.micro_batch_size}",
+             f"gbs {plan.global_batch_size:,}", _schedule(plan), f"zero {plan.zero_stage}",
+             f"recompute {plan.recompute}"]
+    if plan.sequence_parallel:
+        parts.append("sequence parallel")
+    if plan.offload.any:
+        parts.append("offload")
+    return " · ".join(parts)
+
+
+def _headline_table(r: TrainingReport) -> Table:
+    table = _table(None, "metric", "value")
+    mem_share = r.peak_memory_bytes / r.device_memory_bytes if r.device_memory_bytes else math.nan
+    feasible = Text("yes", style="green")
+    if not r.feasible:
+        feasible = Text("no (see below)", style="bold red")
+    table.add_row("iteration time", fmt_seconds(r.iteration_time_s))
+    table.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    table.add_row("MFU", f"{r.mfu:.1%}")
+    table.add_row("HFU", f"{r.hfu:.1%}")
+    table.add_row("model TFLOP/s per GPU", f"{r.model_tflops_per_device:,.1f}")
+    table.add_row("peak memory", f"{fmt_gib(r.peak_memory_bytes)} GiB of "
+                  f"{fmt_gib(r.device_memory_bytes)} GiB ({mem_share:.0%})")
+    table.add_row("feasible", feasible)
+    return table
+
+
+def _breakdown_table(r: TrainingReport) -> Table:
+    table = _table("iteration breakdown (slowest stage)", "part", "time", "% of iteration")
+    keys = [*BREAKDOWN_KEYS, *(k for k in r.breakdown if k not in BREAKDOWN_KEYS)]
+    for key in keys:
+        seconds = r.breakdown.get(key, 0.0)
+        share = seconds / r.iteration_time_s if r.iteration_time_s else math.nan
+        table.add_row(key, fmt_seconds(seconds), f"{share:.1%}")
+    table.add_row(Text("total", style="bold"), fmt_seconds(sum(r.breakdown.values())), "")
+    return table
+
+
+MEMORY_SHORT = {"weights": "weights", "gradients": "grads", "optimizer": "optim",
+                "activations": "activ", "other": "other"}
+
+
+def _stage_table(r: TrainingReport) -> Table:
+    headers = ("stage", "layers", "ckpt", "in flight", "total", *MEMORY_SHORT.values())
+    table = _table("per stage (memory in GiB)", *headers, numeric_from=0)
+    gib = functools.partial(fmt_gib, digits=1, sep="")  # narrow: the table has ten columns
+    for s in r.stages:
+        style = "red" if s.memory_bytes > r.device_memory_bytes else None
+        table.add_row(str(s.stage), str(s.layers), str(s.checkpointed_layers),
+                      str(s.peak_inflight_microbatches), gib(s.memory_bytes),
+                      *(gib(s.memory.get(k, 0.0)) for k in MEMORY_SHORT), style=style)
+    return table
+
+
+@simulate_app.command("train")
+@handles_errors
+def simulate_train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")],
+    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")],
+    plan: Annotated[str, typer.Option("--plan", "-p", help="Training plan: name or YAML path.")],
+    as_json: JsonFlag = False,
+    trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
+) -> None:
+    """Predict one training iteration: time, throughput, MFU, memory, breakdown."""
+    model_spec, cluster_spec, plan_spec = load_model(model), load_cluster(cluster), load_plan(plan)
+    report = simulate_training(model_spec, cluster_spec, plan_spec, trace_path=trace)
+    if trace is not None:
+        err.print(f"trace written to {escape(str(trace))} (open it in https://ui.perfetto.dev)")
+    if as_json:
+        print_json(report.to_dict())
+        return
+    device = cluster_spec.device.name
+    out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
+              f"({cluster_spec.num_devices} x {escape(device)})")
+    out.print(f"plan [bold]{escape(plan_spec.name or plan)}[/]: {escape(_plan_summary(plan_spec))}")
+    out.print(_headline_table(report))
+    out.print(_breakdown_table(report))
+    out.print(_stage_table(report))
+    if not report.feasible:
+        reason = report.infeasible_reason or "does not fit"
+        out.print(Text(f"infeasible: {reason}", style="bold red"))
+
+
+# --- validate train ------------------------------------------------------------------------
+
+
+def _quantity(row: dict[str, Any]) -> str:
+    quantity, unit = str(row.get("quantity", "")), row.get("unit")
+    return f"{quantity} ({unit})" if unit and unit not in quantity else quantity
+
+
+def _error_cell(error: Any, target: float) -> Text:
+    if not isinstance(error, (int, float)):
+        return Text("n/a")
+    return Text(f"{error:+.1%}", style="red" if abs(error) > target else "")
+
+
+def _validation_tables(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]]
+                       ) -> tuple[list[Table], list[str]]:
+    """One predicted-vs-measured table per group, and the cited sources they point to."""
+    sources = list(dict.fromkeys(str(r.get("source", "")) for r in rows))
+    groups = list(dict.fromkeys(r.get("group", "rows") for r in rows))
+    tables = []
+    for group in groups:
+        target = summary.get(group, {}).get("target", math.inf)
+        table = _table(f"{group}: predicted vs measured", "row", "quantity", "predicted",
+                       "measured", "error", "src", numeric_from=2)
+        table.columns[1].justify = "left"
+        for r in (r for r in rows if r.get("group", "rows") == group):
+            ref = sources.index(str(r.get("source", ""))) + 1
+            table.add_row(escape(str(r.get("id", r.get("name", "")))), escape(_quantity(r)),
+                          fmt_number(r.get("predicted")), fmt_number(r.get("measured")),
+                          _error_cell(r.get("error"), target), escape(f"[{ref}]"))
+        tables.append(table)
+    return tables, sources
+
+
+def _validation_summary_table(summary: dict[str, dict[str, Any]]) -> Table:
+    table = _table("summary", "group", "n", "MAE", "max", "target", "result")
+    for group, s in summary.items():
+        verdict = Text("PASS", style="green") if s["passed"] else Text("FAIL", style="bold red")
+        worst = f"{s['max']:.1%}" if "max" in s else ""
+        table.add_row(escape(group), str(s.get("n", "")), f"{s['mae']:.1%}", worst,
+                      f"≤ {s['target']:.0%}", verdict)
+    return table
+
+
+@validate_app.command("train")
+@handles_errors
+def validate_train(
+    as_json: JsonFlag = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 if any group misses its target.")
+    ] = False,
+) -> None:
+    """Predict the published training measurements and report the errors per group."""
+    # Imported here so that the other commands never depend on the validation data.
+    from simulator.validation import validate_training
+
+    err.print("validating training predictions against published measurements ...")
+    result = validate_training()
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        tables, sources = _validation_tables(result.rows, result.summary)
+        for table in tables:
+            out.print(table)
+        for i, source in enumerate(sources, 1):
+            out.print(f"\\[{i}] {escape(source)}")
+        out.print(_validation_summary_table(result.summary))
+    failed = [g for g, s in result.summary.items() if not s["passed"]]
+    if strict and failed:
+        err.print(Text(f"failed: {', '.join(failed)}", style="bold red"))
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+if __name__ == "__main__":
+    app()
