@@ -38,5 +38,5 @@ class CompiledCosts:
 
 @cache
 def compiled_costs() -> CompiledCosts:
-    """The process-wide compiled cost model (compiling takes about a second)."""
+    """The process-wide compiled cost model (compiled on first use)."""
     return CompiledCosts()

@@ -1,23 +1,12 @@
-"""Timelines of one simulated training iteration: the raw events, and a Gantt-style plot.
+"""Gantt-style plot of one simulated iteration's events (`simulator.training.training_timeline`).
 
-`training_timeline` wires (model, cluster, plan) through the training cost model into the
-pipeline engine exactly as `simulate_training` does, but returns the engine's events
-instead of a report. `plot_timeline` draws them: one band per pipeline stage, the compute
-stream as a full-height bar, the p2p and DP streams as thin bars beneath it.
-
-This module is a consumer of both the engine and the training cost model; nothing in the
-simulator imports it, so importing it from `simulator.engine` creates no cycle.
+One band per pipeline stage: the compute stream as a full-height bar, the p2p and DP
+streams as thin bars beneath it.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from simulator.engine.pipeline import simulate_pipeline
-from simulator.engine.pipeline_api import PipelineConfig, TraceEvent
-from simulator.specs.catalog import load_cluster, load_model, load_plan
-from simulator.specs.plan import validate_plan
-from simulator.training.costs import TrainingCostModel
+from simulator.engine.pipeline_api import TraceEvent
 
 COLORS = {
     "F": "tab:blue",         # forward
@@ -29,23 +18,6 @@ COLORS = {
 # Vertical layout of one stage's band (in units of one band): compute on top, thin streams below.
 ROWS = {"compute": (0.35, 0.55), "p2p": (0.2, 0.1), "dp": (0.05, 0.1)}
 LABEL_CHAR_WIDTH = 0.008  # fraction of the time axis one label character needs (fontsize 6)
-
-
-def training_timeline(model: Any, cluster: Any, plan: Any) -> list[TraceEvent]:
-    """Events (every forward, backward, transfer and sync) of one simulated iteration.
-
-    Same wiring as `simulate_training` (specs -> TrainingCostModel -> PipelineConfig ->
-    engine) with event recording on; arguments accept the same catalog names, paths or specs.
-    """
-    model, cluster, plan = load_model(model), load_cluster(cluster), load_plan(plan)
-    validate_plan(plan, model, cluster)
-    costs = TrainingCostModel(model, plan, cluster)
-    config = PipelineConfig(
-        schedule=plan.schedule, num_stages=plan.pp, num_microbatches=plan.num_microbatches,
-        virtual_stages=plan.virtual_stages, p2p_s=costs.p2p_s(),
-        overlap_grad_reduce=plan.overlap_grad_reduce,
-    )
-    return simulate_pipeline(costs.build_stages(), config, record_events=True).events
 
 
 def _color(event: TraceEvent) -> str:

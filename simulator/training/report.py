@@ -62,6 +62,7 @@ class TrainingReport:
             ax.bar([s.stage for s in self.stages], vals, bottom=bottom, label=kind)
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.axhline(self.device_memory_bytes / 2**30, color="k", ls="--", lw=1, label="device memory")
+        ax.set_xticks([s.stage for s in self.stages])
         ax.set_xlabel("pipeline stage")
         ax.set_ylabel("peak memory (GiB)")
         ax.legend(fontsize=8)

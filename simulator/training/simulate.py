@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from simulator.engine.pipeline import simulate_pipeline
-from simulator.engine.pipeline_api import PipelineConfig
+from simulator.engine.pipeline_api import PipelineConfig, TraceEvent
 from simulator.engine.trace import write_chrome_trace
 from simulator.specs.catalog import load_cluster, load_model, load_plan
 from simulator.specs.plan import validate_plan
@@ -23,17 +23,33 @@ from simulator.training.report import StageReport, TrainingReport
 GiB = 2**30
 
 
-def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Path | None = None) -> TrainingReport:
-    """Predict one iteration. Each argument is a spec, a catalog name, a path, or a mapping."""
+def prepare_iteration(model: Any, cluster: Any, plan: Any):
+    """Load and cross-check the specs, and build the engine's inputs for one iteration.
+
+    Returns (model, cluster, plan, costs, stages, config); shared by `simulate_training` and
+    `training_timeline` so both run exactly the same wiring.
+    """
     model, cluster, plan = load_model(model), load_cluster(cluster), load_plan(plan)
     validate_plan(plan, model, cluster)
     costs = TrainingCostModel(model, plan, cluster)
-    stages = costs.build_stages()
     config = PipelineConfig(
         schedule=plan.schedule, num_stages=plan.pp, num_microbatches=plan.num_microbatches,
         virtual_stages=plan.virtual_stages, p2p_s=costs.p2p_s(),
         overlap_grad_reduce=plan.overlap_grad_reduce,
     )
+    return model, cluster, plan, costs, costs.build_stages(), config
+
+
+def training_timeline(model: Any, cluster: Any, plan: Any) -> list[TraceEvent]:
+    """Every forward, backward, transfer and sync of one simulated iteration, as events
+    (plot them with `simulator.engine.timeline_plot.plot_timeline`)."""
+    *_, stages, config = prepare_iteration(model, cluster, plan)
+    return simulate_pipeline(stages, config, record_events=True).events
+
+
+def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Path | None = None) -> TrainingReport:
+    """Predict one iteration. Each argument is a spec, a catalog name, a path, or a mapping."""
+    model, cluster, plan, costs, stages, config = prepare_iteration(model, cluster, plan)
     result = simulate_pipeline(stages, config, record_events=trace_path is not None)
     if trace_path is not None:
         write_chrome_trace(result.events, trace_path, process_name=f"{model.name} on {cluster.name}")
