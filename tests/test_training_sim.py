@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from simulator.specs import load_cluster
+from simulator.specs import load_cluster, load_model
 from simulator.training import simulate_training
 
 MODEL, CLUSTER = "gpt3-1.3b", "8xa100-80gb"
@@ -176,3 +176,14 @@ def test_interleaving_shrinks_the_bubble():
     flat = sim(plan)
     inter = sim({**plan, "schedule": "interleaved", "virtual_stages": 2})
     assert inter.breakdown["pipeline_bubble"] < flat.breakdown["pipeline_bubble"]
+
+
+def test_hfu_counts_recompute_flops_exactly():
+    """Full recompute re-runs every layer's forward once: HFU/MFU = 1 + L*F_layer / (3*(L*F_layer + F_head))."""
+    model = load_model("megatron-gpt-22b")
+    plan = {"tp": 8, "micro_batch_size": 1, "global_batch_size": 4, "recompute": "full"}
+    report = simulate_training(model, "8xa100-80gb", plan)
+    h, s, L, V = model.hidden_size, model.seq_length, model.num_layers, model.vocab_size
+    layer = 24 * s * h**2 + 4 * s**2 * h  # forward FLOPs of one GPT layer, one sequence
+    head = 2 * s * h * V
+    assert report.hfu / report.mfu == pytest.approx(1 + L * layer / (3 * (L * layer + head)), rel=1e-12)

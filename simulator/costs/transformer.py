@@ -67,6 +67,7 @@ gemm_flops_fwd = 2 * b * s * layer_weight_params / t
 attention_flops_fwd = 4 * b * s**2 * h / t  # QK^T and softmax(QK^T)V, full s x s
 layer_flops_fwd = gemm_flops_fwd + attention_flops_fwd
 lm_head_flops_fwd = 2 * b * s * h * V / t
+layer_flops_bwd = 2 * layer_flops_fwd
 """Backward = 2 x forward for every GEMM (input and weight gradients)."""
 
 # --- memory-bound traffic per layer, forward, per device (bytes) --------------------------
@@ -112,6 +113,13 @@ def model_state_bytes(params):
 
 
 stage_params = L_st * layer_params / t
+stage_recompute_flops = k * layer_flops_fwd + sel * (L_st - k) * attention_flops_fwd
+"""Forward work re-run in backward: whole checkpointed layers (full recompute), or only the
+attention core of the others (selective recompute, Korthikanti Sec. 5)."""
+ADAM_STEP_BYTES = 16 + 12  # read fp32 weight, momentum, variance, gradient; write them + 16-bit weight
+optimizer_step_bytes = ADAM_STEP_BYTES * stage_params * (1 - z1 + z1 / d) * (1 - o_o)
+"""HBM traffic of the device's Adam step over its (ZeRO-1+ sharded) optimizer states; the
+offloaded fraction steps on the CPU instead."""
 stage_weight_bytes, stage_grad_bytes, stage_optimizer_bytes = model_state_bytes(stage_params)
 stage_peak_bytes = (
     stage_weight_bytes + stage_grad_bytes + stage_optimizer_bytes
@@ -139,6 +147,9 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "gemm_flops_fwd": gemm_flops_fwd,
     "attention_flops_fwd": attention_flops_fwd,
     "layer_flops_fwd": layer_flops_fwd,
+    "layer_flops_bwd": layer_flops_bwd,
+    "stage_recompute_flops": stage_recompute_flops,
+    "optimizer_step_bytes": optimizer_step_bytes,
     "lm_head_flops_fwd": lm_head_flops_fwd,
     "elementwise_bytes_fwd": elementwise_bytes_fwd,
     "attention_elementwise_bytes_fwd": attention_elementwise_bytes_fwd,

@@ -23,13 +23,13 @@ from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values, plan_values
 from simulator.costs.timing import attention_s, gemm_s, memory_bound_s
+from simulator.costs.transformer import ADAM_STEP_BYTES
 from simulator.engine.pipeline_api import ChunkCost, OpCost, StageCost
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
 
 KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
-ADAM_BYTES_PER_PARAM = 16 + 12  # read fp32 w, m, v, grad; write fp32 w, m, v, 16-bit w
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ class TrainingCostModel:
     def chunk_ops(self, layers: int, checkpointed: int, first: bool, last: bool) -> tuple[OpCost, OpCost]:
         """Forward and backward of one micro-batch through a chunk of `layers` layers."""
         lf = self.layer_forward_parts()
+        # Backward GEMM FLOPs are twice the forward's (`layer_flops_bwd`); element-wise and
+        # attention kernels are taken at the same 2x.
         fwd = {"compute": layers * lf["compute"], "tp_comm": layers * lf["tp_comm"]}
         bwd = {"compute": 2 * layers * lf["compute"], "tp_comm": layers * lf["tp_comm"]}
         recompute = checkpointed * (lf["compute"] + lf["tp_comm"])
@@ -186,7 +188,7 @@ class TrainingCostModel:
         p, dev = self.plan, self.device
         shard = params / (p.dp if p.zero_stage >= 1 else 1)
         o = p.offload
-        gpu = float(memory_bound_s(dev, ADAM_BYTES_PER_PARAM * shard * (1 - o.optimizer), 4))
+        gpu = float(memory_bound_s(dev, ADAM_STEP_BYTES * shard * (1 - o.optimizer), 4))
         cpu = shard * o.optimizer / self.cluster.host_optimizer_params_per_s
         pcie = self.cluster.host_link_bytes_per_s()
         copies = (shard * o.gradients * 4 + shard * o.optimizer * 2) / pcie

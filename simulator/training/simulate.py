@@ -83,15 +83,14 @@ def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -
     head_flops = float(costs.layer["lm_head_flops_fwd"]) * plan.tp
     per_sample_fwd = model.num_layers * layer_flops + head_flops
     model_flops = 3 * per_sample_fwd * plan.global_batch_size / plan.micro_batch_size
-    recompute_fwd = sum(plan.stage_checkpointed(model)) * layer_flops
-    if plan.recompute == "selective":
-        recompute_fwd += (model.num_layers - sum(plan.stage_checkpointed(model))) * float(
-            costs.layer["attention_flops_fwd"]) * plan.tp
+    layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
+    recompute_fwd = plan.tp * sum(
+        float(costs.stage_values(n, k, 1)["stage_recompute_flops"]) for n, k in zip(layers, ckpt))
     hw_flops = model_flops + recompute_fwd * plan.global_batch_size / plan.micro_batch_size
     iteration = result.iteration_time_s
     peak_total = cluster.num_devices * cluster.device.peak_flops * iteration
 
-    reports, layers, ckpt = [], plan.stage_layers(model), plan.stage_checkpointed(model)
+    reports = []
     for i, tl in enumerate(result.stages):
         mem = costs.stage_memory(layers[i], ckpt[i], tl.peak_inflight_bytes, i == 0, i == plan.pp - 1)
         reports.append(StageReport(
