@@ -33,11 +33,16 @@ class Offload(Spec):
 
 
 class StagePlan(Spec):
-    """Per pipeline stage overrides: layer count and how many of them are checkpointed."""
+    """Per pipeline stage overrides: layer count, checkpointed layers, ZeRO stage, offloading.
+
+    Fields left out take the plan's global value.
+    """
 
     kind: ClassVar[str] = "plan.stages[]"
     layers: int = Field(ge=1)
     checkpointed_layers: int | None = Field(default=None, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    offload: Offload | None = None
 
     @model_validator(mode="after")
     def _ckpt(self):
@@ -116,6 +121,17 @@ class TrainingPlan(Spec):
         for i in order[:extra]:
             layers[i] += 1
         return layers
+
+    def stage_zero(self) -> list[int]:
+        """ZeRO stage of every pipeline stage."""
+        return [
+            st.zero_stage if st.zero_stage is not None else self.zero_stage
+            for st in (self.stages or [StagePlan(layers=1)] * self.pp)
+        ]
+
+    def stage_offload(self) -> list[Offload]:
+        """Offload fractions of every pipeline stage."""
+        return [st.offload or self.offload for st in (self.stages or [StagePlan(layers=1)] * self.pp)]
 
     def stage_checkpointed(self, model: TransformerSpec) -> list[int]:
         """Checkpointed (fully recomputed) layers per stage."""

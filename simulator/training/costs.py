@@ -1,50 +1,23 @@
-"""From (model, plan, cluster) to per-op durations and per-stage memory.
+"""From (model, plan, cluster) to the engine's per-op costs and every stage's memory.
 
-Evaluates the compiled symbolic costs for every stage chunk, converts FLOPs and bytes to
-seconds with the device's efficiencies, and picks the link level of every collective. The
-result feeds the discrete-event engine (`simulator.engine.pipeline`).
-
-Overlap rules (design note):
-- TP collectives sit on the compute stream's critical path (Megatron-LM) unless
-  `overlap_tp_comm`, which hides them behind the layer's GEMMs.
-- ZeRO-3 gathers layer i+1's weights while layer i computes: per op, one gather is exposed
-  plus whatever part of each later gather outlasts its layer's compute.
-- Weight and activation offload traffic runs on PCIe beside the op; only the excess over
-  the op's compute stalls it.
+A thin layer over `stage_model.StageModel`, which holds the cost rules: it fills the
+options of each stage from the plan (per-stage ZeRO, offload and checkpointing overrides
+included) and packages the results as `StageCost` for the discrete-event engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from simulator.costs import comm
-from simulator.costs.compile import compiled_costs
-from simulator.costs.symbols import model_values, plan_values
-from simulator.costs.timing import attention_s, gemm_s, memory_bound_s
-from simulator.costs.transformer import ADAM_STEP_BYTES
+from simulator.costs.symbols import GRAD_BYTES
 from simulator.engine.pipeline_api import ChunkCost, OpCost, StageCost
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
-from simulator.specs.plan import TrainingPlan
+from simulator.specs.plan import Offload, TrainingPlan
+from simulator.training.stage_model import StageModel
 
-KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
-
-
-@dataclass(frozen=True)
-class Links:
-    tp: comm.Link
-    dp: comm.Link
-    pp: comm.Link
-
-    @classmethod
-    def of(cls, plan: TrainingPlan, cluster: ClusterSpec) -> Links:
-        # Rank order tp (fastest), dp, pp, as Megatron-LM lays out its groups.
-        def link(size, stride):
-            return comm.Link.of(cluster, comm.group_level(cluster, size, stride))
-
-        return cls(tp=link(plan.tp, 1), dp=link(plan.dp, plan.tp), pp=link(2, plan.tp * plan.dp))
+OP_PARTS = ("compute", "tp_comm", "recompute", "zero3_gather", "offload_stall")
 
 
 @dataclass(frozen=True)
@@ -62,176 +35,71 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + self.activations + self.other
 
 
+def stage_options(plan: TrainingPlan, zero_stage: int, offload: Offload, checkpointed: int) -> dict[str, float]:
+    """The option symbols of one stage (see `simulator.costs.symbols`)."""
+    return {
+        "sq": float(plan.sequence_parallel), "sel": float(plan.recompute == "selective"),
+        "flash": float(plan.flash_attention), "gb": GRAD_BYTES[plan.gradient_dtype],
+        "z1": float(zero_stage >= 1), "z2": float(zero_stage >= 2), "z3": float(zero_stage >= 3),
+        "o_w": offload.weights, "o_g": offload.gradients, "o_o": offload.optimizer,
+        "o_a": offload.activations, "k": float(checkpointed),
+    }
+
+
 class TrainingCostModel:
-    """Per-layer and per-stage costs of one plan, evaluated from the compiled expressions."""
+    """Per-stage costs of one plan."""
 
     def __init__(self, model: TransformerSpec, plan: TrainingPlan, cluster: ClusterSpec):
         self.model, self.plan, self.cluster = model, plan, cluster
-        self.device = cluster.device
-        self.links = Links.of(plan, cluster)
-        self.base = {**model_values(model), **plan_values(plan, model)}
-        self.layer = compiled_costs()({**self.base, "L_st": 1.0, "n_inflight": 1.0})
+        self.stage_model = StageModel(model, cluster, plan.tp, plan.dp, plan.micro_batch_size,
+                                      plan.seq(model), plan.overlap_tp_comm)
+        self.layers = plan.stage_layers(model)
+        self.checkpointed = plan.stage_checkpointed(model)
+        self.zero, self.offload = plan.stage_zero(), plan.stage_offload()
 
-    def _v(self, name: str) -> float:
-        return float(self.layer[name])
-
-    # --- one layer, one micro-batch ---------------------------------------------------------
-    def layer_forward_parts(self) -> dict[str, float]:
-        p, dev, m = self.plan, self.device, self.model
-        min_dim = min(p.micro_batch_size * p.seq(m), m.hidden_size / p.tp)
-        gemm = float(gemm_s(dev, self._v("gemm_flops_fwd"), min_dim))
-        attn = float(attention_s(dev, self._v("attention_flops_fwd")))
-        attn += float(memory_bound_s(dev, self._v("attention_elementwise_bytes_fwd")))
-        elem = float(memory_bound_s(dev, self._v("elementwise_bytes_fwd"), KERNELS_PER_LAYER_FWD))
-        tp = 2 * float(comm.allreduce_s(self._v("tp_allreduce_bytes"), p.tp, self.links.tp))
-        if p.overlap_tp_comm:
-            tp = max(0.0, tp - gemm)
-        return {"compute": gemm + attn + elem, "tp_comm": tp, "_attention": attn, "_gemm": gemm}
-
-    def chunk_ops(self, layers: int, checkpointed: int, first: bool, last: bool) -> tuple[OpCost, OpCost]:
-        """Forward and backward of one micro-batch through a chunk of `layers` layers."""
-        lf = self.layer_forward_parts()
-        # Backward GEMM FLOPs are twice the forward's (`layer_flops_bwd`); element-wise and
-        # attention kernels are taken at the same 2x.
-        fwd = {"compute": layers * lf["compute"], "tp_comm": layers * lf["tp_comm"]}
-        bwd = {"compute": 2 * layers * lf["compute"], "tp_comm": layers * lf["tp_comm"]}
-        recompute = checkpointed * (lf["compute"] + lf["tp_comm"])
-        if self.plan.recompute == "selective":
-            recompute += (layers - checkpointed) * lf["_attention"]
-        bwd["recompute"] = recompute
-        if first:
-            self._add(fwd, bwd, self.embedding_parts())
-        if last:
-            self._add(fwd, bwd, self.lm_head_parts())
-        self._add_zero3(fwd, bwd, layers, lf)
-        self._add_offload(fwd, bwd, layers, checkpointed)
-        return OpCost(fwd), OpCost(bwd)
-
-    @staticmethod
-    def _add(fwd: dict, bwd: dict, parts: tuple[dict, dict]) -> None:
-        for dst, src in zip((fwd, bwd), parts):
-            for k, v in src.items():
-                dst[k] = dst.get(k, 0.0) + v
-
-    def embedding_parts(self) -> tuple[dict, dict]:
-        """Vocab-parallel embedding lookup (one TP all-reduce) and its gradient scatter-add."""
-        p, m = self.plan, self.model
-        out_bytes = 2.0 * p.micro_batch_size * p.seq(m) * m.hidden_size
-        t = float(memory_bound_s(self.device, 2 * out_bytes, 2))
-        ar = float(comm.allreduce_s(out_bytes, p.tp, self.links.tp))
-        return {"compute": t, "tp_comm": ar}, {"compute": 2 * t}
-
-    def lm_head_parts(self) -> tuple[dict, dict]:
-        """Output GEMM over the vocabulary shard, plus fp32 cross-entropy on the logits."""
-        p, m, dev = self.plan, self.model, self.device
-        flops = self._v("lm_head_flops_fwd")
-        gemm = float(gemm_s(dev, flops, min(p.micro_batch_size * p.seq(m), m.hidden_size)))
-        logits = p.micro_batch_size * p.seq(m) * m.vocab_size / p.tp
-        ce = float(memory_bound_s(dev, 12.0 * logits, 4))
-        return {"compute": gemm + ce}, {"compute": 2 * gemm + ce}
-
-    def _add_zero3(self, fwd: dict, bwd: dict, layers: int, lf: dict) -> None:
-        p = self.plan
-        if p.zero_stage < 3 or p.dp == 1:
-            return
-        gather = float(comm.allgather_s(self._v("zero3_gather_bytes") * p.dp, p.dp, self.links.dp))
-        layer_fwd = lf["compute"] + lf["tp_comm"]
-        fwd["zero3_gather"] = gather + (layers - 1) * max(0.0, gather - layer_fwd)
-        bwd["zero3_gather"] = gather + (layers - 1) * max(0.0, gather - 2 * layer_fwd)
-
-    def _add_offload(self, fwd: dict, bwd: dict, layers: int, checkpointed: int) -> None:
-        o = self.plan.offload
-        if not (o.weights or o.activations):
-            return
-        stage = self.stage_values(layers, checkpointed, 1)
-        pcie = self.cluster.host_link_bytes_per_s()
-        moved = float(stage["offload_bytes_per_microbatch"]) / pcie
-        for op in (fwd, bwd):
-            busy = sum(op.values())
-            op["offload_stall"] = max(0.0, moved - busy)
-
-    # --- stage level --------------------------------------------------------------------------
-    def stage_values(self, layers: float, checkpointed: float, inflight: float) -> dict[str, np.ndarray]:
-        return compiled_costs()({**self.base, "L_st": layers, "k": checkpointed, "n_inflight": inflight})
-
-    def extra_params(self, first: bool, last: bool) -> float:
-        """Embedding, position embedding, final norm and LM head parameters on a stage (per TP shard)."""
-        m, p = self.model, self.plan
-        params = 0.0
-        if first:
-            params += m.vocab_size * m.hidden_size
-            if m.position_embedding == "learned":
-                params += p.seq(m) * m.hidden_size
-        if last:
-            params += (2 if m.norm == "layernorm" else 1) * m.hidden_size
-            if not m.tied_embeddings or (p.pp > 1):  # Megatron keeps a tied copy on the last stage
-                params += m.vocab_size * m.hidden_size
-        return params / p.tp
+    def chunk(self, stage: int, layers: int, checkpointed: int, first: bool, last: bool) -> dict[str, float]:
+        opts = stage_options(self.plan, self.zero[stage], self.offload[stage], checkpointed)
+        return {k: float(v) for k, v in self.stage_model.evaluate(opts, layers, first, last).items()}
 
     def stage_params(self, layers: int, first: bool, last: bool) -> float:
-        return float(self.stage_values(layers, 0, 1)["stage_params"]) + self.extra_params(first, last)
-
-    def grad_sync(self, params: float) -> tuple[float, float]:
-        """(gradient sync before the step, parameter all-gather after it) for `params` per shard."""
-        p = self.plan
-        grad_bytes = params * {"bf16": 2, "fp16": 2, "fp32": 4}[p.gradient_dtype]
-        if p.dp == 1:
-            return 0.0, 0.0
-        if p.zero_stage == 0:
-            return float(comm.allreduce_s(grad_bytes, p.dp, self.links.dp)), 0.0
-        rs = float(comm.reducescatter_s(grad_bytes, p.dp, self.links.dp))
-        ag = 0.0 if p.zero_stage == 3 else float(comm.allgather_s(2.0 * params, p.dp, self.links.dp))
-        return rs, ag
-
-    def optimizer_s(self, params: float) -> float:
-        """Adam step on the device's shard (HBM-bound), CPU share, and offload copies."""
-        p, dev = self.plan, self.device
-        shard = params / (p.dp if p.zero_stage >= 1 else 1)
-        o = p.offload
-        gpu = float(memory_bound_s(dev, ADAM_STEP_BYTES * shard * (1 - o.optimizer), 4))
-        cpu = shard * o.optimizer / self.cluster.host_optimizer_params_per_s
-        pcie = self.cluster.host_link_bytes_per_s()
-        copies = (shard * o.gradients * 4 + shard * o.optimizer * 2) / pcie
-        return gpu + cpu + copies
-
-    def stage_memory(self, layers: int, checkpointed: int, inflight_activation_bytes: float,
-                     first: bool, last: bool) -> StageMemory:
-        vals = self.stage_values(layers, checkpointed, 0)
-        # Embedding and LM head parameters follow the same ZeRO and offload rules as a layer's.
-        per_layer = self.stage_values(1, 0, 0)
-        scale = self.extra_params(first, last) / float(per_layer["stage_params"])
-
-        def state(name: str) -> float:
-            return float(vals[name]) + scale * float(per_layer[name])
-
-        weights, grads, optim = (state(n) for n in ("stage_weight_bytes", "stage_grad_bytes", "stage_optimizer_bytes"))
-        act = inflight_activation_bytes * (1 - self.plan.offload.activations)
-        other = float(vals["recompute_buffer_bytes"])
-        if last:
-            p, m = self.plan, self.model
-            other += 6.0 * p.micro_batch_size * p.seq(m) * m.vocab_size / p.tp  # 16-bit + fp32 logits
-        return StageMemory(weights, grads, optim, act, other)
+        """Parameters of a stage with `layers` layers, per tensor-parallel shard."""
+        layer_params = float(self.stage_model.costs({}, float(layers))["stage_params"])
+        return layer_params + self.stage_model.extra_params(first, last)
 
     def p2p_s(self) -> float:
         if self.plan.pp == 1:
             return 0.0
-        return float(comm.p2p_s(self._v("pp_p2p_bytes"), self.links.pp))
+        c = self.stage_model.costs({"sq": float(self.plan.sequence_parallel)}, 1.0)
+        return float(comm.p2p_s(c["pp_p2p_bytes"], self.stage_model.links.pp))
+
+    def _chunks(self, stage: int) -> list[tuple[int, int, bool, bool]]:
+        """(layers, checkpointed, first, last) of each chunk of a stage, split evenly over v."""
+        v, n, k = self.plan.virtual_stages, self.layers[stage], self.checkpointed[stage]
+        return [
+            (n // v + (c < n % v), k // v + (c < k % v),
+             stage == 0 and c == 0, stage == self.plan.pp - 1 and c == v - 1)
+            for c in range(v)
+        ]
 
     def build_stages(self) -> list[StageCost]:
-        """StageCost for every pipeline stage, chunks split evenly over virtual stages."""
-        p, m = self.plan, self.model
-        v = p.virtual_stages
+        """StageCost for every pipeline stage."""
         stages = []
-        for i, (n, k) in enumerate(zip(p.stage_layers(m), p.stage_checkpointed(m))):
-            chunk_layers = [n // v + (1 if c < n % v else 0) for c in range(v)]
-            chunk_ckpt = [k // v + (1 if c < k % v else 0) for c in range(v)]
-            chunks, params_total = [], 0.0
-            for c, (cl, ck) in enumerate(zip(chunk_layers, chunk_ckpt)):
-                first, last = (i == 0 and c == 0), (i == p.pp - 1 and c == v - 1)
-                fwd, bwd = self.chunk_ops(cl, ck, first, last)
-                params = self.stage_params(cl, first, last)
-                params_total += params
-                act = float(self.stage_values(cl, ck, 1)["stage_activation_bytes"])
-                chunks.append(ChunkCost(fwd, bwd, cl, self.grad_sync(params)[0], act))
-            stages.append(StageCost(chunks, self.optimizer_s(params_total), self.grad_sync(params_total)[1]))
+        for i in range(self.plan.pp):
+            chunks, optimizer, param_sync = [], 0.0, 0.0
+            for layers, ckpt, first, last in self._chunks(i):
+                c = self.chunk(i, layers, ckpt, first, last)
+                fwd = OpCost({p: c[f"fwd_{p}"] for p in OP_PARTS if f"fwd_{p}" in c})
+                bwd = OpCost({p: c[f"bwd_{p}"] for p in OP_PARTS if f"bwd_{p}" in c})
+                chunks.append(ChunkCost(fwd, bwd, layers, c["grad_sync_s"], c["activation_bytes"]))
+                optimizer += c["optimizer_s"]
+                param_sync += c["param_sync_s"]
+            stages.append(StageCost(chunks, optimizer, param_sync))
         return stages
+
+    def stage_memory(self, stage: int, inflight_activation_bytes: float) -> StageMemory:
+        """Peak memory of a stage given the engine's peak of in-flight activations."""
+        parts = [self.chunk(stage, *chunk) for chunk in self._chunks(stage)]
+        total = {k: sum(p[k] for p in parts) for k in ("weights", "gradients", "optimizer", "logits")}
+        other = max(p["recompute_buffer"] for p in parts) + total["logits"]
+        return StageMemory(total["weights"], total["gradients"], total["optimizer"],
+                           inflight_activation_bytes, other)

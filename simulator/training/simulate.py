@@ -79,20 +79,22 @@ def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Pat
 def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -> TrainingReport:
     seq = plan.seq(model)
     tokens = plan.global_batch_size * seq
-    layer_flops = float(costs.layer["layer_flops_fwd"]) * plan.tp
-    head_flops = float(costs.layer["lm_head_flops_fwd"]) * plan.tp
+    sel = {"sel": float(plan.recompute == "selective")}
+    one_layer = costs.stage_model.costs(sel, 1.0)
+    layer_flops = float(one_layer["layer_flops_fwd"]) * plan.tp
+    head_flops = float(one_layer["lm_head_flops_fwd"]) * plan.tp
     per_sample_fwd = model.num_layers * layer_flops + head_flops
     model_flops = 3 * per_sample_fwd * plan.global_batch_size / plan.micro_batch_size
-    layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
+    layers, ckpt = costs.layers, costs.checkpointed
     recompute_fwd = plan.tp * sum(
-        float(costs.stage_values(n, k, 1)["stage_recompute_flops"]) for n, k in zip(layers, ckpt))
+        float(costs.stage_model.costs({**sel, "k": k}, n)["stage_recompute_flops"]) for n, k in zip(layers, ckpt))
     hw_flops = model_flops + recompute_fwd * plan.global_batch_size / plan.micro_batch_size
     iteration = result.iteration_time_s
     peak_total = cluster.num_devices * cluster.device.peak_flops * iteration
 
     reports = []
     for i, tl in enumerate(result.stages):
-        mem = costs.stage_memory(layers[i], ckpt[i], tl.peak_inflight_bytes, i == 0, i == plan.pp - 1)
+        mem = costs.stage_memory(i, tl.peak_inflight_bytes)
         reports.append(StageReport(
             stage=i, layers=layers[i], checkpointed_layers=ckpt[i], memory_bytes=mem.total,
             memory=dataclasses.asdict(mem), peak_inflight_microbatches=tl.peak_inflight_microbatches,
