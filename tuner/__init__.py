@@ -1,0 +1,1 @@
+"""Tuners: search plans by calling the simulator as plain functions."""

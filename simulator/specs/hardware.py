@@ -95,6 +95,9 @@ class ClusterSpec(Spec):
     intra_node_link: Literal["nvlink", "pcie"] = "nvlink"
     intra_node_bandwidth_GBps: float = Field(gt=0)
     inter_node_bandwidth_GBps: float = Field(gt=0)
+    host_link_bandwidth_GBps: float | None = Field(
+        default=None, gt=0, description="device<->host per device, one direction; default: the device's PCIe"
+    )
     host_memory_GiB_per_device: float = Field(default=128.0, gt=0)
     host_optimizer_params_per_s: float = Field(
         default=1.0e9, gt=0, description="CPU Adam throughput per device's host share"
@@ -124,4 +127,4 @@ class ClusterSpec(Spec):
     def host_link_bytes_per_s(self) -> float:
         """Achievable device<->host bandwidth (PCIe), one direction."""
         d = self.device
-        return d.pcie_bandwidth_GBps * GB * d.efficiency.pcie
+        return (self.host_link_bandwidth_GBps or d.pcie_bandwidth_GBps) * GB * d.efficiency.pcie

@@ -51,6 +51,20 @@ class StagePlan(Spec):
         return self
 
 
+def split_layers(num_layers: int, pp: int) -> list[int]:
+    """Layers per stage when the plan does not say: as even as possible.
+
+    Megatron requires divisibility; we give any remainder to the stages without the
+    embedding or the LM head first (the middle ones), then the last, then the first.
+    """
+    base, extra = divmod(num_layers, pp)
+    layers = [base] * pp
+    order = [*range(1, pp - 1), pp - 1, 0] if pp > 1 else [0]
+    for i in order[:extra]:
+        layers[i] += 1
+    return layers
+
+
 class TrainingPlan(Spec):
     """How one training iteration runs. Field names follow DESIGN.md."""
 
@@ -113,14 +127,7 @@ class TrainingPlan(Spec):
         """Transformer layers per pipeline stage (uniform unless `stages` says otherwise)."""
         if self.stages is not None:
             return [st.layers for st in self.stages]
-        base, extra = divmod(model.num_layers, self.pp)
-        # Megatron requires divisibility; we give any remainder to the stages without the
-        # embedding or the LM head first (the middle ones), then the last, then the first.
-        layers = [base] * self.pp
-        order = [*range(1, self.pp - 1), self.pp - 1, 0] if self.pp > 1 else [0]
-        for i in order[:extra]:
-            layers[i] += 1
-        return layers
+        return split_layers(model.num_layers, self.pp)
 
     def stage_zero(self) -> list[int]:
         """ZeRO stage of every pipeline stage."""

@@ -1,0 +1,143 @@
+"""tune_training: the best plan that fits, over the whole space, in seconds.
+
+1. Enumerate legal layouts (`space.layouts`).
+2. Screen each with uniform layers and each stage's fastest fitting option (coarse grid).
+3. For the best screened layouts: per stage, the memory-feasible Pareto frontier of every
+   layer count in the band (`intra_stage`), then the inter-stage MILP (`inter_stage`).
+4. Re-simulate the best MILP solutions with the discrete-event simulator; the fastest wins.
+Both predictions (closed form and discrete-event) are reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from simulator.errors import InfeasiblePlan
+from simulator.specs.catalog import load_cluster, load_model
+from simulator.specs.plan import TrainingPlan
+from simulator.training import TrainingReport, simulate_training
+from tuner.training.inter_stage import solve_stages
+from tuner.training.layout_eval import Counters, LayoutEvaluator, Screening
+from tuner.training.plans import build_plan
+from tuner.training.space import layouts
+
+GiB = 2**30
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SearchStats:
+    evaluated: int
+    feasible: int
+    infeasible: int
+    seconds: float
+    cost_model_rows: int
+    layouts: int
+    layouts_feasible: int
+    milps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "evaluations_per_s": self.evaluated / max(self.seconds, 1e-9)}
+
+
+@dataclass
+class Tuned:
+    plan: TrainingPlan
+    report: TrainingReport
+    analytic_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "report": self.report.to_dict(),
+                "analytic_iteration_time_s": self.analytic_time_s}
+
+
+@dataclass
+class TuneResult:
+    best: Tuned
+    search: SearchStats
+    baselines: dict[str, Tuned] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.best.plan.to_dict(), "report": self.best.report.to_dict(),
+                "analytic_iteration_time_s": self.best.analytic_time_s,
+                "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
+                "search": self.search.to_dict()}
+
+
+def screen_all(model, cluster, global_batch_size, seq, counters, progress=None, **space) -> list[Screening]:
+    found = list(layouts(model, cluster, global_batch_size, **space))
+    out = []
+    for n, lay in enumerate(found):
+        out.append(LayoutEvaluator(model, cluster, lay, seq, counters).screen())
+        if progress:
+            progress("screening layouts", n + 1, len(found))
+    return out
+
+
+def nothing_fits(model, cluster, screened: list[Screening]) -> InfeasiblePlan:
+    """An actionable message naming the smallest memory shortfall."""
+    if not screened:
+        return InfeasiblePlan(f"no legal layout of {model.name} on {cluster.num_devices} devices "
+                              f"(check that the global batch size is divisible by data parallel degrees)")
+    close = min(screened, key=lambda s: s.shortfall_bytes)
+    cap = cluster.device.memory_bytes / GiB
+    return InfeasiblePlan(
+        f"nothing fits: the closest layout ({close.layout.describe()}, with the best ZeRO, "
+        f"offload and recompute options) still needs {close.shortfall_bytes / GiB:.1f} GiB more than "
+        f"the {cap:.0f} GiB of {cluster.device.name} on its fullest stage. It would fit with more "
+        f"GPUs (more pipeline or data parallel sharding), a smaller micro-batch or sequence length, "
+        f"or devices with more memory."
+    )
+
+
+def tune_training(model: Any, cluster: Any, global_batch_size: int, seq_length: int | None = None, *,
+                  top_layouts: int = 6, frontier_points: int = 6, resimulate: int = 3,
+                  baselines: tuple[str, ...] = ("megatron", "aceso"), progress: Progress | None = None,
+                  **space) -> TuneResult:
+    """Search the plan space for the fastest plan that fits. Raises InfeasiblePlan if none."""
+    from tuner.training.baselines import BASELINES  # late: baselines reuse this module
+
+    model, cluster = load_model(model), load_cluster(cluster)
+    seq = seq_length or model.seq_length
+    start, counters = time.perf_counter(), Counters()
+    screened = screen_all(model, cluster, global_batch_size, seq, counters, progress, **space)
+    ok = sorted((s for s in screened if s.time_s is not None), key=lambda s: s.time_s)
+    if not ok:
+        raise nothing_fits(model, cluster, screened)
+    solutions = []
+    for n, scr in enumerate(ok[:top_layouts]):
+        ev = LayoutEvaluator(model, cluster, scr.layout, seq, counters)
+        try:
+            choice, t = solve_stages(ev.candidates(frontier_points), model.num_layers,
+                                     scr.layout.num_microbatches, scr.layout.virtual_stages, ev.p2p_s())
+        except InfeasiblePlan:
+            continue
+        solutions.append((t, [c.ref for c in choice], scr.layout))
+        if progress:
+            progress("solving inter-stage MILPs", n + 1, min(top_layouts, len(ok)))
+    solutions.sort(key=lambda s: s[0])
+    best = _resimulate(model, cluster, solutions[:resimulate], global_batch_size, seq, progress)
+    stats = SearchStats(counters.evaluated, counters.feasible, counters.infeasible,
+                        time.perf_counter() - start, counters.cost_rows, len(screened), len(ok), len(solutions))
+    result = TuneResult(best, stats)
+    for name in baselines:
+        result.baselines[name] = BASELINES[name](model, cluster, global_batch_size, seq, screened=screened)
+    return result
+
+
+def _resimulate(model, cluster, solutions, global_batch_size, seq, progress) -> Tuned:
+    tuned = []
+    for n, (t, rows, layout) in enumerate(solutions):
+        plan = build_plan(layout, rows, global_batch_size, seq)
+        report = simulate_training(model, cluster, plan)
+        if report.feasible:
+            tuned.append(Tuned(plan, report, t))
+        if progress:
+            progress("re-simulating the best plans", n + 1, len(solutions))
+    if not tuned:
+        raise InfeasiblePlan("the closed-form memory model and the discrete-event simulator disagree: "
+                             "no MILP solution fits when re-simulated")
+    return min(tuned, key=lambda x: x.report.iteration_time_s)
