@@ -1,0 +1,98 @@
+"""Launch configurations of existing engines for a chosen training plan.
+
+One module per engine turns (model, cluster, plan) into that engine's files and records, as
+sentences, every plan feature the engine cannot express (see `base`). `emit_launch_configs`
+checks the plan against the model and cluster, renders every requested engine first, then
+writes each file atomically (temporary file + os.replace), so a failure leaves no half-written
+set and no temporary files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from executor.launch import deepspeed, megatron, slurm, torchrun, torchtitan
+from executor.launch.base import Approximations, LaunchFile
+from simulator.errors import SpecError
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.model import TransformerSpec
+from simulator.specs.plan import TrainingPlan, validate_plan
+
+__all__ = ["ENGINES", "Approximations", "LaunchFile", "emit_launch_configs", "render"]
+
+ENGINES = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm")
+
+Writer = Callable[..., list[LaunchFile]]
+_WRITERS: dict[str, Writer] = {
+    "megatron": megatron.write,
+    "torchtitan": torchtitan.write,
+    "deepspeed": deepspeed.write,
+    "torchrun": torchrun.write,
+    "slurm": slurm.write,
+}
+_TAKES_SCRIPT = {"torchrun", "slurm"}
+
+
+def render(
+    model: TransformerSpec,
+    cluster: ClusterSpec,
+    plan: TrainingPlan,
+    engines: Iterable[str],
+    script: str = "train.py",
+) -> list[LaunchFile]:
+    """The files of each engine, in memory, paths relative to the output folder.
+
+    Files shared by engines (plan.yaml for torchrun and slurm) appear once.
+    """
+    names = [engines] if isinstance(engines, str) else list(engines)
+    for name in names:
+        if name not in _WRITERS:
+            raise SpecError("emit", name, f"allowed: {', '.join(ENGINES)}")
+    validate_plan(plan, model, cluster)
+    files: dict[Path, LaunchFile] = {}
+    for name in dict.fromkeys(names):
+        extra = {"script": script} if name in _TAKES_SCRIPT else {}
+        for f in _WRITERS[name](model, cluster, plan, **extra):
+            files.setdefault(f.path, f)
+    return list(files.values())
+
+
+def emit_launch_configs(
+    model: TransformerSpec,
+    cluster: ClusterSpec,
+    plan: TrainingPlan,
+    engines: Iterable[str],
+    out_dir: str | Path,
+    script: str = "train.py",
+) -> list[LaunchFile]:
+    """Write each engine's launch files into `out_dir`; return them with their final paths.
+
+    Unknown engine names raise SpecError before anything is written.
+    """
+    files = render(model, cluster, plan, engines, script)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        path = out / f.path
+        _write_atomic(path, f.text, 0o755 if f.executable else 0o644)
+        written.append(replace(f, path=path))
+    return written
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,316 @@
+"""Launch configurations: every engine's files are written atomically, parse, carry the plan's
+degrees, list what the engine cannot express, and the plan file loads back unchanged.
+
+Shell scripts are run for real with stub `torchrun`, `srun` and `scontrol` on PATH that print
+their arguments, so the argument arrays are checked as bash expands them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from executor.launch import ENGINES, emit_launch_configs, render
+from simulator.errors import SpecError
+from simulator.specs import TrainingPlan, load_cluster, load_model, load_plan
+
+FILES = {"megatron_args.sh", "torchtitan.toml", "deepspeed_config.json",
+         "deepspeed_config.notes.txt", "torchrun.sh", "plan.yaml", "job.slurm"}
+SHELL = ("megatron_args.sh", "torchrun.sh", "job.slurm")
+BASH = shutil.which("bash")
+
+
+def llama_plan(**changes) -> TrainingPlan:
+    """ZeRO-3 + half the optimizer offloaded, full recompute, uneven stages checkpointed unevenly."""
+    plan = dict(
+        name="llama-zero3-offload", pp=2, dp=4, micro_batch_size=1, global_batch_size=32,
+        zero_stage=3, recompute="full", offload={"optimizer": 0.5},
+        stages=[{"layers": 15, "checkpointed_layers": 15}, {"layers": 17, "checkpointed_layers": 8}],
+    )
+    return TrainingPlan.parse({**plan, **changes})
+
+
+CASES = {
+    "gpt3-175b": (load_model("gpt3-175b"), load_cluster("16x8xa100-80gb"), load_plan("megatron-gpt3-175b")),
+    "llama-3-8b": (load_model("llama-3-8b"), load_cluster("8xh100"), llama_plan()),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def case(request, tmp_path):
+    model, cluster, plan = CASES[request.param]
+    files = emit_launch_configs(model, cluster, plan, ENGINES, tmp_path / "out")
+    return model, cluster, plan, {f.path.name: f for f in files}, tmp_path / "out"
+
+
+def approximations(model, cluster, plan, engine: str) -> list[str]:
+    return [a for f in render(model, cluster, plan, [engine]) for a in f.approximations]
+
+
+def run_with_stubs(script: Path, tmp_path: Path) -> list[list[str]]:
+    """Run `script` with stub launchers; return each stub torchrun call's arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls.txt"
+    stubs = {
+        "torchrun": f'printf "%s\\n" "$@" > "{log}"',
+        "srun": 'exec "$@"',
+        "scontrol": "printf 'node-a\\nnode-b\\n'",
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="node-[a-b]")
+    subprocess.run([BASH, str(script)], check=True, env=env, cwd=script.parent, timeout=30)
+    return log.read_text().splitlines()
+
+
+def flags(args: list[str]) -> dict[str, str | bool]:
+    """`--flag value` pairs and bare `--switch`es, as Megatron's argparse would read them."""
+    out: dict[str, str | bool] = {}
+    for i, a in enumerate(args):
+        if a.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            out[a] = nxt if nxt is not None and not nxt.startswith("--") else True
+    return out
+
+
+# --- every file -----------------------------------------------------------------------------
+
+
+def test_every_engine_file_is_written_atomically(case):
+    model, cluster, plan, files, out = case
+    assert set(files) == FILES
+    assert {p.name for p in out.iterdir()} == FILES  # no temporary files left behind
+    for name, f in files.items():
+        assert f.path == out / name and f.path.read_text() == f.text
+        assert (f.path.stat().st_mode & 0o777) == (0o755 if name in SHELL else 0o644)
+
+
+def test_files_open_with_a_simtune_header(case):
+    model, cluster, plan, files, out = case
+    for name, f in files.items():
+        if name.endswith(".json"):
+            continue  # JSON has no comments: its notes file carries the header
+        lines = f.text.splitlines()
+        head = lines[1:4] if lines[0].startswith("#!") else lines[:3]
+        assert "simtune" in head[0]
+        assert model.name in head[1] and cluster.name in head[1]
+        assert plan.name in head[2] and f"tp {plan.tp}, pp {plan.pp}, dp {plan.dp}" in head[2]
+
+
+def test_writing_is_deterministic(case, tmp_path):
+    model, cluster, plan, files, out = case
+    again = emit_launch_configs(model, cluster, plan, ENGINES, tmp_path / "again")
+    assert {f.path.name: f.text for f in again} == {n: f.text for n, f in files.items()}
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_shell_scripts_pass_bash_n(case):
+    *_, files, out = case
+    for name in SHELL:
+        subprocess.run([BASH, "-n", str(out / name)], check=True)
+
+
+def test_plan_yaml_loads_back_to_the_same_plan(case):
+    *_, plan, files, out = case
+    assert load_plan(str(out / "plan.yaml")) == plan
+
+
+# --- per engine -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_megatron_arguments_parse_back(case, tmp_path):
+    model, cluster, plan, files, out = case
+    call = run_with_stubs(out / "megatron_args.sh", tmp_path)
+    program = call.index("./pretrain_gpt.py")
+    launcher, args = flags(call[:program]), flags(call[program + 1:])
+    assert launcher["--nnodes"] == str(cluster.num_nodes)
+    assert launcher["--nproc-per-node"] == str(cluster.devices_per_node)
+    assert launcher["--rdzv-endpoint"] == "localhost:29500"
+    assert args["--num-layers"] == str(model.num_layers)
+    assert args["--tensor-model-parallel-size"] == str(plan.tp)
+    assert args["--pipeline-model-parallel-size"] == str(plan.pp)
+    assert args["--micro-batch-size"] == "1"
+    assert args["--global-batch-size"] == str(plan.global_batch_size)
+    assert args["--use-distributed-optimizer"] is True
+    if model.name == "gpt3-175b":
+        assert args["--num-layers-per-virtual-pipeline-stage"] == "4"  # 96 / (8 x 3)
+        assert args["--recompute-granularity"] == "selective"
+        assert args["--sequence-parallel"] is True
+        assert "--recompute-method" not in args and "--swiglu" not in args
+    else:
+        assert "--num-layers-per-virtual-pipeline-stage" not in args
+        assert args["--decoder-first-pipeline-num-layers"] == "15"
+        assert (args["--recompute-granularity"], args["--recompute-method"]) == ("full", "block")
+        assert args["--recompute-num-layers"] == "15"  # the max over stages
+        assert args["--group-query-attention"] is True and args["--num-query-groups"] == "8"
+        assert args["--optimizer-offload-fraction"] == "0.5"
+        for switch in ("--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights"):
+            assert args[switch] is True
+        assert args["--normalization"] == "RMSNorm"
+
+
+def test_torchtitan_toml_has_the_plans_degrees(case):
+    model, cluster, plan, files, out = case
+    cfg = tomllib.loads((out / "torchtitan.toml").read_text())
+    par = cfg["parallelism"]
+    assert par["tensor_parallel_degree"] == plan.tp
+    assert par["pipeline_parallel_degree"] == plan.pp
+    assert par["data_parallel_shard_degree"] * par["data_parallel_replicate_degree"] == plan.dp
+    assert par["pipeline_parallel_microbatch_size"] == plan.micro_batch_size
+    assert cfg["training"]["global_batch_size"] == plan.global_batch_size
+    assert cfg["training"]["local_batch_size"] * plan.dp == plan.global_batch_size
+    parts = par["module_fqns_per_model_part"]
+    layers = [m for part in parts for m in part if m.startswith("layers.")]
+    assert layers == [f"layers.{i}" for i in range(model.num_layers)]
+    if model.name == "gpt3-175b":
+        assert par["pipeline_parallel_schedule"] == "Interleaved1F1B"
+        assert len(parts) == 8 * 3
+        assert cfg["activation_checkpoint"] == {"mode": "selective", "selective_ac_option": "op"}
+    else:
+        assert par["pipeline_parallel_schedule"] == "1F1B"
+        assert (par["data_parallel_shard_degree"], par["data_parallel_replicate_degree"]) == (4, 1)
+        assert [len([m for m in p if m.startswith("layers.")]) for p in parts] == [15, 17]
+        assert cfg["model"] == {"name": "llama3", "flavor": "8B"}
+        assert cfg["activation_checkpoint"]["mode"] == "full"
+        assert cfg["training"]["enable_cpu_offload"] is True
+
+
+def test_deepspeed_json_batches_add_up(case):
+    model, cluster, plan, files, out = case
+    cfg = json.loads((out / "deepspeed_config.json").read_text())
+    assert cfg["train_batch_size"] == plan.global_batch_size
+    micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]
+    assert micro * accum * plan.dp == plan.global_batch_size
+    assert cfg["zero_optimization"]["stage"] == plan.zero_stage
+    assert cfg["bf16"]["enabled"] is True
+    notes = (out / "deepspeed_config.notes.txt").read_text()
+    assert all(a in notes.replace("\n    ", " ") for a in files["deepspeed_config.json"].approximations)
+    if model.name == "llama-3-8b":  # ZeRO-3 can offload part of the optimizer
+        assert cfg["zero_optimization"]["offload_optimizer"] == {
+            "device": "cpu", "pin_memory": True, "ratio": 0.5}
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+@pytest.mark.parametrize("script", ["torchrun.sh", "job.slurm"])
+def test_torchrun_and_slurm_launch_the_plan(case, tmp_path, script):
+    model, cluster, plan, files, out = case
+    call = run_with_stubs(out / script, tmp_path)
+    program = call.index("train.py")
+    launcher, args = flags(call[:program]), flags(call[program + 1:])
+    assert launcher["--nnodes"] == str(cluster.num_nodes)
+    assert launcher["--nproc-per-node"] == str(cluster.devices_per_node)
+    assert launcher["--rdzv-backend"] == "c10d"
+    assert launcher["--rdzv-endpoint"] == ("node-a:29500" if script == "job.slurm" else "localhost:29500")
+    assert args == {"--model": model.name, "--cluster": cluster.name, "--plan": "plan.yaml"}
+    if script == "job.slurm":
+        text = files[script].text
+        for line in (f"--nodes={cluster.num_nodes}", "--ntasks-per-node=1",
+                     f"--gpus-per-node={cluster.devices_per_node}", "--exclusive",
+                     f"--job-name=simtune-{model.name}"):
+            assert f"#SBATCH {line}\n" in text
+
+
+def test_a_model_outside_the_catalog_travels_as_yaml(tmp_path):
+    model, cluster, plan = CASES["llama-3-8b"]
+    mine = model.model_copy(update={"name": "my-llama"})
+    files = {f.path.name: f for f in emit_launch_configs(mine, cluster, plan, ["torchrun"], tmp_path)}
+    assert set(files) == {"torchrun.sh", "plan.yaml", "model.yaml"}
+    assert "--model model.yaml --cluster 8xh100" in files["torchrun.sh"].text
+    assert load_model(str(tmp_path / "model.yaml")) == mine
+
+
+# --- approximations -------------------------------------------------------------------------
+
+
+def test_megatron_records_what_it_cannot_express():
+    model, cluster, plan = CASES["llama-3-8b"]
+    found = approximations(model, cluster, plan, "megatron")
+    assert any("no ZeRO-3" in a and "--use-distributed-optimizer" in a for a in found)
+    assert any("checkpointed layers ([15, 8])" in a for a in found)
+    text = render(model, cluster, plan, ["megatron"])[0].text
+    assert "# Approximations (plan features Megatron-LM cannot express):" in text
+
+
+def test_megatron_uneven_stages():
+    model, cluster = load_model("llama-3-8b"), load_cluster("8xh100")
+    first_last = llama_plan(pp=4, dp=2, stages=[{"layers": 7}, {"layers": 8}, {"layers": 8}, {"layers": 9}])
+    [f] = render(model, cluster, first_last, ["megatron"])
+    assert "--decoder-first-pipeline-num-layers 7\n" in f.text
+    assert "--decoder-last-pipeline-num-layers 9\n" in f.text
+    assert not any("first and last" in a for a in f.approximations)
+    ragged = llama_plan(pp=4, dp=2, stages=[{"layers": 8}, {"layers": 7}, {"layers": 9}, {"layers": 8}])
+    [f] = render(model, cluster, ragged, ["megatron"])
+    assert "--decoder-first-pipeline-num-layers" not in f.text
+    assert any("only make the first and last stage differ" in a for a in f.approximations)
+
+
+def test_deepspeed_offloads_part_of_the_optimizer_only_under_zero3():
+    model, cluster, _ = CASES["llama-3-8b"]
+    zero2 = llama_plan(zero_stage=2, pp=1, dp=8, stages=None)
+    files = render(model, cluster, zero2, ["deepspeed"])
+    cfg = json.loads(files[0].text)
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert any("all or nothing: optimizer fraction 0.5" in a for a in files[0].approximations)
+    zero3 = approximations(model, cluster, llama_plan(), "deepspeed")
+    assert not any("optimizer fraction" in a for a in zero3)
+
+
+def test_torchtitan_records_zero1_and_a_gpt_model():
+    found = approximations(*CASES["gpt3-175b"], "torchtitan")
+    assert any("no ZeRO-1" in a for a in found)
+    assert any("llama3 model has no gelu MLP" in a for a in found)
+
+
+@pytest.mark.parametrize("engine, plan", [
+    ("megatron", "megatron-gpt3-175b"),
+    ("torchtitan", {"dp": 8, "global_batch_size": 32, "zero_stage": 3, "recompute": "full",
+                    "gradient_dtype": "fp32"}),
+    ("deepspeed", {"dp": 8, "global_batch_size": 32, "zero_stage": 1}),
+    ("torchrun", "megatron-gpt3-175b"),
+    ("slurm", "megatron-gpt3-175b"),
+])
+def test_no_approximations_when_the_engine_expresses_the_plan(engine, plan):
+    model, cluster = (
+        CASES["gpt3-175b"][:2] if plan == "megatron-gpt3-175b"
+        else (load_model("llama-3-8b"), load_cluster("8xh100"))
+    )
+    files = render(model, cluster, load_plan(plan), [engine])
+    assert [a for f in files for a in f.approximations] == []
+    assert "Every plan feature is expressed exactly." in "".join(f.text for f in files)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def test_unknown_engine_raises_before_writing(tmp_path):
+    with pytest.raises(SpecError) as info:
+        emit_launch_configs(*CASES["llama-3-8b"], ["megatron", "vllm"], tmp_path / "out")
+    assert info.value.field == "emit" and info.value.value == "vllm"
+    assert "allowed: megatron, torchtitan, deepspeed, torchrun, slurm" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_that_does_not_fill_the_cluster_is_refused(tmp_path):
+    model, _, plan = CASES["llama-3-8b"]
+    with pytest.raises(SpecError, match="devices"):
+        emit_launch_configs(model, load_cluster("16x8xa100-80gb"), plan, ENGINES, tmp_path)
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        emit_launch_configs(*CASES["llama-3-8b"], ["torchtitan"], tmp_path)
+    assert list(tmp_path.iterdir()) == []
