@@ -41,7 +41,8 @@ def write(
         + "".join(f"#SBATCH --{k}" + ("" if v is None else f"={v}") + "\n" for k, v in sbatch.items())
         + f"# cpus-per-task assumes {CPUS_PER_DEVICE} cores per device: adjust to your nodes.\n\n"
         + SHELL_PROLOGUE
-        + 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
+        + "# awk reads all of scontrol's output, so pipefail sees no SIGPIPE (head would close early)\n"
+        + 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk "NR == 1")\n'
         + "export MASTER_ADDR\n"
         + 'export MASTER_PORT="${MASTER_PORT:-29500}"\n\n'
         + "srun "

@@ -102,13 +102,15 @@ recompute_buffer_bytes = sp.Min(k, 1) * layer_activation_bytes
 """While a checkpointed layer is re-run in backward, its full activations live once."""
 
 # --- model states per device (bytes) ------------------------------------------------------
-def model_state_bytes(params):
+def model_state_bytes(params, on_device: bool = True):
     """Weights (2 B), gradients (gb B) and Adam states (12 B) of `params` parameters held by one
     tensor-parallel shard, sharded over d by ZeRO stage (z1: optimizer, z2: + gradients,
-    z3: + weights) and reduced by the offloaded fractions. ZeRO-3 with gb = 2 gives 16*P/d."""
-    weights = ACT_BYTES * params * (1 - z3 + z3 / d) * (1 - o_w)
-    grads = gb * params * (1 - z2 + z2 / d) * (1 - o_g)
-    optim = OPTIMIZER_BYTES * params * (1 - z1 + z1 / d) * (1 - o_o)
+    z3: + weights), on the device or (on_device=False) in host memory by the offloaded
+    fractions. ZeRO-3 with gb = 2 gives 16*P/d on the device."""
+    share = (lambda o: 1 - o) if on_device else (lambda o: o)
+    weights = ACT_BYTES * params * (1 - z3 + z3 / d) * share(o_w)
+    grads = gb * params * (1 - z2 + z2 / d) * share(o_g)
+    optim = OPTIMIZER_BYTES * params * (1 - z1 + z1 / d) * share(o_o)
     return weights, grads, optim
 
 
@@ -121,6 +123,8 @@ optimizer_step_bytes = ADAM_STEP_BYTES * stage_params * (1 - z1 + z1 / d) * (1 -
 """HBM traffic of the device's Adam step over its (ZeRO-1+ sharded) optimizer states; the
 offloaded fraction steps on the CPU instead."""
 stage_weight_bytes, stage_grad_bytes, stage_optimizer_bytes = model_state_bytes(stage_params)
+stage_host_state_bytes = sum(model_state_bytes(stage_params, on_device=False))
+"""Offloaded model states, kept in the host memory that serves this device."""
 stage_peak_bytes = (
     stage_weight_bytes + stage_grad_bytes + stage_optimizer_bytes
     + n_inflight * stage_activation_bytes * (1 - o_a) + recompute_buffer_bytes
@@ -161,6 +165,7 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "stage_weight_bytes": stage_weight_bytes,
     "stage_grad_bytes": stage_grad_bytes,
     "stage_optimizer_bytes": stage_optimizer_bytes,
+    "stage_host_state_bytes": stage_host_state_bytes,
     "stage_peak_bytes": stage_peak_bytes,
     "tp_allreduce_bytes": tp_allreduce_bytes,
     "pp_p2p_bytes": pp_p2p_bytes,

@@ -124,6 +124,10 @@ class ClusterSpec(Spec):
         )
         return gbps * GB
 
+    @property
+    def host_memory_bytes_per_device(self) -> float:
+        return self.host_memory_GiB_per_device * GiB
+
     def host_link_bytes_per_s(self) -> float:
         """Achievable device<->host bandwidth (PCIe), one direction."""
         d = self.device

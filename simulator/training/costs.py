@@ -96,6 +96,12 @@ class TrainingCostModel:
             stages.append(StageCost(chunks, optimizer, param_sync))
         return stages
 
+    def host_memory(self, stage: int, inflight_microbatches: float) -> float:
+        """Host memory holding what the stage offloads (states and in-flight activations)."""
+        parts = [self.chunk(stage, *chunk) for chunk in self._chunks(stage)]
+        per_mb = sum(p["host_activation_bytes"] for p in parts) / len(parts)
+        return sum(p["host_states"] for p in parts) + inflight_microbatches * per_mb
+
     def stage_memory(self, stage: int, inflight_activation_bytes: float) -> StageMemory:
         """Peak memory of a stage given the engine's peak of in-flight activations."""
         parts = [self.chunk(stage, *chunk) for chunk in self._chunks(stage)]

@@ -19,6 +19,7 @@ class StageReport:
     checkpointed_layers: int
     memory_bytes: float
     memory: dict[str, float]          # weights, gradients, optimizer, activations, other
+    host_memory_bytes: float          # offloaded states and activations in host memory
     peak_inflight_microbatches: int
     busy_s: float                     # compute-stream time (forward + backward + recompute)
     end_s: float

@@ -97,18 +97,27 @@ def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -
         mem = costs.stage_memory(i, tl.peak_inflight_bytes)
         reports.append(StageReport(
             stage=i, layers=layers[i], checkpointed_layers=ckpt[i], memory_bytes=mem.total,
-            memory=dataclasses.asdict(mem), peak_inflight_microbatches=tl.peak_inflight_microbatches,
+            memory=dataclasses.asdict(mem), host_memory_bytes=costs.host_memory(i, tl.peak_inflight_microbatches),
+            peak_inflight_microbatches=tl.peak_inflight_microbatches,
             busy_s=sum(tl.busy_parts.values()), end_s=tl.end_s,
         ))
     limit = cluster.device.memory_bytes
     worst = max(reports, key=lambda r: r.memory_bytes)
-    feasible = worst.memory_bytes <= limit
-    reason = None if feasible else (
-        f"stage {worst.stage} needs {worst.memory_bytes / GiB:.1f} GiB but {cluster.device.name} "
-        f"has {limit / GiB:.0f} GiB (activations {worst.memory['activations'] / GiB:.1f}, "
-        f"optimizer {worst.memory['optimizer'] / GiB:.1f}, weights {worst.memory['weights'] / GiB:.1f}, "
-        f"gradients {worst.memory['gradients'] / GiB:.1f} GiB)"
-    )
+    reason = None
+    if worst.memory_bytes > limit:
+        reason = (
+            f"stage {worst.stage} needs {worst.memory_bytes / GiB:.1f} GiB but {cluster.device.name} "
+            f"has {limit / GiB:.0f} GiB (activations {worst.memory['activations'] / GiB:.1f}, "
+            f"optimizer {worst.memory['optimizer'] / GiB:.1f}, weights {worst.memory['weights'] / GiB:.1f}, "
+            f"gradients {worst.memory['gradients'] / GiB:.1f} GiB)"
+        )
+    host = max(reports, key=lambda r: r.host_memory_bytes)
+    if reason is None and host.host_memory_bytes > cluster.host_memory_bytes_per_device:
+        reason = (
+            f"stage {host.stage} offloads {host.host_memory_bytes / GiB:.1f} GiB to host memory but each "
+            f"device's share of it is {cluster.host_memory_GiB_per_device:.0f} GiB"
+        )
+    feasible = reason is None
     return TrainingReport(
         model=model.name, cluster=cluster.name, num_devices=cluster.num_devices,
         iteration_time_s=iteration, tokens_per_s=tokens / iteration,

@@ -163,6 +163,8 @@ class StageModel:
                           ("optimizer", "stage_optimizer_bytes")):
             out[name] = c[key] + scale * c1[key]
         out["activation_bytes"] = c["stage_activation_bytes"] * (1 - o_a)  # kept on the device
+        out["host_states"] = c["stage_host_state_bytes"] + scale * c1["stage_host_state_bytes"]
+        out["host_activation_bytes"] = c["stage_activation_bytes"] * o_a
         out["recompute_buffer"] = c["recompute_buffer_bytes"]
         logits = 6.0 * self.b * self.s * self.model.vocab_size / self.tp  # 16-bit + fp32 logits
         out["logits"] = np.asarray(logits if last else 0.0)

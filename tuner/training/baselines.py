@@ -94,7 +94,7 @@ class _AcesoState:
         rows = self.rows()
         T = [t.T[r] for t, r in rows]
         D = [t.D[r] for t, r in rows]
-        fits = [t.memory(self.ev.inflight(i))[r] <= self.ev.capacity for i, (t, r) in enumerate(rows)]
+        fits = [t.fits(self.ev.inflight(i), self.ev.capacity, self.ev.host_capacity)[r] for i, (t, r) in enumerate(rows)]
         time_s = pipeline_time_s(T, D, self.lay.num_microbatches, self.lay.virtual_stages, self.ev.p2p_s())
         return (time_s if all(fits) else np.inf), T, fits
 

@@ -29,7 +29,7 @@ def _best_for_split(ev: LayoutEvaluator, split) -> float:
     Ts, Ds = [], []
     for i, n in enumerate(split):
         table = ev.table(n, i)
-        fits = table.memory(ev.inflight(i)) <= ev.capacity
+        fits = table.fits(ev.inflight(i), ev.capacity, ev.host_capacity)
         if not fits.any():
             return np.inf
         Ts.append(table.T[fits])

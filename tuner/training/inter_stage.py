@@ -35,7 +35,7 @@ class Candidate:
 
 
 def solver() -> pulp.LpSolver:
-    """HiGHS when installed, else CBC (which ships with pulp)."""
+    """HiGHS when installed (a dependency of simtune), else CBC (which ships with pulp)."""
     for name in ("HiGHS", "PULP_CBC_CMD"):
         if name in pulp.listSolvers(onlyAvailable=True):
             return pulp.getSolver(name, msg=False)
@@ -48,9 +48,9 @@ def solve_stages(candidates: list[list[Candidate]], num_layers: int, num_microba
     m, v, p = num_microbatches, virtual_stages, len(candidates)
     prob = pulp.LpProblem("inter_stage", pulp.LpMinimize)
     # 1. variables
-    x = [[pulp.LpVariable(f"x_{i}_{c}", cat="Binary") for c in range(len(cs))] for i, cs in enumerate(candidates)]
-    t_max = pulp.LpVariable("T_max", lowBound=0)
-    extra = pulp.LpVariable("E", lowBound=0)
+    x = [[_variable(prob, f"x_{i}_{c}", cat="Binary") for c in range(len(cs))] for i, cs in enumerate(candidates)]
+    t_max = _variable(prob, "T_max", lowBound=0)
+    extra = _variable(prob, "E", lowBound=0)
     T = [pulp.lpSum(xc * cand.T for xc, cand in zip(x[i], candidates[i])) for i in range(p)]
     # 2. objective
     prob += (m - 1 / v) * t_max + (1 / v) * pulp.lpSum(T) + extra
@@ -68,6 +68,13 @@ def solve_stages(candidates: list[list[Candidate]], num_layers: int, num_microba
     choice = [cands[max(range(len(cands)), key=lambda c: x[i][c].value())] for i, cands in enumerate(candidates)]
     time_s = _verify(choice, num_layers, m, v, p2p_s, pulp.value(prob.objective))
     return choice, time_s
+
+
+def _variable(prob: pulp.LpProblem, name: str, **kw) -> pulp.LpVariable:
+    """PuLP >= 3.3 attaches variables to their problem; older releases construct them bare."""
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, **kw)
+    return pulp.LpVariable(name, **kw)
 
 
 def _verify(choice: list[Candidate], num_layers: int, m: int, v: int, p2p_s: float, objective: float) -> float:

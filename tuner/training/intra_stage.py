@@ -31,12 +31,20 @@ class StageTable:
     states: np.ndarray  # weights + gradients + optimizer states, bytes
     act: np.ndarray     # activations of one in-flight micro-batch, bytes
     fixed: np.ndarray   # recompute buffer + logits, bytes
+    host_states: np.ndarray  # offloaded model states in host memory, bytes
+    host_act: np.ndarray     # offloaded activations of one in-flight micro-batch, bytes
 
     def __len__(self) -> int:
         return len(self.T)
 
     def memory(self, inflight: float) -> np.ndarray:
         return self.states + inflight * self.act + self.fixed
+
+    def host_memory(self, inflight: float) -> np.ndarray:
+        return self.host_states + inflight * self.host_act
+
+    def fits(self, inflight: float, capacity_bytes: float, host_capacity_bytes: float) -> np.ndarray:
+        return (self.memory(inflight) <= capacity_bytes) & (self.host_memory(inflight) <= host_capacity_bytes)
 
     def option(self, row: int) -> dict[str, float]:
         return {key: float(val[row]) for key, val in self.options.items()}
@@ -62,7 +70,8 @@ def stage_table(stage_model: StageModel, grid: dict[str, np.ndarray], layers: in
     return StageTable(
         layers, first, last, options, full(fwd + bwd), full(D),
         full(out["weights"] + out["gradients"] + out["optimizer"]), full(out["activation_bytes"]),
-        full(out["recompute_buffer"] + out["logits"]),
+        full(out["recompute_buffer"] + out["logits"]), full(out["host_states"]),
+        full(out["host_activation_bytes"]),
     )
 
 
@@ -81,7 +90,7 @@ def pareto_frontier(T: np.ndarray, D: np.ndarray, max_points: int | None = None)
     return front
 
 
-def frontier(table: StageTable, inflight: float, capacity_bytes: float, max_points: int | None) -> np.ndarray:
-    """Frontier rows of `table` that fit in `capacity_bytes` with `inflight` micro-batches."""
-    fits = np.flatnonzero(table.memory(inflight) <= capacity_bytes)
+def frontier(table: StageTable, fits: np.ndarray, max_points: int | None) -> np.ndarray:
+    """Frontier rows of `table` among the rows where `fits` (memory) holds."""
+    fits = np.flatnonzero(fits)
     return fits[pareto_frontier(table.T[fits], table.D[fits], max_points)]

@@ -56,6 +56,7 @@ class LayoutEvaluator:
         self.fixed = {"sq": float(layout.sequence_parallel), "sel": float(layout.selective),
                       "flash": float(flash_attention), "gb": float(GRAD_BYTES[gradient_dtype])}
         self.capacity = cluster.device.memory_bytes
+        self.host_capacity = cluster.host_memory_bytes_per_device
         self._tables: dict[tuple, StageTable] = {}
 
     def position(self, stage: int) -> tuple[bool, bool]:
@@ -80,7 +81,7 @@ class LayoutEvaluator:
         return float(comm.p2p_s(c["pp_p2p_bytes"], self.stage_model.links.pp))
 
     def _fits(self, table: StageTable, stage: int) -> np.ndarray:
-        fits = table.memory(self.inflight(stage)) <= self.capacity
+        fits = table.fits(self.inflight(stage), self.capacity, self.host_capacity)
         self.counters.feasible += int(fits.sum())
         self.counters.infeasible += int(fits.size - fits.sum())
         return fits
@@ -99,7 +100,9 @@ class LayoutEvaluator:
             table = self.table(layers, i, ks)
             fits = self._fits(table, i)
             if not fits.any():
-                shortfall = max(shortfall, float(np.min(table.memory(self.inflight(i)))) - self.capacity)
+                over = np.maximum(table.memory(self.inflight(i)) - self.capacity,
+                                  table.host_memory(self.inflight(i)) - self.host_capacity)
+                shortfall = max(shortfall, float(np.min(over)))
                 continue
             idx = np.flatnonzero(fits)
             share = lay.num_microbatches * table.T[idx] + table.D[idx]
@@ -119,8 +122,7 @@ class LayoutEvaluator:
             cands = []
             for layers in band:
                 table = self.table(layers, i)
-                self._fits(table, i)
-                for row in frontier(table, self.inflight(i), self.capacity, max_points):
+                for row in frontier(table, self._fits(table, i), max_points):
                     cands.append(Candidate(layers, float(table.T[row]), float(table.D[row]), (table, int(row))))
             out.append(cands)
         return out
