@@ -7,7 +7,7 @@ space with the closed-form model, and the best few are re-simulated.
 
 The Aceso-style search (Liu et al., EuroSys'24) starts from the best Megatron-LM plans and
 repeatedly applies the move that most relieves the bottleneck: move a layer off the slowest
-stage, checkpoint fewer layers on it (or more on a stage that overflows), or trade TP for DP.
+stage (v layers under the interleaved schedule, whose chunks must stay equal), checkpoint fewer layers on it (or more on a stage that overflows), or trade TP for DP.
 It keeps per-stage layer counts and checkpointing but, like Aceso, no ZeRO-3 and no offload.
 """
 
@@ -102,11 +102,11 @@ class _AcesoState:
         _, T, fits = self.score()
         slow = int(np.argmax(T))
         v = self.lay.virtual_stages
-        for j in (slow - 1, slow + 1):
+        for j in (slow - 1, slow + 1):  # with v chunks a stage moves v layers (equal chunks)
             if 0 <= j < len(self.layers) and self.layers[slow] > v:
                 layers = list(self.layers)
-                layers[slow] -= 1
-                layers[j] += 1
+                layers[slow] -= v
+                layers[j] += v
                 ks = [min(k, n) for k, n in zip(self.ks, layers)]
                 yield self._with(layers=layers, ks=ks)
         if self.ks[slow] > 0:

@@ -18,6 +18,9 @@ objective equal to the closed-form time of the chosen stages.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass
 
 import pulp
@@ -61,13 +64,30 @@ def solve_stages(candidates: list[list[Candidate]], num_layers: int, num_microba
         D_i = pulp.lpSum(xc * cand.D for xc, cand in zip(x[i], candidates[i]))
         prob += extra >= D_i - pulp.lpSum(T[:i]), f"extra_{i}"
     prob += pulp.lpSum(xc * cand.layers for i in range(p) for xc, cand in zip(x[i], candidates[i])) == num_layers, "layers"
-    status = prob.solve(solver())
+    with _quiet_stdout():
+        status = prob.solve(solver())
     if pulp.LpStatus[status] != "Optimal":
         raise InfeasiblePlan(f"no assignment of {num_layers} layers to {p} stages fits in memory "
                              f"(solver status {pulp.LpStatus[status]})")
     choice = [cands[max(range(len(cands)), key=lambda c: x[i][c].value())] for i, cands in enumerate(candidates)]
     time_s = _verify(choice, num_layers, m, v, p2p_s, pulp.value(prob.objective))
     return choice, time_s
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Solvers print banners from native code straight to file descriptor 1; stdout belongs
+    to `--json`, so point fd 1 at /dev/null while the solver runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _variable(prob: pulp.LpProblem, name: str, **kw) -> pulp.LpVariable:

@@ -94,7 +94,8 @@ def nothing_fits(model, cluster, screened: list[Screening]) -> InfeasiblePlan:
 
 
 def tune_training(model: Any, cluster: Any, global_batch_size: int, seq_length: int | None = None, *,
-                  top_layouts: int = 6, frontier_points: int = 6, resimulate: int = 3,
+                  top_layouts: int = 6, screen_margin: float = 0.05, max_layouts: int = 32,
+                  frontier_points: int = 6, resimulate: int = 3,
                   baselines: tuple[str, ...] = ("megatron", "aceso"), progress: Progress | None = None,
                   **space) -> TuneResult:
     """Search the plan space for the fastest plan that fits. Raises InfeasiblePlan if none."""
@@ -107,8 +108,13 @@ def tune_training(model: Any, cluster: Any, global_batch_size: int, seq_length: 
     ok = sorted((s for s in screened if s.time_s is not None), key=lambda s: s.time_s)
     if not ok:
         raise nothing_fits(model, cluster, screened)
+    # The MILP refines the best screened layouts: at least `top_layouts`, plus every layout
+    # whose uniform-layer screening is within `screen_margin` of the best (uneven layers and
+    # per-stage options can overturn small screening differences), at most `max_layouts`.
+    cutoff = ok[0].time_s * (1 + screen_margin)
+    chosen = [s for n, s in enumerate(ok) if n < top_layouts or s.time_s <= cutoff][:max_layouts]
     solutions = []
-    for n, scr in enumerate(ok[:top_layouts]):
+    for n, scr in enumerate(chosen):
         ev = LayoutEvaluator(model, cluster, scr.layout, seq, counters)
         try:
             choice, t = solve_stages(ev.candidates(frontier_points), model.num_layers,
@@ -117,7 +123,7 @@ def tune_training(model: Any, cluster: Any, global_batch_size: int, seq_length: 
             continue
         solutions.append((t, [c.ref for c in choice], scr.layout))
         if progress:
-            progress("solving inter-stage MILPs", n + 1, min(top_layouts, len(ok)))
+            progress("solving inter-stage MILPs", n + 1, len(chosen))
     solutions.sort(key=lambda s: s[0])
     best = _resimulate(model, cluster, solutions[:resimulate], global_batch_size, seq, progress)
     stats = SearchStats(counters.evaluated, counters.feasible, counters.infeasible,
