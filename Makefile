@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml constraints-dev.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/simtune simulate train --model gpt3-175b --cluster 16x8xa100-80gb --plan megatron-gpt3-175b
+	$(BIN)/simtune tune train --model gpt3-13b --cluster 2x8xa100-40gb --global-batch-size 512 \
+		--emit megatron,torchtitan,deepspeed,torchrun,slurm --out demo-launch
+	$(BIN)/simtune simulate train --model gpt3-13b --cluster 2x8xa100-40gb --plan demo-launch/plan.yaml
 	$(BIN)/simtune validate train
 
 test: $(STAMP)

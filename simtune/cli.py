@@ -1,4 +1,4 @@
-"""simtune's command line: `catalog`, `simulate train`, `validate train`.
+"""simtune's command line: `catalog`, `simulate train`, `tune train`, `validate train`.
 
 Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
 file of the same schema. Human output is rich tables on stdout. With `--json` a command prints
@@ -24,6 +24,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -57,7 +58,9 @@ simulate_app = typer.Typer(
 validate_app = typer.Typer(
     help="Compare predictions with published measurements.", no_args_is_help=True
 )
+tune_app = typer.Typer(help="Search for the fastest plan that fits.", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(tune_app, name="tune")
 app.add_typer(validate_app, name="validate")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -347,6 +350,194 @@ def simulate_train(
     if not report.feasible:
         reason = report.infeasible_reason or "does not fit"
         out.print(Text(f"infeasible: {reason}", style="bold red"))
+
+
+# --- tune train ----------------------------------------------------------------------------
+
+BASELINES = ("megatron", "aceso")
+
+
+class SearchProgress:
+    """The `progress(stage, done, total)` callback of `tune_training` as a transient bar on stderr.
+
+    One row per stage. Drawn only on a terminal: elsewhere rich would leave an empty line behind.
+    """
+
+    def __init__(self) -> None:
+        self.bar = Progress(SpinnerColumn(), "{task.description}", BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True)
+        self.rows: dict[str, Any] = {}
+
+    def __enter__(self) -> SearchProgress:
+        if err.is_terminal:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar.live.is_started:
+            self.bar.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.rows:
+            self.rows[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.rows[stage], completed=done, total=total)
+
+
+def _engines(emit: str | None) -> list[str]:
+    """The engine names of `--emit a,b`, checked before the search so a typo costs no time."""
+    from executor.launch import ENGINES
+
+    names = [e.strip() for e in (emit or "").split(",") if e.strip()]
+    for name in names:
+        if name not in ENGINES:
+            raise SpecError("emit", name, f"allowed: {', '.join(ENGINES)}")
+    return names
+
+
+def tune_dict(result: Any) -> dict[str, Any]:
+    """The tuner contract; a baseline that found no fitting plan is null (and noted on stderr)."""
+    for name, tuned in result.baselines.items():
+        if tuned is None:
+            err.print(f"note: baseline {name} found no plan that fits")
+    return result.to_dict()
+
+
+def _offload(o: Any) -> str:
+    return "/".join(f"{getattr(o, k):g}" for k in ("weights", "gradients", "optimizer", "activations"))
+
+
+def _tuned_stage_table(model: Any, plan: Any, r: TrainingReport) -> Table:
+    table = _table(None, "stage", "layers", "checkpointed", "ZeRO", "offload w/g/o/a",
+                   "memory GiB", numeric_from=1)
+    rows = zip(r.stages, plan.stage_layers(model), plan.stage_checkpointed(model),
+               plan.stage_zero(), plan.stage_offload())
+    for s, layers, ckpt, zero, offload in rows:
+        table.add_row(str(s.stage), str(layers), str(ckpt), str(zero), _offload(offload),
+                      fmt_gib(s.memory_bytes, digits=1))
+    return table
+
+
+def _prediction_table(best: Any) -> Table:
+    r = best.report
+    table = _table(None, "predicted", "value")
+    table.add_row("iteration time (discrete-event)", fmt_seconds(r.iteration_time_s))
+    table.add_row("iteration time (closed form)", fmt_seconds(best.analytic_time_s))
+    table.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    table.add_row("MFU", f"{r.mfu:.1%}")
+    table.add_row("peak memory", f"{fmt_gib(r.peak_memory_bytes)} GiB of "
+                  f"{fmt_gib(r.device_memory_bytes)} GiB")
+    return table
+
+
+def _short_plan(plan: Any) -> str:
+    """Degrees, micro-batch, virtual stages and memory options, short enough for a table cell."""
+    zeros = "/".join(map(str, sorted(set(plan.stage_zero()))))
+    parts = [f"tp{plan.tp} pp{plan.pp} dp{plan.dp} mbs{plan.micro_batch_size}"
+             + (f" v{plan.virtual_stages}" if plan.schedule == "interleaved" else ""),
+             f"zero {zeros}"]
+    if plan.recompute != "none":
+        parts.append(f"{plan.recompute} recompute")
+    if plan.sequence_parallel:
+        parts.append("sp")
+    if any(o.any for o in plan.stage_offload()):
+        parts.append("offload")
+    return ", ".join(parts)
+
+
+def _baseline_table(result: Any) -> Table:
+    best = result.best.report.iteration_time_s
+    table = _table("vs baselines", "plan", "iteration time", "MFU", "speedup", "layout")
+    table.columns[-1].justify, table.columns[-1].no_wrap = "left", False
+    table.add_row("tuned", fmt_seconds(best), f"{result.best.report.mfu:.1%}", "",
+                  escape(_short_plan(result.best.plan)))
+    for name, tuned in result.baselines.items():
+        if tuned is None:
+            table.add_row(escape(name), "", "", "", Text("no plan fits", style="red"))
+            continue
+        r = tuned.report
+        table.add_row(escape(name), fmt_seconds(r.iteration_time_s), f"{r.mfu:.1%}",
+                      f"{r.iteration_time_s / best:.2f}x", escape(_short_plan(tuned.plan)))
+    return table
+
+
+def _search_table(search: Any) -> Table:
+    s = search.to_dict()
+    table = _table("search", "statistic", "value")
+    table.add_row("layouts (feasible)", f"{s['layouts']:,} ({s['layouts_feasible']:,})")
+    table.add_row("stage options evaluated", f"{s['evaluated']:,}")
+    table.add_row("feasible / infeasible", f"{s['feasible']:,} / {s['infeasible']:,}")
+    table.add_row("inter-stage MILPs", f"{s['milps']:,}")
+    table.add_row("seconds", f"{s['seconds']:.2f}")
+    table.add_row("evaluations/s", f"{s['evaluations_per_s']:,.0f}")
+    return table
+
+
+def emit_launch(model: Any, cluster: Any, plan: Any, engines: list[str], out_dir: Path) -> list[Any]:
+    """Each engine's launch files, and always plan.yaml (`simulate train --plan` reads it)."""
+    from executor.launch import LaunchFile, emit_launch_configs
+    from executor.launch.torchrun import spec_files
+
+    files = emit_launch_configs(model, cluster, plan, engines, out_dir)
+    if not any(f.path.name == "plan.yaml" for f in files):
+        # The same plan.yaml the torchrun and slurm writers put beside their scripts.
+        plan_file = next(f for f in spec_files(model, cluster, plan, "simtune")[1]
+                         if f.path.name == "plan.yaml")
+        path = out_dir / plan_file.path
+        path.write_text(plan_file.text, encoding="utf-8")
+        files.append(LaunchFile(plan_file.engine, path, plan_file.text))
+    for f in files:
+        err.print(f"wrote {escape(str(f.path))}")
+    notes = dict.fromkeys((f.engine, s) for f in files for s in f.approximations)
+    for engine, sentence in notes:
+        err.print(Text(f"warning: {engine}: {sentence}", style="yellow"), soft_wrap=True)
+    return files
+
+
+@tune_app.command("train")
+@handles_errors
+def tune_train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")],
+    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")],
+    global_batch_size: Annotated[int, typer.Option("--global-batch-size", "-b", min=1,
+                                                   help="Sequences per iteration.")],
+    seq_length: Annotated[int | None, typer.Option(min=1, help="Default: the model's.")] = None,
+    as_json: JsonFlag = False,
+    emit: Annotated[str | None, typer.Option(
+        metavar="ENGINES", help="Write launch files for these engines, comma-separated: "
+        "megatron, torchtitan, deepspeed, torchrun, slurm.")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for --emit.")] = Path("simtune-launch"),
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines.")] = False,
+    tp_across_nodes: Annotated[bool, typer.Option(
+        "--tp-across-nodes", help="Also try tensor parallel groups larger than a node.")] = False,
+) -> None:
+    """Find the fastest training plan that fits, and compare it with Megatron-LM and Aceso."""
+    # Imported here so that the other commands never pay for (or depend on) tuner and executor.
+    from tuner.training import tune_training
+
+    engines = _engines(emit)
+    model_spec, cluster_spec = load_model(model), load_cluster(cluster)
+    baselines = () if no_baselines else BASELINES
+    with SearchProgress() as progress:
+        result = tune_training(model_spec, cluster_spec, global_batch_size, seq_length,
+                               baselines=baselines, progress=progress,
+                               tp_within_node=not tp_across_nodes)
+    data = tune_dict(result)
+    if engines:
+        emit_launch(model_spec, cluster_spec, result.best.plan, engines, out_dir)
+    if as_json:
+        print_json(data)
+        return
+    plan, seq = result.best.plan, seq_length or model_spec.seq_length
+    out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
+              f"({cluster_spec.num_devices} x {escape(cluster_spec.device.name)}), "
+              f"global batch {global_batch_size:,} x {seq:,} tokens")
+    out.print(f"tuned plan: {escape(_plan_summary(plan))}")
+    out.print(_tuned_stage_table(model_spec, plan, result.best.report))
+    out.print(_prediction_table(result.best))
+    if result.baselines:
+        out.print(_baseline_table(result))
+    out.print(_search_table(result.search))
 
 
 # --- validate train ------------------------------------------------------------------------

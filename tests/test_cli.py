@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from simtune.cli import app, fmt_seconds, to_jsonable
+from simulator.specs.catalog import load_plan
 from simulator.training.report import BREAKDOWN_KEYS
 
 DEBUG = ["--model", "gpt-debug", "--cluster", "2xa100-80gb", "--plan", "debug"]
@@ -163,3 +167,89 @@ def test_fmt_seconds_picks_a_unit():
     assert fmt_seconds(51.2364) == "51.236 s"
     assert fmt_seconds(0.0016399) == "1.640 ms"
     assert fmt_seconds(2.4e-5) == "24.0 µs"
+
+
+# --- tune train ------------------------------------------------------------------------------
+
+TUNE_DEBUG = ["--model", "gpt-debug", "--cluster", "2xa100-80gb", "--global-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tuned_json() -> dict:
+    """`tune train --json` in its own process: native solver output must not reach stdout."""
+    cmd = [sys.executable, "-m", "simtune.cli", "tune", "train", *TUNE_DEBUG, "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # the whole of stdout is one JSON object
+
+
+def test_tune_train_json_is_the_tuner_contract(tuned_json):
+    data = tuned_json
+    assert {"plan", "report", "baselines", "search"} <= set(data)
+    assert {"evaluated", "feasible", "infeasible", "seconds", "evaluations_per_s"} <= set(data["search"])
+    assert data["search"]["evaluations_per_s"] > 0
+    assert data["search"]["evaluated"] == data["search"]["feasible"] + data["search"]["infeasible"]
+    assert data["report"]["feasible"] is True
+    assert set(data["baselines"]) == {"megatron", "aceso"}
+    for baseline in data["baselines"].values():
+        assert {"plan", "report"} <= set(baseline)
+        assert data["report"]["iteration_time_s"] <= baseline["report"]["iteration_time_s"] * (1 + 1e-9)
+
+
+def test_tuned_plan_is_accepted_by_simulate_train(cli, tuned_json, tmp_path):
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(tuned_json["plan"], sort_keys=False))
+    assert load_plan(str(path)).to_dict() == tuned_json["plan"]
+    report = one_json_object(cli("simulate", "train", *TUNE_DEBUG[:4], "--plan", str(path), "--json"))
+    assert math.isclose(report["iteration_time_s"], tuned_json["report"]["iteration_time_s"],
+                        rel_tol=1e-9)
+
+
+def test_tune_train_human_output_and_a_baseline_without_plan(cli, monkeypatch):
+    import tuner.training
+
+    real = tuner.training.tune_training
+
+    def no_aceso(*args, **kwargs):
+        result = real(*args, **{**kwargs, "baselines": ("megatron",)})
+        result.baselines["aceso"] = None  # as when a baseline finds nothing that fits
+        return result
+
+    monkeypatch.setattr(tuner.training, "tune_training", no_aceso)
+    result = cli("tune", "train", *TUNE_DEBUG)
+    assert result.exit_code == 0, result.stderr
+    for text in ("tuned plan", "checkpointed", "offload w/g/o/a", "iteration time (discrete-event)",
+                 "iteration time (closed form)", "MFU", "vs baselines", "speedup", "megatron",
+                 "no plan fits", "evaluations/s"):
+        assert text in result.stdout
+    assert "baseline aceso found no plan" in result.stderr
+    data = one_json_object(cli("tune", "train", *TUNE_DEBUG, "--json"))
+    assert data["baselines"]["aceso"] is None and data["baselines"]["megatron"]["plan"]
+
+
+def test_tune_train_emits_launch_files_and_the_plan(cli, tmp_path):
+    out_dir = tmp_path / "launch"
+    result = cli("tune", "train", *TUNE_DEBUG, "--no-baselines", "--emit", "megatron,deepspeed",
+                 "--out", str(out_dir), "--json")
+    data = one_json_object(result)
+    assert data["baselines"] == {}
+    written = {p.name for p in out_dir.iterdir()}
+    assert {"megatron_args.sh", "deepspeed_config.json", "plan.yaml"} <= written
+    assert "torchrun.sh" not in written
+    assert load_plan(str(out_dir / "plan.yaml")).to_dict() == data["plan"]
+    assert str(out_dir / "plan.yaml") in result.stderr
+
+
+def test_tune_train_nothing_fits_exits_2(cli):
+    result = cli("tune", "train", "--model", "llama-3.1-405b", "--cluster", "1xa100-80gb",
+                 "--global-batch-size", "1", "--no-baselines", "--json")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and "nothing fits" in result.stderr
+
+
+def test_tune_train_unknown_engine_exits_2_before_searching(cli, tmp_path):
+    result = cli("tune", "train", *TUNE_DEBUG, "--emit", "megatron,nemo", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2
+    assert "nemo" in result.stderr and "torchtitan" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -58,12 +58,12 @@ class Tuned:
 class TuneResult:
     best: Tuned
     search: SearchStats
-    baselines: dict[str, Tuned] = field(default_factory=dict)
+    baselines: dict[str, Tuned | None] = field(default_factory=dict)  # None: nothing in its space fits
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.best.plan.to_dict(), "report": self.best.report.to_dict(),
                 "analytic_iteration_time_s": self.best.analytic_time_s,
-                "baselines": {k: v.to_dict() for k, v in self.baselines.items()},
+                "baselines": {k: v and v.to_dict() for k, v in self.baselines.items()},
                 "search": self.search.to_dict()}
 
 
@@ -130,7 +130,11 @@ def tune_training(model: Any, cluster: Any, global_batch_size: int, seq_length: 
                         time.perf_counter() - start, counters.cost_rows, len(screened), len(ok), len(solutions))
     result = TuneResult(best, stats)
     for name in baselines:
+        if progress:
+            progress(f"baseline {name}", 0, 1)
         result.baselines[name] = BASELINES[name](model, cluster, global_batch_size, seq, screened=screened)
+        if progress:
+            progress(f"baseline {name}", 1, 1)
     return result
 
 
