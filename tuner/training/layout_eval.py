@@ -43,6 +43,7 @@ class Screening:
     layout: Layout
     time_s: float | None            # None when some stage fits no option
     shortfall_bytes: float          # > 0: the smallest overflow of the worst stage
+    need_bytes: tuple[float, float] = (0.0, 0.0)  # (device, host) memory of that closest option
     rows: list[tuple[StageTable, int]] = field(default_factory=list)
 
 
@@ -94,21 +95,23 @@ class LayoutEvaluator:
     def screen(self, coarse: bool = True) -> Screening:
         """Uniform layers; every stage takes the fitting option that minimizes its share of
         the iteration, m * T + D."""
-        lay, rows, shortfall = self.layout, [], 0.0
+        lay, rows, shortfall, need = self.layout, [], 0.0, (0.0, 0.0)
         for i, layers in enumerate(self.uniform_layers()):
             ks = (0, layers // 2, layers) if coarse else None
             table = self.table(layers, i, ks)
             fits = self._fits(table, i)
             if not fits.any():
-                over = np.maximum(table.memory(self.inflight(i)) - self.capacity,
-                                  table.host_memory(self.inflight(i)) - self.host_capacity)
-                shortfall = max(shortfall, float(np.min(over)))
+                device, on_host = table.memory(self.inflight(i)), table.host_memory(self.inflight(i))
+                over = np.maximum(device - self.capacity, on_host - self.host_capacity)
+                best = int(np.argmin(over))
+                if over[best] > shortfall:
+                    shortfall, need = float(over[best]), (float(device[best]), float(on_host[best]))
                 continue
             idx = np.flatnonzero(fits)
             share = lay.num_microbatches * table.T[idx] + table.D[idx]
             rows.append((table, int(idx[np.argmin(share)])))
         if shortfall > 0:
-            return Screening(lay, None, shortfall)
+            return Screening(lay, None, shortfall, need)
         T = [t.T[r] for t, r in rows]
         D = [t.D[r] for t, r in rows]
         return Screening(lay, pipeline_time_s(T, D, lay.num_microbatches, lay.virtual_stages, self.p2p_s()), 0.0, rows)

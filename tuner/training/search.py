@@ -83,13 +83,15 @@ def nothing_fits(model, cluster, screened: list[Screening]) -> InfeasiblePlan:
         return InfeasiblePlan(f"no legal layout of {model.name} on {cluster.num_devices} devices "
                               f"(check that the global batch size is divisible by data parallel degrees)")
     close = min(screened, key=lambda s: s.shortfall_bytes)
-    cap = cluster.device.memory_bytes / GiB
+    device, host = (x / GiB for x in close.need_bytes)
     return InfeasiblePlan(
-        f"nothing fits: the closest layout ({close.layout.describe()}, with the best ZeRO, "
-        f"offload and recompute options) still needs {close.shortfall_bytes / GiB:.1f} GiB more than "
-        f"the {cap:.0f} GiB of {cluster.device.name} on its fullest stage. It would fit with more "
-        f"GPUs (more pipeline or data parallel sharding), a smaller micro-batch or sequence length, "
-        f"or devices with more memory."
+        f"nothing fits: the closest layout ({close.layout.describe()}, with the best ZeRO, offload "
+        f"and recompute options) needs {device:.1f} GiB on its fullest device (the "
+        f"{cluster.device.name} has {cluster.device.memory_GiB:.0f} GiB) and {host:.1f} GiB of host "
+        f"memory for what it offloads ({cluster.host_memory_GiB_per_device:.0f} GiB per device): "
+        f"{close.shortfall_bytes / GiB:.1f} GiB short. It would fit with more GPUs (more pipeline or "
+        f"data parallel sharding), a smaller micro-batch or sequence length, or more device or "
+        f"host memory."
     )
 
 
