@@ -12,7 +12,7 @@ Overlap rules (design note):
 - ZeRO-3 gathers layer i+1's weights while layer i computes: per op, one gather is exposed
   plus whatever part of each later gather outlasts its layer's compute.
 - Weight and activation offload traffic runs on PCIe beside the op; only the excess over
-  the op's compute stalls it. Gradient and optimizer offload happen once per iteration,
+  the op's compute stalls it (over the op minus its TP collectives when those use PCIe too). Gradient and optimizer offload happen once per iteration,
   at the optimizer step.
 """
 
@@ -152,8 +152,13 @@ class StageModel:
 
     def _offload(self, out: dict, c: dict) -> None:
         moved = c["offload_bytes_per_microbatch"] / self.pcie_bytes_per_s
+        # Where GPUs talk to each other over PCIe, TP collectives occupy the same link as the
+        # offload copies: those can only hide behind the rest of the op.
+        shares_link = self.cluster.intra_node_link == "pcie" and self.tp > 1
         for op in ("fwd", "bwd"):
             busy = sum(v for key, v in out.items() if key.startswith(op + "_"))
+            if shares_link:
+                busy = busy - out[f"{op}_tp_comm"]
             out[f"{op}_offload_stall"] = np.maximum(0.0, moved - busy)
 
     def _memory(self, out: dict, c: dict, c1: dict, params, o_a, first: bool, last: bool) -> None:

@@ -44,11 +44,13 @@ def option_row(table: StageTable, stage: StagePlan) -> int | None:
     return int(rows[0]) if len(rows) else None
 
 
-def comparison_table(results: Mapping[str, Tuned | None]):
-    """One row per plan: simulated and closed-form iteration time, speedup of the first plan
-    over it, MFU, peak memory and the plan's knobs. None (no fitting plan) gives an empty row."""
+def comparison_table(results: Mapping[str, Tuned | None], time_unit: str = "s", memory_unit: str = "GiB"):
+    """One row per plan: simulated and closed-form iteration time, the ratio of its time to the
+    first plan's, MFU, peak memory and the plan's knobs (per stage, '/'-separated). None (no
+    fitting plan) gives a row saying so. Units: time 's' or 'ms', memory 'GiB' or 'MiB'."""
     import pandas as pd
 
+    t_scale, m_scale = {"s": 1.0, "ms": 1e3}[time_unit], {"GiB": 1 / GiB, "MiB": 1 / 2**20}[memory_unit]
     first = next(t for t in results.values() if t is not None).report.iteration_time_s
     rows = {}
     for name, tuned in results.items():
@@ -57,18 +59,19 @@ def comparison_table(results: Mapping[str, Tuned | None]):
             continue
         plan, rep = tuned.plan, tuned.report
         stages = plan.stages or []
+        offload = ["{:g},{:g},{:g},{:g}".format(*s.offload.model_dump().values()) if s.offload and s.offload.any
+                   else "-" for s in stages]
         rows[name] = {
-            "iteration (s)": rep.iteration_time_s, "closed form (s)": tuned.analytic_time_s,
-            "first plan's speedup": rep.iteration_time_s / first, "MFU": rep.mfu,
-            "peak memory (GiB)": rep.peak_memory_bytes / GiB,
+            f"iteration ({time_unit})": rep.iteration_time_s * t_scale,
+            f"closed form ({time_unit})": tuned.analytic_time_s * t_scale,
+            "time / first plan's": rep.iteration_time_s / first, "MFU": rep.mfu,
+            f"peak memory ({memory_unit})": rep.peak_memory_bytes * m_scale,
             "tp/pp/dp": f"{plan.tp}/{plan.pp}/{plan.dp}", "mbs": plan.micro_batch_size,
             "v": plan.virtual_stages, "recompute": plan.recompute,
             "layers": "/".join(str(s.layers) for s in stages),
             "checkpointed": "/".join(str(s.checkpointed_layers) for s in stages),
             "ZeRO": "/".join(str(s.zero_stage) for s in stages),
-            "offload w,g,o,a": "; ".join(
-                f"{s.offload.weights:g},{s.offload.gradients:g},{s.offload.optimizer:g},{s.offload.activations:g}"
-                for s in stages if s.offload),
+            "offload w,g,o,a": "none" if set(offload) == {"-"} else " / ".join(offload),
         }
     return pd.DataFrame(rows).T
 
@@ -129,7 +132,7 @@ def plot_plan_comparison(results: Mapping[str, Tuned | None], axes: Any = None) 
     for ax, ylabel in ((ax_t, "busy time per iteration (s)"), (ax_m, "peak memory (GiB)")):
         ax.set_xticks(range(stages))
         ax.set(xlabel="pipeline stage", ylabel=ylabel)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     return axes
 
 
