@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+from nbbuild import write
 
 OUT = Path(__file__).with_name("training_simulation.ipynb")
 
@@ -209,23 +208,5 @@ for name, r in whatif.items():
 ]
 
 
-def build() -> nbformat.NotebookNode:
-    nb = new_notebook(metadata={
-        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
-        "language_info": {"name": "python"},
-    })
-    for i, (kind, source) in enumerate(CELLS):
-        cell = new_markdown_cell(source) if kind == "md" else new_code_cell(source)
-        cell.id = f"cell-{i:02d}"
-        nb.cells.append(cell)
-    nbformat.validate(nb)
-    return nb
-
-
-def main() -> None:
-    nbformat.write(build(), OUT)
-    print(f"wrote {OUT}")
-
-
 if __name__ == "__main__":
-    main()
+    write(CELLS, OUT)

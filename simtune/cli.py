@@ -64,6 +64,8 @@ app.add_typer(tune_app, name="tune")
 app.add_typer(validate_app, name="validate")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")]
+ClusterOption = Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -326,8 +328,8 @@ def _stage_table(r: TrainingReport) -> Table:
 @simulate_app.command("train")
 @handles_errors
 def simulate_train(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")],
-    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")],
+    model: ModelOption,
+    cluster: ClusterOption,
     plan: Annotated[str, typer.Option("--plan", "-p", help="Training plan: name or YAML path.")],
     as_json: JsonFlag = False,
     trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
@@ -496,8 +498,8 @@ def emit_launch(model: Any, cluster: Any, plan: Any, engines: list[str], out_dir
 @tune_app.command("train")
 @handles_errors
 def tune_train(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")],
-    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")],
+    model: ModelOption,
+    cluster: ClusterOption,
     global_batch_size: Annotated[int, typer.Option("--global-batch-size", "-b", min=1,
                                                    help="Sequences per iteration.")],
     seq_length: Annotated[int | None, typer.Option(min=1, help="Default: the model's.")] = None,
