@@ -9,14 +9,18 @@ import yaml
 from simulator.errors import SpecError
 from simulator.specs import (
     ClusterSpec,
+    DeploymentSpec,
     DeviceSpec,
     TrainingPlan,
     TransformerSpec,
+    WorkloadSpec,
     catalog_names,
     load_cluster,
+    load_deployment,
     load_device,
     load_model,
     load_plan,
+    load_workload,
 )
 from simulator.specs.catalog import CATALOG_DIR
 from simulator.specs.plan import validate_plan
@@ -160,8 +164,10 @@ def test_non_mapping_is_rejected():
 
 # --- catalog ------------------------------------------------------------------------------------
 
-LOADERS = {"models": load_model, "devices": load_device, "clusters": load_cluster, "plans": load_plan}
-CLASSES = {"models": TransformerSpec, "devices": DeviceSpec, "clusters": ClusterSpec, "plans": TrainingPlan}
+LOADERS = {"models": load_model, "devices": load_device, "clusters": load_cluster, "plans": load_plan,
+           "deployments": load_deployment, "workloads": load_workload}
+CLASSES = {"models": TransformerSpec, "devices": DeviceSpec, "clusters": ClusterSpec, "plans": TrainingPlan,
+           "deployments": DeploymentSpec, "workloads": WorkloadSpec}
 ENTRIES = [(kind, name) for kind, names in catalog_names().items() for name in names]
 
 

@@ -3,16 +3,23 @@
 from simulator.specs.catalog import (
     catalog_names,
     load_cluster,
+    load_deployment,
     load_device,
     load_model,
     load_plan,
+    load_workload,
 )
 from simulator.specs.hardware import ClusterSpec, CollectiveEfficiency, DeviceSpec, Efficiency
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, StagePlan, TrainingPlan
+from simulator.specs.serving import DeploymentSpec, LengthDist, Parallel, WorkloadSpec
 
 __all__ = [
     "ClusterSpec",
+    "DeploymentSpec",
+    "LengthDist",
+    "Parallel",
+    "WorkloadSpec",
     "CollectiveEfficiency",
     "DeviceSpec",
     "Efficiency",
@@ -22,7 +29,9 @@ __all__ = [
     "TransformerSpec",
     "catalog_names",
     "load_cluster",
+    "load_deployment",
     "load_device",
     "load_model",
     "load_plan",
+    "load_workload",
 ]

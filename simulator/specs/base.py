@@ -42,9 +42,10 @@ class Spec(BaseModel):
                 msg = msg[len("Value error, ") :]
                 # A whole-spec rule names its field first: "global_batch_size: must be ..."
                 name, sep, rest = msg.partition(": ")
-                if sep and name in cls.model_fields and isinstance(value, dict):
+                if sep and name.isidentifier() and isinstance(value, dict):
                     field, msg = f"{field}.{name}", rest
-                    value = value.get(name, cls.model_fields[name].default)
+                    default = cls.model_fields[name].default if name in cls.model_fields else None
+                    value = value.get(name, default)
             if isinstance(value, dict) and first["type"] == "missing":
                 value = None
                 msg = "is required"
@@ -52,7 +53,7 @@ class Spec(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, in the schema `parse` reads back."""
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
 
     def spec_hash(self) -> str:
         """Stable hash of the content, for caches."""

@@ -19,9 +19,13 @@ from simulator.specs.base import Spec
 from simulator.specs.hardware import ClusterSpec, DeviceSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
+from simulator.specs.serving import DeploymentSpec, WorkloadSpec
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
-KINDS = {"devices": DeviceSpec, "clusters": ClusterSpec, "models": TransformerSpec, "plans": TrainingPlan}
+KINDS = {
+    "devices": DeviceSpec, "clusters": ClusterSpec, "models": TransformerSpec, "plans": TrainingPlan,
+    "deployments": DeploymentSpec, "workloads": WorkloadSpec,
+}
 _MULTI_NODE = re.compile(r"^(\d+)x(\d+x.+)$")
 
 S = TypeVar("S", bound=Spec)
@@ -90,6 +94,14 @@ def load_model(ref: Any) -> TransformerSpec:
 
 def load_plan(ref: Any) -> TrainingPlan:
     return _load_any("plans", ref, "plan")
+
+
+def load_deployment(ref: Any) -> DeploymentSpec:
+    return _load_any("deployments", ref, "deployment")
+
+
+def load_workload(ref: Any) -> WorkloadSpec:
+    return _load_any("workloads", ref, "workload")
 
 
 def load_cluster(ref: Any) -> ClusterSpec:

@@ -1,0 +1,130 @@
+"""Serving specs: a deployment (how replicas are laid out and scheduled) and a workload.
+
+A deployment is static when its prefill and decode layouts are equal; with different
+(tp, pp) for the two phases it re-shards between them (Seesaw, Su et al., MLSys'25), which
+needs the `seesaw` scheduler and a CPU KV buffer. Field names follow DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from simulator.specs.base import Spec
+
+
+class Parallel(Spec):
+    """Tensor and pipeline parallel degrees of one replica in one phase."""
+
+    kind: ClassVar[str] = "deployment.layout"
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp
+
+    def describe(self) -> str:
+        return f"tp{self.tp} pp{self.pp}"
+
+
+class DeploymentSpec(Spec):
+    kind: ClassVar[str] = "deployment"
+    name: str | None = None
+    dp: int = Field(default=1, ge=1, description="replicas behind a router")
+    prefill: Parallel = Parallel()
+    decode: Parallel | None = Field(default=None, description="default: same as prefill (static)")
+    scheduler: Literal["vllm", "sarathi", "seesaw"] = "vllm"
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_batched_tokens: int = Field(default=8192, ge=1)
+    chunk_size: int = Field(default=512, ge=1, description="sarathi: prefill tokens per iteration")
+    block_size: int = Field(default=16, ge=1, description="tokens per KV block")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    cpu_kv_buffer_GB: float = Field(default=0.0, ge=0, description="seesaw: CPU KV buffer per replica")
+    preemption: Literal["recompute", "swap"] = "recompute"
+
+    @model_validator(mode="after")
+    def _phases(self):
+        if self.decode is None:
+            object.__setattr__(self, "decode", self.prefill)
+        if self.prefill.devices != self.decode.devices:
+            raise ValueError(
+                f"decode: must use as many devices as prefill ({self.prefill.devices}), "
+                f"not {self.decode.devices} ({self.decode.describe()})"
+            )
+        if self.resharding and self.scheduler != "seesaw":
+            raise ValueError(f"scheduler: different prefill and decode layouts need 'seesaw', not {self.scheduler!r}")
+        if self.scheduler == "seesaw" and self.cpu_kv_buffer_GB <= 0:
+            raise ValueError("cpu_kv_buffer_GB: the seesaw scheduler needs a CPU KV buffer > 0")
+        return self
+
+    @property
+    def resharding(self) -> bool:
+        return self.prefill != self.decode
+
+    @property
+    def devices_per_replica(self) -> int:
+        return self.prefill.devices
+
+    @property
+    def num_devices(self) -> int:
+        return self.dp * self.devices_per_replica
+
+
+class LengthDist(Spec):
+    """Token lengths: fixed, uniform [min, max], or lognormal with a mean and sigma, clipped."""
+
+    kind: ClassVar[str] = "workload.tokens"
+    distribution: Literal["fixed", "uniform", "lognormal"] = "fixed"
+    value: int | None = Field(default=None, ge=1)
+    mean: float | None = Field(default=None, gt=0)
+    sigma: float | None = Field(default=None, gt=0)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _params(self):
+        need = {"fixed": ("value",), "uniform": (), "lognormal": ("mean", "sigma")}[self.distribution]
+        for name in need:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: required by distribution {self.distribution!r}")
+        if self.min > self.max:
+            raise ValueError(f"min: must be <= max = {self.max}")
+        return self
+
+
+class Arrival(Spec):
+    kind: ClassVar[str] = "workload.arrival"
+    kind_: Literal["offline", "poisson"] = Field(default="offline", alias="kind")
+    rate_per_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _rate(self):
+        if self.kind_ == "poisson" and self.rate_per_s is None:
+            raise ValueError("rate_per_s: required for poisson arrivals")
+        return self
+
+
+class WorkloadSpec(Spec):
+    """Requests to serve: synthetic (a preset or length distributions) or a trace file."""
+
+    kind: ClassVar[str] = "workload"
+    name: str | None = None
+    num_requests: int = Field(default=1000, ge=1)
+    arrival: Arrival = Arrival()
+    preset: Literal["sharegpt-like", "arxiv-summarization-like"] | None = None
+    input_tokens: LengthDist | None = None
+    output_tokens: LengthDist | None = None
+    trace: str | None = Field(default=None, description="CSV or JSONL: arrival_s, input_tokens, output_tokens")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source(self):
+        sources = [self.trace is not None, self.preset is not None,
+                   self.input_tokens is not None or self.output_tokens is not None]
+        if sum(sources) != 1:
+            raise ValueError("preset: give exactly one of preset, input_tokens/output_tokens, or trace")
+        if sources[2] and (self.input_tokens is None or self.output_tokens is None):
+            raise ValueError("output_tokens: input_tokens and output_tokens go together")
+        return self
