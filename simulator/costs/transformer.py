@@ -145,6 +145,13 @@ offload_bytes_per_microbatch = ACT_BYTES * stage_params * o_w + o_a * stage_acti
 """PCIe traffic per micro-batch: offloaded weights fetched for forward and backward, and
 offloaded activations copied out after forward and back in before backward."""
 
+# --- inference --------------------------------------------------------------------------
+kv_bytes_per_token = 2 * ACT_BYTES * (h / a) * sp.Max(g / t, 1)
+"""K and V of one token in one layer on one device: the KV heads are split over TP, and
+replicated once TP exceeds them (Seesaw App. A: 4*h_kv*d bytes per token per layer)."""
+layer_weight_bytes = ACT_BYTES * layer_weight_params / t
+"""16-bit weights of one layer's GEMMs on one device: read once per decode step."""
+
 EXPRESSIONS: dict[str, sp.Expr] = {
     "layer_params": layer_params,
     "embedding_params": embedding_params,
@@ -172,4 +179,6 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "dp_grad_bytes": dp_grad_bytes,
     "zero3_gather_bytes": zero3_gather_bytes,
     "offload_bytes_per_microbatch": offload_bytes_per_microbatch,
+    "kv_bytes_per_token": kv_bytes_per_token,
+    "layer_weight_bytes": layer_weight_bytes,
 }

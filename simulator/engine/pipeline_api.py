@@ -61,8 +61,8 @@ class PipelineConfig:
 class TraceEvent:
     """One box on the timeline: Chrome trace 'X' event material."""
 
-    stage: int
-    stream: Literal["compute", "p2p", "dp"]
+    stage: int                    # the pipeline stage (or serving replica)
+    stream: str                   # "compute", "p2p", "dp"; serving adds "kv", "weights"
     name: str
     start_s: float
     end_s: float

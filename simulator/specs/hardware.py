@@ -39,6 +39,9 @@ class Efficiency(Spec):
     attention: float = Field(gt=0, le=1, description="attention core (batched GEMMs or flash)")
     memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     kernel_overhead_us: float = Field(ge=0)
+    step_overhead_us: float = Field(
+        default=1500.0, ge=0, description="serving: fixed cost of one engine step (scheduling, sampling, launch)"
+    )
     pcie: float = Field(gt=0, le=1, description="achieved / peak host link bandwidth")
     intra_node: CollectiveEfficiency
     inter_node: CollectiveEfficiency

@@ -1,0 +1,1 @@
+"""LLM serving simulation: iteration costs, KV cache, schedulers, re-sharding, reports."""

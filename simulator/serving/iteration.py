@@ -1,0 +1,120 @@
+"""Cost of one engine step of an inference replica: the same symbolic model as training.
+
+A step runs a batch of sequences, each contributing `new_tokens` (a prefill chunk, or 1 for
+decode) on top of `context` tokens already cached. Per layer and device (one TP shard):
+- GEMMs: the longer of reading the layer's weights and computing 2 x tokens x weights
+  (roofline; Seesaw App. A), so small-batch decode is bound by weight reads;
+- attention: causal score/value FLOPs of the new tokens against their context, and the
+  cached K/V they read (4 h_kv d bytes per token per layer, FORMULAS.md);
+- element-wise kernels and two TP all-reduces of the step's activations;
+- the LM head for the sequences that produce a token, on the last stage;
+- a fixed per-step overhead (scheduling, sampling, launches; the device's
+  `step_overhead_us`), without which small-batch decode would be far too fast.
+Pipeline parallel replicas split the batch into pp micro-batches that flow through the
+stages back to back (vLLM's virtual engines): each stage processes all of them per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.costs import comm
+from simulator.costs.compile import compiled_costs
+from simulator.costs.symbols import model_values
+from simulator.costs.timing import attention_s, gemm_efficiency, memory_bound_s
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.model import TransformerSpec
+from simulator.specs.serving import Parallel
+
+KERNELS_PER_LAYER = 10  # launches outside GEMMs per layer and step
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One sequence's part of a step."""
+
+    new_tokens: int
+    context: int
+    logits: bool  # emits a token this step (decode, or the chunk that completes the prompt)
+
+
+class IterationModel:
+    """Step times of one replica layout (tp, pp) for a model on a cluster's device."""
+
+    def __init__(self, model: TransformerSpec, cluster: ClusterSpec, layout: Parallel):
+        self.model, self.cluster, self.layout = model, cluster, layout
+        self.device = cluster.device
+        t = layout.tp
+        c = compiled_costs()({**model_values(model), "t": t, "b": 1, "s": 1, "d": 1, "flash": 1.0,
+                              "sq": 0.0, "L_st": 1.0})
+        self.weight_bytes = float(c["layer_weight_bytes"])
+        self.flops_per_token = float(c["gemm_flops_fwd"])  # b = s = 1: per token
+        self.kv_bytes_per_token = float(c["kv_bytes_per_token"])
+        self.elementwise_per_token = float(c["elementwise_bytes_fwd"])
+        level = comm.group_level(cluster, t, 1)
+        self.tp_link = comm.Link.of(cluster, level)
+        self.pp_link = comm.Link.of(cluster, comm.group_level(cluster, 2, t))
+        self.layers_per_stage = model.num_layers / layout.pp
+        eff = self.device.efficiency
+        self.hbm = self.device.hbm_bandwidth_bytes_per_s * eff.memory_bound
+        self.step_overhead_s = eff.step_overhead_us * 1e-6
+
+    # --- per device memory ------------------------------------------------------------------
+    def weight_bytes_per_device(self) -> float:
+        """Weights held by one device: its layers' shards plus the embedding / LM head share."""
+        m, lay = self.model, self.layout
+        embed = m.vocab_size * m.hidden_size * 2.0 * (1 if m.tied_embeddings else 2) / (lay.tp * lay.pp)
+        return self.layers_per_stage * self.weight_bytes + embed
+
+    def kv_bytes_per_token_per_device(self) -> float:
+        return self.kv_bytes_per_token * self.layers_per_stage
+
+    # --- time ---------------------------------------------------------------------------------
+    def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float) -> float:
+        m, dev, t = self.model, self.device, self.layout.tp
+        flops = tokens * self.flops_per_token
+        min_dim = min(tokens, m.hidden_size / t)
+        compute = flops / (dev.peak_flops * gemm_efficiency(dev, min_dim))
+        weights = (self.weight_bytes + 4.0 * tokens * m.hidden_size) / self.hbm
+        attention = attention_s(dev, attn_flops) + kv_read_bytes / self.hbm
+        elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
+        tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
+        return max(compute, weights) + attention + elementwise + float(tp)
+
+    def _lm_head_s(self, sequences: int) -> float:
+        m, dev, t = self.model, self.device, self.layout.tp
+        if sequences == 0:
+            return 0.0
+        flops = 2.0 * sequences * m.hidden_size * m.vocab_size / t
+        compute = flops / (dev.peak_flops * gemm_efficiency(dev, min(sequences, m.hidden_size)))
+        return max(compute, 2.0 * m.hidden_size * m.vocab_size / t / self.hbm)
+
+    def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, int]:
+        """(time of the busiest stage, tokens) for one micro-batch."""
+        h, t = self.model.hidden_size, self.layout.tp
+        tokens = sum(w.new_tokens for w in works)
+        # causal attention: each new token attends to the context and the new tokens before it
+        attn = sum(4.0 * (h / t) * w.new_tokens * (w.context + (w.new_tokens + 1) / 2) for w in works)
+        kv = self.kv_bytes_per_token * sum(w.context + w.new_tokens for w in works)
+        layer = self._layer_s(tokens, attn, kv)
+        logits = sum(w.logits for w in works)
+        return self.layers_per_stage * layer + self._lm_head_s(logits), tokens
+
+    def step_s(self, works: list[Work]) -> float:
+        """Time of one engine step over `works` (every sequence advances once)."""
+        if not works:
+            return 0.0
+        pp = self.layout.pp
+        groups = [works[i::pp] for i in range(pp)] if pp > 1 else [works]
+        total, max_tokens = 0.0, 0
+        for group in groups:
+            if group:
+                stage_s, tokens = self._micro_batch_stage_s(group)
+                total += stage_s
+                max_tokens = max(max_tokens, tokens)
+        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link))
+        return total + handoff + self.step_overhead_s
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""
+        return self.step_s([Work(prompt_tokens, 0, True)])

@@ -1,0 +1,245 @@
+"""Paged KV-cache block accounting for one replica, in the style of vLLM's block manager.
+
+PagedAttention (Kwon et al., SOSP'23) stores a sequence's keys and values in fixed-size
+blocks of `block_size` tokens, so a sequence holds ceil(tokens / block_size) blocks and
+wastes at most one partly filled block. `BlockManager` keeps only that accounting: which
+sequences hold how many tokens and blocks, on the GPU or (after a swap) on the CPU.
+
+Design note: the simulator asks about every running sequence at every iteration, so the
+manager keeps integer counters per sequence (tokens, blocks) and two pool totals instead of
+per-block objects or free lists. Block identity does not matter for timing; nothing here
+models prefix sharing or copy-on-write, which would need block tables.
+
+Admission rules follow vLLM v0 (`BlockSpaceManager`):
+- A new sequence (`allocate`) and a swapped-in one (`swap_in`) must leave at least
+  `watermark_blocks = int(watermark * num_gpu_blocks)` blocks free, so that running
+  sequences can still grow by a block each without immediate preemption.
+- A running sequence growing (`append`) may use every free block, watermark included.
+- `swap_out` moves all of a sequence's blocks to the CPU pool and needs room there.
+Operations that do not fit raise `OutOfBlocks`; misuse (unknown or duplicate ids, appending
+to a swapped-out sequence) raises KeyError or ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+SeqId = Hashable
+
+
+class OutOfBlocks(Exception):
+    """An allocation, append or swap needs more KV blocks than the pool can give now."""
+
+    def __init__(self, seq_id: SeqId, op: str, needed: int, free: int, detail: str = ""):
+        self.seq_id = seq_id
+        self.op = op
+        self.needed = needed
+        self.free = free
+        self.detail = detail
+        # args are the constructor's, so the exception can be re-raised by copy (simpy does)
+        super().__init__(seq_id, op, needed, free, detail)
+
+    def __str__(self) -> str:
+        msg = f"{self.op} of sequence {self.seq_id!r} needs {self.needed} blocks, {self.free} free"
+        return f"{msg} ({self.detail})" if self.detail else msg
+
+
+def kv_blocks_capacity(free_bytes: float, bytes_per_token: float, block_size: int) -> int:
+    """How many KV blocks of `block_size` tokens fit in `free_bytes`.
+
+    `bytes_per_token` is the KV footprint of one token on the device whose memory
+    `free_bytes` measures (keys and values of every layer it holds, for its heads).
+    """
+    if bytes_per_token <= 0:
+        raise ValueError(f"bytes_per_token = {bytes_per_token!r}: must be > 0")
+    if block_size < 1:
+        raise ValueError(f"block_size = {block_size!r}: must be >= 1")
+    if free_bytes <= 0:
+        return 0
+    return int(free_bytes // (bytes_per_token * block_size))
+
+
+class BlockManager:
+    """Paged KV-cache accounting of one replica: a GPU block pool and an optional CPU pool."""
+
+    def __init__(self, num_gpu_blocks: int, block_size: int, num_cpu_blocks: int = 0,
+                 watermark: float = 0.01):
+        if num_gpu_blocks < 0:
+            raise ValueError(f"num_gpu_blocks = {num_gpu_blocks!r}: must be >= 0")
+        if num_cpu_blocks < 0:
+            raise ValueError(f"num_cpu_blocks = {num_cpu_blocks!r}: must be >= 0")
+        if block_size < 1:
+            raise ValueError(f"block_size = {block_size!r}: must be >= 1")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark = {watermark!r}: must be in [0, 1)")
+        self.num_gpu_blocks = int(num_gpu_blocks)
+        self.num_cpu_blocks = int(num_cpu_blocks)
+        self.block_size = int(block_size)
+        self.watermark = watermark
+        self.watermark_blocks = int(watermark * num_gpu_blocks)
+        self._tokens: dict[SeqId, int] = {}
+        self._blocks: dict[SeqId, int] = {}
+        self._on_cpu: set[SeqId] = set()
+        self._used_gpu = 0
+        self._used_cpu = 0
+
+    # -- pool state ---------------------------------------------------------------------
+
+    @property
+    def num_free_gpu_blocks(self) -> int:
+        return self.num_gpu_blocks - self._used_gpu
+
+    @property
+    def num_used_gpu_blocks(self) -> int:
+        return self._used_gpu
+
+    @property
+    def num_free_cpu_blocks(self) -> int:
+        return self.num_cpu_blocks - self._used_cpu
+
+    @property
+    def num_used_cpu_blocks(self) -> int:
+        return self._used_cpu
+
+    @property
+    def utilization(self) -> float:
+        """Fraction of GPU blocks in use (0 for an empty pool)."""
+        return self._used_gpu / self.num_gpu_blocks if self.num_gpu_blocks else 0.0
+
+    def __contains__(self, seq_id: SeqId) -> bool:
+        return seq_id in self._tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    # -- per-sequence state -------------------------------------------------------------
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens: ceil(num_tokens / block_size)."""
+        return -(-num_tokens // self.block_size)
+
+    def tokens(self, seq_id: SeqId) -> int:
+        return self._tokens[self._known(seq_id)]
+
+    def blocks(self, seq_id: SeqId) -> int:
+        return self._blocks[self._known(seq_id)]
+
+    def on_cpu(self, seq_id: SeqId) -> bool:
+        return self._known(seq_id) in self._on_cpu
+
+    # -- allocation ---------------------------------------------------------------------
+
+    def can_allocate(self, seq_id: SeqId, num_tokens: int) -> bool:
+        """Whether a new sequence's first `num_tokens` fit now, leaving the watermark free."""
+        self._new(seq_id, num_tokens)
+        return self.num_free_gpu_blocks - self.blocks_for(num_tokens) >= self.watermark_blocks
+
+    def allocate(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Reserve blocks for a new sequence's first `num_tokens` (its prompt, or a chunk)."""
+        if not self.can_allocate(seq_id, num_tokens):
+            raise OutOfBlocks(seq_id, "allocate", self.blocks_for(num_tokens),
+                              self.num_free_gpu_blocks, self._watermark_note())
+        need = self.blocks_for(num_tokens)
+        self._tokens[seq_id] = num_tokens
+        self._blocks[seq_id] = need
+        self._used_gpu += need
+
+    def can_append(self, seq_id: SeqId, new_tokens: int = 1) -> bool:
+        """Whether a sequence on the GPU can grow by `new_tokens` (watermark not applied)."""
+        return self._growth(seq_id, new_tokens) <= self.num_free_gpu_blocks
+
+    def append(self, seq_id: SeqId, new_tokens: int = 1) -> None:
+        """Grow a sequence by `new_tokens`; new blocks only once its last block is full."""
+        need = self._growth(seq_id, new_tokens)
+        if need > self.num_gpu_blocks - self._used_gpu:
+            raise OutOfBlocks(seq_id, "append", need, self.num_free_gpu_blocks)
+        self._tokens[seq_id] += new_tokens
+        self._blocks[seq_id] += need
+        self._used_gpu += need
+
+    def free(self, seq_id: SeqId) -> int:
+        """Release a sequence (on the GPU or the CPU); return how many blocks it held."""
+        blocks = self._blocks.pop(self._known(seq_id))
+        del self._tokens[seq_id]
+        if seq_id in self._on_cpu:
+            self._on_cpu.remove(seq_id)
+            self._used_cpu -= blocks
+        else:
+            self._used_gpu -= blocks
+        return blocks
+
+    # -- preemption by swapping ---------------------------------------------------------
+
+    def can_swap_out(self, seq_id: SeqId) -> bool:
+        """Whether a GPU sequence's blocks fit in the free CPU pool."""
+        return self._blocks[self._on_gpu(seq_id)] <= self.num_free_cpu_blocks
+
+    def swap_out(self, seq_id: SeqId) -> int:
+        """Move a sequence's blocks from the GPU to the CPU; return how many moved."""
+        blocks = self._blocks[self._on_gpu(seq_id)]
+        if blocks > self.num_free_cpu_blocks:
+            raise OutOfBlocks(seq_id, "swap_out", blocks, self.num_free_cpu_blocks, "CPU pool")
+        self._on_cpu.add(seq_id)
+        self._used_gpu -= blocks
+        self._used_cpu += blocks
+        return blocks
+
+    def can_swap_in(self, seq_id: SeqId) -> bool:
+        """Whether a swapped-out sequence fits back on the GPU, leaving the watermark free."""
+        blocks = self._blocks[self._swapped(seq_id)]
+        return self.num_free_gpu_blocks - blocks >= self.watermark_blocks
+
+    def swap_in(self, seq_id: SeqId) -> int:
+        """Move a swapped-out sequence's blocks back to the GPU; return how many moved."""
+        if not self.can_swap_in(seq_id):
+            raise OutOfBlocks(seq_id, "swap_in", self._blocks[seq_id], self.num_free_gpu_blocks,
+                              self._watermark_note())
+        blocks = self._blocks[seq_id]
+        self._on_cpu.remove(seq_id)
+        self._used_cpu -= blocks
+        self._used_gpu += blocks
+        return blocks
+
+    # -- checks -------------------------------------------------------------------------
+
+    def _known(self, seq_id: SeqId) -> SeqId:
+        if seq_id not in self._tokens:
+            raise KeyError(f"sequence {seq_id!r} holds no KV blocks (never allocated, or freed)")
+        return seq_id
+
+    def _on_gpu(self, seq_id: SeqId) -> SeqId:
+        if self._known(seq_id) in self._on_cpu:
+            raise ValueError(f"sequence {seq_id!r} is swapped out to the CPU; swap it in first")
+        return seq_id
+
+    def _swapped(self, seq_id: SeqId) -> SeqId:
+        if self._known(seq_id) not in self._on_cpu:
+            raise ValueError(f"sequence {seq_id!r} is on the GPU, not swapped out")
+        return seq_id
+
+    def _new(self, seq_id: SeqId, num_tokens: int) -> None:
+        if seq_id in self._tokens:
+            where = "CPU" if seq_id in self._on_cpu else "GPU"
+            raise ValueError(f"sequence {seq_id!r} is already allocated "
+                             f"({self._tokens[seq_id]} tokens on the {where}); use append")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens = {num_tokens!r} for sequence {seq_id!r}: must be >= 0")
+
+    def _watermark_note(self) -> str:
+        wm = self.watermark_blocks
+        return f"{wm} more are kept free as watermark" if wm else ""
+
+    def growth(self, seq_id: SeqId, new_tokens: int = 1) -> int:
+        """New blocks a GPU sequence needs to hold `new_tokens` more tokens."""
+        return self._growth(seq_id, new_tokens)
+
+    def _growth(self, seq_id: SeqId, new_tokens: int) -> int:
+        if new_tokens < 0:
+            raise ValueError(f"new_tokens = {new_tokens!r} for sequence {seq_id!r}: must be >= 0")
+        tokens = self._tokens[self._on_gpu(seq_id)]
+        return -(-(tokens + new_tokens) // self.block_size) - self._blocks[seq_id]
+
+    def __repr__(self) -> str:
+        return (f"BlockManager(gpu {self._used_gpu}/{self.num_gpu_blocks}, "
+                f"cpu {self._used_cpu}/{self.num_cpu_blocks}, block_size={self.block_size}, "
+                f"{len(self._tokens)} sequences)")

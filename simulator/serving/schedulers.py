@@ -1,0 +1,169 @@
+"""Static-layout schedulers: what one engine step runs.
+
+- `vllm`: prefill priority (vLLM's default scheduler before chunked prefill): whenever
+  requests wait and fit, a step prefills them (up to max_batched_tokens and max_num_seqs);
+  otherwise every running sequence decodes one token. When a decode needs a KV block and
+  none is free, the most recently admitted sequence is preempted: by recompute (its blocks
+  are freed and it rejoins the queue front) or by swap (its blocks move to the CPU pool).
+- `sarathi`: chunked prefill with decode priority (Sarathi-Serve, Agrawal et al. OSDI'24):
+  every step decodes all running sequences and fills the rest of a `chunk_size` token budget
+  with prompt chunks, so prefills never stall decodes.
+A step is planned (`plan`), costed by the caller, then committed (`commit`) at its end time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from simulator.serving.iteration import Work
+from simulator.serving.kv_cache import BlockManager
+from simulator.serving.sequence import Seq
+from simulator.specs.serving import DeploymentSpec
+
+
+@dataclass
+class Step:
+    kind: str                    # "prefill", "decode" or "mixed"
+    seqs: list[Seq]
+    works: list[Work]
+    chunks: list[int]            # new tokens per sequence (parallel to seqs)
+
+
+class StaticScheduler:
+    def __init__(self, deployment: DeploymentSpec, kv: BlockManager):
+        self.dep, self.kv = deployment, kv
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
+        self.swapped: deque[Seq] = deque()
+        self.prefilling: list[Seq] = []   # sarathi: prompts part-way through
+        self.preemptions = 0
+        self.swapped_tokens = 0           # KV tokens moved over PCIe by swaps since last asked
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running or self.swapped or self.prefilling)
+
+    def add(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+
+    # --- planning -----------------------------------------------------------------------------
+    def plan(self) -> Step | None:
+        self._swap_in()
+        if self.dep.scheduler == "sarathi":
+            return self._plan_chunked()
+        step = self._plan_prefill()
+        return step if step else self._plan_decode()
+
+    def _swap_in(self) -> None:
+        while self.swapped and self.kv.can_swap_in(self.swapped[0].id):
+            seq = self.swapped.popleft()
+            self.kv.swap_in(seq.id)
+            self.swapped_tokens += self.kv.tokens(seq.id)
+            self.running.append(seq)
+
+    def _admit(self, budget: int) -> list[tuple[Seq, int]]:
+        """Waiting sequences that fit: (seq, tokens to compute now), within `budget` tokens."""
+        out, seats = [], self.dep.max_num_seqs - len(self.running) - len(self.prefilling)
+        while self.waiting and seats > len(out):
+            seq = self.waiting[0]
+            take = seq.prompt_len if self.dep.scheduler == "vllm" else min(seq.prompt_len, budget)
+            if take <= 0 or (take > budget and out):
+                break
+            if not self.kv.can_allocate(seq.id, take):
+                break
+            self.kv.allocate(seq.id, take)
+            self.waiting.popleft()
+            out.append((seq, take))
+            budget -= take
+        return out
+
+    def _plan_prefill(self) -> Step | None:
+        admitted = self._admit(self.dep.max_batched_tokens)
+        if not admitted:
+            return None
+        seqs = [s for s, _ in admitted]
+        chunks = [n for _, n in admitted]
+        works = [Work(n, 0, True) for n in chunks]
+        return Step("prefill", seqs, works, chunks)
+
+    def _make_room(self, need_seqs: list[Seq]) -> list[Seq]:
+        """Preempt the newest running sequences until every survivor can grow by one token,
+        and reserve that token's KV slot (as vLLM does when it schedules a step)."""
+        survivors = list(need_seqs)
+        needed = sum(self.kv.growth(s.id) for s in survivors)
+        while survivors and needed > self.kv.num_free_gpu_blocks:
+            victim = survivors.pop()
+            needed -= self.kv.growth(victim.id)
+            self.running.remove(victim)
+            self._preempt(victim)
+        for seq in survivors:  # reserve the slot of the token each decode step writes
+            self.kv.append(seq.id, 1)
+        return survivors
+
+    def _preempt(self, seq: Seq) -> None:
+        self.preemptions += 1
+        seq.preemptions += 1
+        if self.dep.preemption == "swap" and self.kv.can_swap_out(seq.id):
+            self.kv.swap_out(seq.id)
+            self.swapped_tokens += self.kv.tokens(seq.id)
+            self.swapped.append(seq)
+        else:
+            self.kv.free(seq.id)
+            seq.prefilled, seq.decoding = 0, False
+            self.waiting.appendleft(seq)
+
+    def _plan_decode(self) -> Step | None:
+        seqs = self._make_room(list(self.running))
+        if not seqs:
+            return None
+        return Step("decode", seqs, [Work(1, s.context, True) for s in seqs], [1] * len(seqs))
+
+    def _plan_chunked(self) -> Step | None:
+        decodes = self._make_room(list(self.running))
+        budget = max(0, self.dep.chunk_size - len(decodes))
+        seqs, works, chunks = list(decodes), [Work(1, s.context, True) for s in decodes], [1] * len(decodes)
+        for seq in list(self.prefilling):  # continue prompts already started
+            take = min(seq.prompt_len - seq.prefilled, budget)
+            if take <= 0 or not self.kv.can_append(seq.id, take):
+                continue
+            self.kv.append(seq.id, take)
+            seqs.append(seq), chunks.append(take)
+            works.append(Work(take, seq.prefilled, seq.prefilled + take == seq.prompt_len))
+            budget -= take
+        for seq, take in self._admit(budget):
+            self.prefilling.append(seq)
+            seqs.append(seq), chunks.append(take)
+            works.append(Work(take, 0, take == seq.prompt_len))
+        if not seqs:
+            return None
+        return Step("mixed" if decodes and len(seqs) > len(decodes) else ("decode" if decodes else "prefill"),
+                    seqs, works, chunks)
+
+    def take_swapped_tokens(self) -> int:
+        moved, self.swapped_tokens = self.swapped_tokens, 0
+        return moved
+
+    # --- committing ---------------------------------------------------------------------------
+    def commit(self, step: Step, now: float) -> list[Seq]:
+        """Apply a finished step; return the sequences that completed."""
+        finished = []
+        for seq, chunk in zip(step.seqs, step.chunks):
+            if seq.decoding:
+                seq.emit(now)
+            else:  # a prompt, or a chunk of one
+                seq.prefilled += chunk
+                if seq.prefilled < seq.prompt_len:
+                    continue
+                if seq in self.prefilling:
+                    self.prefilling.remove(seq)
+                seq.decoding = True
+                seq.emit(now)
+                if not seq.done:
+                    self.running.append(seq)
+            if seq.done:
+                if seq in self.running:
+                    self.running.remove(seq)
+                self.kv.free(seq.id)
+                finished.append(seq)
+        return finished

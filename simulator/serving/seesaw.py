@@ -1,0 +1,152 @@
+"""Dynamic re-sharding (Seesaw, Su et al., MLSys'25): prefill in one layout, decode in another.
+
+Design note. A replica alternates between two phases with different (tp, pp):
+- prefill phase (layout P, typically pipeline-heavy: no all-reduce per token): waiting
+  prompts are prefilled in batches; each prompt's KV is copied to a CPU KV buffer on a copy
+  stream that overlaps the following prefill steps (tiered KV buffering);
+- transition P -> D: the pending copies finish, then every device loads its decode-layout
+  weight shard (from the CPU copy over PCIe, or re-sharded over NVLink where GPUs have it);
+- decode phase (layout D, typically tensor-heavy: weights read once per step across more
+  GPUs): sequences are swapped in from the buffer as GPU KV space allows, each copy
+  prefetched on the copy stream while earlier sequences decode; a sequence decodes once
+  its KV has arrived;
+- transition D -> P: weights are reloaded in the prefill layout.
+Transition-minimizing scheduling: switch to decode only when the CPU buffer is full or no
+request waits; switch back to prefill only when the buffer is empty and every buffered
+sequence has finished decoding. Each phase, copy and transition is a box in the trace.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import simpy
+
+from simulator.serving.iteration import IterationModel, Work
+from simulator.serving.recorder import Recorder
+from simulator.serving.sequence import Seq
+from simulator.specs.hardware import GB, ClusterSpec
+from simulator.specs.serving import DeploymentSpec
+
+KV_WATERMARK = 0.95  # decode admits sequences while KV use stays below this fraction
+
+
+def weight_reload_s(cluster: ClusterSpec, target: IterationModel) -> float:
+    """Load every device's shard of the target layout: over NVLink where GPUs have it (the
+    shards are exchanged between GPUs), else from the host copy over PCIe."""
+    if cluster.intra_node_link == "nvlink" and cluster.device.nvlink_bandwidth_GBps > 0:
+        bw = cluster.device.nvlink_bandwidth_GBps * GB * cluster.device.efficiency.intra_node.efficiency
+    else:
+        bw = cluster.host_link_bytes_per_s()
+    return target.weight_bytes_per_device() / bw
+
+
+class SeesawReplica:
+    def __init__(self, env: simpy.Environment, index: int, deployment: DeploymentSpec,
+                 prefill: IterationModel, decode: IterationModel, capacity_tokens: dict[str, int],
+                 buffer_tokens: int, cluster: ClusterSpec, recorder: Recorder):
+        self.env, self.index, self.dep, self.rec = env, index, deployment, recorder
+        self.models = {"prefill": prefill, "decode": decode}
+        self.capacity = capacity_tokens
+        self.buffer_tokens = buffer_tokens
+        self.reload_s = {"prefill": weight_reload_s(cluster, prefill), "decode": weight_reload_s(cluster, decode)}
+        self.pcie = cluster.host_link_bytes_per_s()
+        self.waiting: deque[Seq] = deque()
+        self.buffer: deque[Seq] = deque()
+        self.buffered = 0            # tokens of KV in the CPU buffer
+        self.copy_free_s = 0.0       # when the copy stream is next free
+        self.outstanding = 0
+        self.layout = "prefill"      # whose weights the GPUs hold now
+        self.wake = env.event()
+        self.process = env.process(self.run())
+
+    def submit(self, seq: Seq) -> None:
+        self.waiting.append(seq)
+        self.outstanding += 1
+        if not self.wake.triggered:
+            self.wake.succeed()
+
+    def _copy(self, tokens: int, layout: str, name: str) -> float:
+        """Queue a KV copy on the copy stream; return when it completes."""
+        start = max(self.copy_free_s, self.env.now)
+        self.copy_free_s = start + tokens * self.models[layout].kv_bytes_per_token_per_device() / self.pcie
+        self.rec.box(self.index, "kv", name, start, self.copy_free_s, tokens=tokens)
+        return self.copy_free_s
+
+    def run(self):
+        while True:
+            if not self.waiting and not self.buffer:
+                self.wake = self.env.event()
+                yield self.wake
+                continue
+            if self.layout != "prefill":
+                yield from self._transition("prefill")
+            yield from self._prefill_phase()
+            if self.buffer:
+                yield from self._transition("decode")
+                yield from self._decode_phase()
+
+    def _transition(self, to: str):
+        start = self.env.now
+        yield self.env.timeout(max(0.0, self.copy_free_s - start) + self.reload_s[to])
+        self.layout = to
+        self.rec.transition(self.index, f"to {to}", start, self.env.now)
+
+    def _prefill_phase(self):
+        model, dep = self.models["prefill"], self.dep
+        while self.waiting:
+            batch, tokens = [], 0
+            while self.waiting and len(batch) < dep.max_num_seqs:
+                seq = self.waiting[0]
+                need = seq.prompt_len
+                if (batch and tokens + need > dep.max_batched_tokens) or tokens + need > self.capacity["prefill"] \
+                        or self.buffered + need > self.buffer_tokens:
+                    break
+                batch.append(self.waiting.popleft())
+                tokens += need
+            if not batch:
+                return  # the buffer is full: decode
+            start = self.env.now
+            yield self.env.timeout(model.step_s([Work(s.prompt_len, 0, True) for s in batch]))
+            self.rec.step(self.index, "prefill", start, self.env.now, len(batch), tokens, tokens / self.capacity["prefill"])
+            for seq in batch:
+                seq.prefilled, seq.decoding = seq.prompt_len, True
+                seq.emit(self.env.now)
+                if seq.done:
+                    self.outstanding -= 1
+                    continue
+                self.buffer.append(seq)
+                self.buffered += seq.context
+                self._copy(seq.context, "prefill", "kv to cpu")
+
+    def _decode_phase(self):
+        model, cap = self.models["decode"], self.capacity["decode"]
+        running: list[tuple[float, Seq]] = []  # (KV ready time, seq)
+        used = 0
+        while self.buffer or running:
+            while self.buffer and len(running) < self.dep.max_num_seqs \
+                    and used + self.buffer[0].context + 1 <= KV_WATERMARK * cap:
+                seq = self.buffer.popleft()
+                self.buffered -= seq.context
+                used += seq.context
+                running.append((self._copy(seq.context, "decode", "kv to gpu"), seq))
+            ready = [s for t, s in running if t <= self.env.now]
+            if not ready:
+                yield self.env.timeout(min(t for t, _ in running) - self.env.now)
+                continue
+            start = self.env.now
+            yield self.env.timeout(model.step_s([Work(1, s.context, True) for s in ready]))
+            for seq in ready:
+                seq.emit(self.env.now)
+                used += 1
+            finished = [s for s in ready if s.done]
+            self.outstanding -= len(finished)
+            used -= sum(s.context for s in finished)
+            running = [(t, s) for t, s in running if not s.done]
+            while used > cap:  # KV grew past the GPU pool: the newest goes back to the buffer
+                _, seq = running.pop()
+                used -= seq.context
+                self.buffer.appendleft(seq)
+                self.buffered += seq.context
+                self._copy(seq.context, "decode", "kv to cpu")
+            self.rec.step(self.index, "decode", start, self.env.now, len(ready), len(ready), used / cap)

@@ -1,0 +1,118 @@
+"""simulate_serving: a deployment serving a workload -> ServingReport.
+
+Specs (model, cluster, deployment, workload) -> checks and KV capacity per layout ->
+requests -> a simpy run of DP replicas behind a router (join the replica with the fewest
+outstanding requests) -> report. Static deployments run `replica.Replica` with the vllm or
+sarathi scheduler; re-sharding deployments run `seesaw.SeesawReplica`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import simpy
+
+from simulator.engine.trace import write_chrome_trace
+from simulator.errors import SpecError
+from simulator.serving.iteration import IterationModel
+from simulator.serving.kv_cache import BlockManager
+from simulator.serving.recorder import Recorder
+from simulator.serving.replica import Replica
+from simulator.serving.report import ServingReport, build_report
+from simulator.serving.schedulers import StaticScheduler
+from simulator.serving.seesaw import SeesawReplica
+from simulator.serving.sequence import Seq
+from simulator.serving.workload import Request, generate_requests
+from simulator.specs.catalog import load_cluster, load_deployment, load_model, load_workload
+from simulator.specs.hardware import GB, ClusterSpec, GiB
+from simulator.specs.model import TransformerSpec
+from simulator.specs.serving import DeploymentSpec, Parallel
+
+
+def check_layout(model: TransformerSpec, layout: Parallel, field: str) -> None:
+    heads, kv = model.num_attention_heads, model.num_kv_heads
+    if heads % layout.tp:
+        raise SpecError(f"{field}.tp", layout.tp, f"must divide num_attention_heads = {heads} of {model.name}")
+    if kv % layout.tp and layout.tp % kv:
+        raise SpecError(f"{field}.tp", layout.tp, f"must divide or be a multiple of num_kv_heads = {kv} of {model.name}")
+    if layout.pp > model.num_layers:
+        raise SpecError(f"{field}.pp", layout.pp, f"must be <= num_layers = {model.num_layers} of {model.name}")
+
+
+def kv_capacity_tokens(model: TransformerSpec, cluster: ClusterSpec, dep: DeploymentSpec,
+                       it: IterationModel, field: str) -> int:
+    """Tokens of KV one replica holds in this layout, after weights and activation workspace."""
+    m, t = model, it.layout.tp
+    workspace = 2.0 * dep.max_batched_tokens * (6 * m.hidden_size + 3 * m.ffn_hidden_size / t)
+    workspace += 4.0 * dep.max_num_seqs * m.vocab_size / t  # fp32 logits
+    free = cluster.device.memory_bytes * dep.gpu_memory_utilization - it.weight_bytes_per_device() - workspace
+    if free <= 0:
+        raise SpecError(field, it.layout.describe(), (
+            f"the weights ({it.weight_bytes_per_device() / GiB:.1f} GiB per device) and workspace do not fit in "
+            f"{dep.gpu_memory_utilization:.0%} of {cluster.device.memory_GiB:g} GiB: use more tensor or pipeline parallelism"))
+    return int(free // it.kv_bytes_per_token_per_device()) // dep.block_size * dep.block_size
+
+
+def check_deployment(model, cluster, dep: DeploymentSpec, requests: list[Request]) -> dict[str, int]:
+    check_layout(model, dep.prefill, "deployment.prefill")
+    check_layout(model, dep.decode, "deployment.decode")
+    if dep.num_devices != cluster.num_devices:
+        raise SpecError("deployment", f"dp={dep.dp} x {dep.devices_per_replica} devices",
+                        f"must use the {cluster.num_devices} devices of {cluster.name}")
+    longest = max(r.input_tokens + r.output_tokens for r in requests)
+    longest_prompt = max(r.input_tokens for r in requests)
+    caps = {}
+    for phase in ("prefill", "decode"):
+        layout = getattr(dep, phase)
+        caps[phase] = kv_capacity_tokens(model, cluster, dep, IterationModel(model, cluster, layout), f"deployment.{phase}")
+        if caps[phase] < longest:
+            raise SpecError(f"deployment.{phase}", layout.describe(), (
+                f"memory too small for one sequence: KV for {caps[phase]:,} tokens fits per replica, "
+                f"the longest request needs {longest:,}"))
+    if dep.scheduler == "vllm" and longest_prompt > dep.max_batched_tokens:
+        raise SpecError("deployment.max_batched_tokens", dep.max_batched_tokens,
+                        f"must be >= the longest prompt ({longest_prompt:,} tokens) without chunked prefill; "
+                        "raise it or use scheduler: sarathi")
+    return caps
+
+
+def _replicas(env, model, cluster, dep, caps, rec):
+    prefill = IterationModel(model, cluster, dep.prefill)
+    if dep.scheduler == "seesaw":
+        decode = IterationModel(model, cluster, dep.decode)
+        kv_per_token = 4.0 * model.head_dim * model.num_kv_heads * model.num_layers  # whole model, 16-bit
+        buffer_tokens = int(dep.cpu_kv_buffer_GB * GB // kv_per_token)
+        return [SeesawReplica(env, i, dep, prefill, decode, caps, buffer_tokens, cluster, rec) for i in range(dep.dp)]
+    out = []
+    for i in range(dep.dp):
+        cpu_blocks = int(dep.cpu_kv_buffer_GB * GB // (prefill.kv_bytes_per_token_per_device() * dep.block_size))
+        kv = BlockManager(caps["prefill"] // dep.block_size, dep.block_size, cpu_blocks)
+        out.append(Replica(env, i, StaticScheduler(dep, kv), prefill, rec, cluster.host_link_bytes_per_s()))
+    return out
+
+
+def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
+                     trace_path: str | Path | None = None) -> ServingReport:
+    """Serve `workload` with `deployment`. Each argument: spec, catalog name, path or mapping."""
+    model, cluster = load_model(model), load_cluster(cluster)
+    dep, wl = load_deployment(deployment), load_workload(workload)
+    requests = generate_requests(wl)
+    caps = check_deployment(model, cluster, dep, requests)
+    env, rec = simpy.Environment(), Recorder(trace=trace_path is not None)
+    replicas = _replicas(env, model, cluster, dep, caps, rec)
+    seqs = [Seq(r) for r in requests]
+
+    def arrivals():
+        for seq in seqs:
+            if seq.req.arrival_s > env.now:
+                yield env.timeout(seq.req.arrival_s - env.now)
+            min(replicas, key=lambda r: r.outstanding).submit(seq)
+
+    env.process(arrivals())
+    env.run()
+    stats = rec.stats()
+    stats["preemptions"] = sum(r.sched.preemptions for r in replicas if isinstance(r, Replica))
+    if trace_path is not None:
+        write_chrome_trace(rec.events, trace_path, f"{model.name} on {cluster.name}", process_label="replica")
+    return build_report(model, cluster, dep, wl, seqs, stats)
