@@ -1,0 +1,88 @@
+"""Serving validation: predicted vs published for the rows in validation/serving_*.csv.
+
+- TensorRT-LLM static batching (docs/source/performance.md, v0.5/v0.6.1, A100 fp16): output
+  tokens/s per GPU for a batch of fixed-length requests, and first-token latency of a lone
+  request. These check the per-iteration cost model. Llama (v1) 7B and 70B have the shapes
+  of the catalog's llama-2-7b and llama-2-70b (Llama-2-70B adds GQA; the published 70B rows
+  are Llama-2-70B class).
+- vLLM serving OPT-13B on one A100-80GB with ShareGPT requests arriving as a Poisson
+  process (DistServe artifact's ground truth): TTFT and TPOT percentiles and request
+  throughput. These check the scheduler and the KV capacity. Our requests come from the
+  `sharegpt-like` preset (published means, assumed spread), not the exact trace.
+Targets: median absolute error <= 15% on throughput, and on median latencies.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from simulator.serving.simulate import simulate_serving
+from simulator.validation import DATA_DIR, ValidationResult
+
+TARGETS = {"throughput": 0.15, "median latency": 0.15}
+TRT_MODELS = {"llama-7b": "llama-2-7b", "llama-70b": "llama-2-70b"}
+TRT_CLUSTER = {1: "1xa100-80gb", 4: "4xa100-80gb"}
+TRT_SOURCE = "TensorRT-LLM docs/source/performance.md (v0.5 / v0.6.1), A100 fp16"
+VLLM_SOURCE = "vLLM OPT-13B on A100-80GB, ShareGPT, Poisson (DistServe artifact ground truth)"
+
+
+def _row(id_, source, group, quantity, unit, predicted, measured):
+    return {"id": id_, "source": source, "group": group, "quantity": quantity, "unit": unit,
+            "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured}
+
+
+def _trt_rows(path: Path) -> list[dict]:
+    out = []
+    for r in csv.DictReader(open(path)):
+        tp, batch = int(r["tp"]), int(r["batch_size"])
+        inp, outp = int(r["input_len"]), int(r["output_len"])
+        model = TRT_MODELS[r["model"]]
+        workload = {"num_requests": batch, "input_tokens": {"distribution": "fixed", "value": inp},
+                    "output_tokens": {"distribution": "fixed", "value": outp}}
+        deployment = {"prefill": {"tp": tp}, "max_num_seqs": batch,
+                      "max_batched_tokens": max(inp, min(batch * inp, 16384))}
+        rep = simulate_serving(model, TRT_CLUSTER[tp], deployment, workload)
+        id_ = f"trt-{r['model']}-tp{tp}-b{batch}-{inp}x{outp}"
+        if r["metric"] == "output_throughput":
+            out.append(_row(id_, TRT_SOURCE, "throughput", "output tokens/s per GPU", "tok/s",
+                            rep.output_tokens_per_s / tp, float(r["value"])))
+        else:
+            out.append(_row(id_, TRT_SOURCE, "median latency", "first-token latency", "ms",
+                            rep.ttft_s["p50"] * 1e3, float(r["value"])))
+    return out
+
+
+def _vllm_rows(path: Path) -> list[dict]:
+    out = []
+    for r in csv.DictReader(open(path)):
+        rate, n = float(r["rate_req_per_s"]), int(r["num_requests"])
+        workload = {"num_requests": n, "preset": "sharegpt-like", "arrival": {"kind": "poisson", "rate_per_s": rate}}
+        deployment = {"prefill": {"tp": 1}, "max_batched_tokens": 4096}
+        rep = simulate_serving("opt-13b", "1xa100-80gb", deployment, workload)
+        id_ = f"vllm-opt13b-rate{r['rate_req_per_s']}"
+        pairs = [("ttft_p50_ms", "median latency", "TTFT p50", rep.ttft_s["p50"] * 1e3, "ms"),
+                 ("tpot_p50_ms", "median latency", "TPOT p50", rep.tpot_s["p50"] * 1e3, "ms"),
+                 ("ttft_p90_ms", "tail latency", "TTFT p90", rep.ttft_s["p90"] * 1e3, "ms"),
+                 ("tpot_p90_ms", "tail latency", "TPOT p90", rep.tpot_s["p90"] * 1e3, "ms"),
+                 ("throughput_req_per_s", "throughput", "requests/s", rep.requests_per_s, "req/s")]
+        for column, group, quantity, predicted, unit in pairs:
+            if r[column]:
+                out.append(_row(id_, VLLM_SOURCE, group, quantity, unit, predicted, float(r[column])))
+    return out
+
+
+def validate_serving(data_dir: str | Path | None = None) -> ValidationResult:
+    """Simulate every published serving row; median absolute error per group."""
+    d = Path(data_dir or DATA_DIR)
+    rows = _trt_rows(d / "serving_trtllm_a100.csv") + _vllm_rows(d / "serving_vllm_opt13b.csv")
+    summary = {}
+    for group in ("throughput", "median latency", "tail latency"):
+        errs = np.array([abs(r["error"]) for r in rows if r["group"] == group])
+        target = TARGETS.get(group)
+        summary[group] = {"median_abs_error": float(np.median(errs)), "max": float(errs.max()),
+                          "target": target, "passed": None if target is None else bool(np.median(errs) <= target),
+                          "n": int(errs.size)}
+    return ValidationResult(rows, summary)
