@@ -22,7 +22,9 @@ from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan, validate_plan
 
-__all__ = ["ENGINES", "Approximations", "LaunchFile", "emit_launch_configs", "render"]
+__all__ = [
+    "ENGINES", "Approximations", "LaunchFile", "emit_launch_configs", "render", "write_atomic",
+]
 
 ENGINES = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm")
 
@@ -79,12 +81,13 @@ def emit_launch_configs(
     written = []
     for f in files:
         path = out / f.path
-        _write_atomic(path, f.text, 0o755 if f.executable else 0o644)
+        write_atomic(path, f.text, 0o755 if f.executable else 0o644)
         written.append(replace(f, path=path))
     return written
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
+def write_atomic(path: Path, text: str, mode: int) -> None:
+    """Write `text` to `path` with `mode` through a temporary file beside it and os.replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

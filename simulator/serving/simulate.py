@@ -27,17 +27,7 @@ from simulator.serving.workload import Request, generate_requests
 from simulator.specs.catalog import load_cluster, load_deployment, load_model, load_workload
 from simulator.specs.hardware import GB, ClusterSpec, GiB
 from simulator.specs.model import TransformerSpec
-from simulator.specs.serving import DeploymentSpec, Parallel
-
-
-def check_layout(model: TransformerSpec, layout: Parallel, field: str) -> None:
-    heads, kv = model.num_attention_heads, model.num_kv_heads
-    if heads % layout.tp:
-        raise SpecError(f"{field}.tp", layout.tp, f"must divide num_attention_heads = {heads} of {model.name}")
-    if kv % layout.tp and layout.tp % kv:
-        raise SpecError(f"{field}.tp", layout.tp, f"must divide or be a multiple of num_kv_heads = {kv} of {model.name}")
-    if layout.pp > model.num_layers:
-        raise SpecError(f"{field}.pp", layout.pp, f"must be <= num_layers = {model.num_layers} of {model.name}")
+from simulator.specs.serving import DeploymentSpec, validate_deployment
 
 
 def kv_capacity_tokens(model: TransformerSpec, cluster: ClusterSpec, dep: DeploymentSpec,
@@ -55,11 +45,7 @@ def kv_capacity_tokens(model: TransformerSpec, cluster: ClusterSpec, dep: Deploy
 
 
 def check_deployment(model, cluster, dep: DeploymentSpec, requests: list[Request]) -> dict[str, int]:
-    check_layout(model, dep.prefill, "deployment.prefill")
-    check_layout(model, dep.decode, "deployment.decode")
-    if dep.num_devices != cluster.num_devices:
-        raise SpecError("deployment", f"dp={dep.dp} x {dep.devices_per_replica} devices",
-                        f"must use the {cluster.num_devices} devices of {cluster.name}")
+    validate_deployment(dep, model, cluster)
     longest = max(r.input_tokens + r.output_tokens for r in requests)
     longest_prompt = max(r.input_tokens for r in requests)
     caps = {}

@@ -11,7 +11,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from simulator.errors import SpecError
 from simulator.specs.base import Spec
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.model import TransformerSpec
 
 
 class Parallel(Spec):
@@ -128,3 +131,23 @@ class WorkloadSpec(Spec):
         if sources[2] and (self.input_tokens is None or self.output_tokens is None):
             raise ValueError("output_tokens: input_tokens and output_tokens go together")
         return self
+
+
+def validate_deployment(deployment: DeploymentSpec, model: TransformerSpec, cluster: ClusterSpec) -> None:
+    """Checks that need the model and the cluster. Raises SpecError naming the field."""
+    heads, kv, ffn = model.num_attention_heads, model.num_kv_heads, model.ffn_hidden_size
+    for phase in ("prefill", "decode"):
+        layout: Parallel = getattr(deployment, phase)
+        tp, field = layout.tp, f"deployment.{phase}.tp"
+        if heads % tp:
+            raise SpecError(field, tp, f"must divide num_attention_heads = {heads} of {model.name}")
+        if kv % tp and tp % kv:  # engines replicate KV heads when tp > kv, evenly only
+            raise SpecError(field, tp, f"must divide or be a multiple of num_kv_heads = {kv} of {model.name}")
+        if ffn % tp:
+            raise SpecError(field, tp, f"must divide ffn_hidden_size = {ffn} of {model.name}")
+        if layout.pp > model.num_layers:
+            raise SpecError(f"deployment.{phase}.pp", layout.pp,
+                            f"must be <= num_layers = {model.num_layers} of {model.name}")
+    if deployment.num_devices != cluster.num_devices:
+        raise SpecError("deployment", f"dp={deployment.dp} x {deployment.devices_per_replica} devices",
+                        f"must use the {cluster.num_devices} devices of {cluster.name}")

@@ -1,0 +1,139 @@
+"""vLLM: `vllm_serve.sh`, one `vllm serve` command running a deployment's static layout.
+
+vLLM expresses tensor and pipeline parallelism, data-parallel replicas (V1 engine, 0.8 and
+later), the batch limits, the KV block size, the memory fraction and Sarathi-style chunked
+prefill directly. What it cannot express is recorded: re-sharding between prefill and decode
+and the Seesaw scheduler, a CPU KV buffer, swap preemption (the V1 engine only recomputes),
+block sizes its kernels do not offer, and a batch token limit below the context length
+without chunked prefill.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from executor.launch.base import Approximations, LaunchFile
+from executor.launch.serving import Flag, flag, gib, nodes_used, serving_script, static_layout
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.model import TransformerSpec
+from simulator.specs.serving import DeploymentSpec, Parallel
+
+ENGINE = "vllm"
+FILE = "vllm_serve.sh"
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # --block-size choices on CUDA
+DEFAULT_SWAP_GiB = 4.0  # vLLM's --swap-space default, per GPU
+
+
+def write(
+    model: TransformerSpec,
+    cluster: ClusterSpec,
+    deployment: DeploymentSpec,
+    model_path: str | None = None,
+) -> list[LaunchFile]:
+    approx = Approximations("vLLM")
+    layout = static_layout(deployment, approx)
+    args = [
+        *_parallel_args(cluster, deployment, layout),
+        *_scheduler_args(model, deployment, approx),
+        *_memory_args(deployment, layout, approx),
+    ]
+    notes = []
+    nodes = nodes_used(cluster, deployment)
+    if nodes > 1:
+        notes.append(
+            f"The deployment spans {nodes} nodes: start a Ray cluster over them first "
+            "(`ray start --head` on this node, `ray start --address=HEAD:6379` on the others) "
+            "and run this script on the head node only."
+        )
+    text = serving_script(
+        "vLLM (vllm serve)", model, cluster, deployment, approx,
+        'vllm serve "$MODEL"', args, model_path, notes,
+    )
+    return [LaunchFile(ENGINE, Path(FILE), text, list(approx), executable=True)]
+
+
+def _parallel_args(cluster: ClusterSpec, deployment: DeploymentSpec, layout: Parallel) -> list[Flag]:
+    dp = deployment.dp
+    args = [flag("--tensor-parallel-size", layout.tp), flag("--pipeline-parallel-size", layout.pp)]
+    if dp > 1:
+        args.append(flag(
+            "--data-parallel-size", dp,
+            note=f"Needs vLLM >= 0.8 (V1 engine): {dp} replicas behind this one server. With an "
+                 f"older vLLM, start {dp} servers on disjoint CUDA_VISIBLE_DEVICES behind a "
+                 "load balancer instead.",
+        ))
+    if layout.devices > cluster.devices_per_node:
+        args.append(flag("--distributed-executor-backend", "ray",
+                         note="A replica spans nodes: its ranks are placed through Ray."))
+    if dp > 1 and nodes_used(cluster, deployment) > 1:
+        args.append(flag("--data-parallel-backend", "ray",
+                         note="Replicas on several nodes are placed through Ray (vLLM >= 0.10)."))
+    return args
+
+
+def _scheduler_args(
+    model: TransformerSpec, deployment: DeploymentSpec, approx: Approximations
+) -> list[Flag]:
+    """Batch limits and chunking: Sarathi chunks prefills, the vllm and seesaw schedulers do not."""
+    n, m, c = deployment.max_num_seqs, deployment.max_batched_tokens, deployment.chunk_size
+    args = [flag("--max-num-seqs", n)]
+    if deployment.scheduler == "sarathi":
+        note = (f"Sarathi's chunk of {c} tokens is vLLM's per-step token budget; vLLM counts the "
+                "step's decode tokens in it, so a step prefills up to that budget minus its decodes.")
+        if m != c:
+            note += f" The deployment's max_batched_tokens ({m}) is not written."
+        return [*args, flag("--enable-chunked-prefill"),
+                flag("--max-num-batched-tokens", c, note=note)]
+    if deployment.scheduler == "seesaw":
+        approx.add("vLLM has no Seesaw scheduler: wrote its nearest, whole-prompt prefill "
+                   "without chunking (--no-enable-chunked-prefill)")
+    args += [
+        flag("--no-enable-chunked-prefill",
+             note="Whole prompts are prefilled, as the simulated scheduler does (vLLM's V1 engine "
+                  "chunks by default; older releases spell this --enable-chunked-prefill False)."),
+        flag("--max-num-batched-tokens", m),
+    ]
+    if m < model.seq_length:  # vLLM refuses to start otherwise
+        args.append(flag("--max-model-len", m))
+        approx.add(
+            f"vLLM without chunked prefill needs --max-num-batched-tokens >= the context length: "
+            f"wrote --max-model-len {m}, below the model's {model.seq_length} tokens, so longer "
+            "prompts are rejected"
+        )
+    return args
+
+
+def _memory_args(
+    deployment: DeploymentSpec, layout: Parallel, approx: Approximations
+) -> list[Flag]:
+    block = deployment.block_size
+    if block not in BLOCK_SIZES:
+        block = min(BLOCK_SIZES, key=lambda b: (abs(b - deployment.block_size), b))
+        approx.add(f"vLLM offers KV blocks of {', '.join(map(str, BLOCK_SIZES))} tokens: "
+                   f"block_size {deployment.block_size} written as --block-size {block}")
+    args = [
+        flag("--block-size", block),
+        flag("--gpu-memory-utilization", f"{deployment.gpu_memory_utilization:g}"),
+        flag("--dtype", "float16",
+             note="float16 weights and KV cache: 2 bytes per value, as simulated (bfloat16 takes "
+                  "the same memory; use it for checkpoints trained in bfloat16)."),
+    ]
+    buffer_GB = deployment.cpu_kv_buffer_GB
+    if deployment.preemption == "swap":
+        if buffer_GB:
+            swap_GiB = gib(buffer_GB) / layout.devices
+            where = (f"the CPU KV buffer, {buffer_GB:g} GB per replica, over its "
+                     f"{layout.devices} GPU(s)")
+        else:
+            swap_GiB, where = DEFAULT_SWAP_GiB, "vLLM's default (the deployment has no CPU KV buffer)"
+        args.append(flag("--swap-space", f"{swap_GiB:.4g}",
+                         note=f"CPU swap space per GPU in GiB: {where}."))
+        approx.add(
+            "vLLM's V1 engine preempts only by recomputation (--preemption-mode went with the V0 "
+            f"engine): swap preemption is not selectable; --swap-space {swap_GiB:.4g} GiB per GPU "
+            "is written for the versions that still swap"
+        )
+    elif buffer_GB:
+        approx.add(f"vLLM has no CPU KV buffer to park requests in: cpu_kv_buffer_GB "
+                   f"{buffer_GB:g} not written (the KV cache lives on the GPUs only)")
+    return args
