@@ -1,4 +1,4 @@
-"""simtune's command line: `catalog`, `simulate train`, `tune train`, `validate train`.
+"""simtune's command line: `catalog`, `simulate train|serve`, `tune train`, `validate train|serve`.
 
 Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
 file of the same schema. Human output is rich tables on stdout. With `--json` a command prints
@@ -32,9 +32,11 @@ from simulator.errors import InfeasiblePlan, SpecError
 from simulator.specs.catalog import (
     catalog_names,
     load_cluster,
+    load_deployment,
     load_device,
     load_model,
     load_plan,
+    load_workload,
 )
 from simulator.training import TrainingReport, simulate_training
 from simulator.training.report import BREAKDOWN_KEYS
@@ -47,7 +49,7 @@ out = Console(highlight=False)              # tables; never used when --json is 
 err = Console(stderr=True, highlight=False)  # notes and errors
 
 app = typer.Typer(
-    help="Simulation-first performance modeling for distributed LLM training.",
+    help="Simulation-first performance modeling for distributed LLM training and serving.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -165,6 +167,8 @@ class Kind(StrEnum):
     clusters = "clusters"
     models = "models"
     plans = "plans"
+    deployments = "deployments"
+    workloads = "workloads"
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,34 @@ def _device_source(d: Any) -> str:
 
 def _schedule(p: Any) -> str:
     return f"{p.schedule} (v={p.virtual_stages})" if p.schedule == "interleaved" else p.schedule
+
+
+def _layout(layout: dict[str, int]) -> str:
+    return f"tp{layout['tp']} pp{layout['pp']}"
+
+
+def _arrival(arrival: Any) -> str:
+    """`offline`, or `poisson 2/s`."""
+    if arrival.kind_ == "poisson":
+        return f"poisson {arrival.rate_per_s:g}/s"
+    return arrival.kind_
+
+
+def _lengths(dist: Any) -> str:
+    if dist.distribution == "fixed":
+        return str(dist.value)
+    if dist.distribution == "uniform":
+        return f"uniform {dist.min}-{dist.max}"
+    return f"lognormal mean {dist.mean:g} σ {dist.sigma:g}"
+
+
+def _tokens(w: Any) -> str:
+    """Where a workload's lengths come from: its preset, its trace, or in/out distributions."""
+    if w.preset:
+        return w.preset
+    if w.trace:
+        return f"trace {w.trace}"
+    return f"in {_lengths(w.input_tokens)} / out {_lengths(w.output_tokens)}"
 
 
 CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
@@ -224,6 +256,21 @@ CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
         Column("zero_stage", "zero", lambda p: p.zero_stage),
         Column("recompute", "recompute", lambda p: p.recompute, numeric=False),
     ]),
+    "deployments": (load_deployment, [
+        Column("dp", "dp", lambda d: d.dp),
+        Column("prefill", "prefill", lambda d: d.prefill.to_dict(), _layout),
+        Column("decode", "decode", lambda d: d.decode.to_dict(), _layout),
+        Column("scheduler", "scheduler", lambda d: d.scheduler, numeric=False),
+        Column("max_num_seqs", "max seqs", lambda d: d.max_num_seqs),
+        Column("max_batched_tokens", "max tokens", lambda d: d.max_batched_tokens,
+               "{:,}".format),
+        Column("cpu_kv_buffer_GB", "CPU GB", lambda d: d.cpu_kv_buffer_GB, "{:g}".format),
+    ]),
+    "workloads": (load_workload, [
+        Column("num_requests", "requests", lambda w: w.num_requests, "{:,}".format),
+        Column("arrival", "arrival", lambda w: _arrival(w.arrival), numeric=False),
+        Column("tokens", "preset or lengths", _tokens, numeric=False),
+    ]),
 }
 
 
@@ -253,7 +300,8 @@ def catalog(
     kind: Annotated[Kind | None, typer.Option(help="Only this kind of spec.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """List the named specs: devices, clusters, models and training plans."""
+    """List the named specs: devices, clusters, models, training plans, serving deployments
+    and workloads."""
     kinds = [kind.value] if kind else list(CATALOG)
     data = {k: catalog_rows(k) for k in kinds}
     if as_json:
@@ -352,6 +400,77 @@ def simulate_train(
     if not report.feasible:
         reason = report.infeasible_reason or "does not fit"
         out.print(Text(f"infeasible: {reason}", style="bold red"))
+
+
+# --- simulate serve ------------------------------------------------------------------------
+
+
+def _deployment_summary(d: Any) -> str:
+    layout = (f"prefill {d.prefill.describe()} → decode {d.decode.describe()} (re-sharding)"
+              if d.resharding else f"{d.prefill.describe()} (static)")
+    parts = [f"dp {d.dp}", layout, f"scheduler {d.scheduler}"]
+    if d.cpu_kv_buffer_GB:
+        parts.append(f"CPU KV {d.cpu_kv_buffer_GB:g} GB")
+    return " · ".join(parts)
+
+
+def _workload_summary(w: Any) -> str:
+    return " · ".join([f"{w.num_requests:,} requests", _arrival(w.arrival), _tokens(w)])
+
+
+def _ms(p: dict[str, float]) -> str:
+    """p50 / p90 / p99 of a latency in seconds, shown in ms."""
+    values = [p.get(k, math.nan) for k in ("p50", "p90", "p99")]
+    return " / ".join(f"{v * 1e3:,.2f}" if math.isfinite(v) else "n/a" for v in values)
+
+
+def _serving_table(r: Any) -> Table:
+    table = _table(None, "metric", "value")
+    table.add_row("output tokens/s", f"{r.output_tokens_per_s:,.1f}")
+    table.add_row("total tokens/s", f"{r.total_tokens_per_s:,.1f}")
+    table.add_row("requests/s", f"{r.requests_per_s:,.3f}")
+    table.add_row("makespan", fmt_seconds(r.makespan_s))
+    table.add_row("TTFT p50 / p90 / p99 (ms)", _ms(r.ttft_s))
+    table.add_row("TPOT p50 / p90 / p99 (ms)", _ms(r.tpot_s))
+    table.add_row("preemptions", f"{r.preemptions:,}")
+    transitions = f"{r.transitions:,} ({fmt_seconds(r.transition_time_s)})" if r.transitions else "0"
+    table.add_row("transitions (time in them)", transitions)
+    table.add_row("KV utilization mean / max", f"{r.kv_utilization['mean']:.1%} / "
+                  f"{r.kv_utilization['max']:.1%}")
+    table.add_row("steps", " · ".join(f"{k} {n:,}" for k, n in r.steps.items()) or "0")
+    return table
+
+
+@simulate_app.command("serve")
+@handles_errors
+def simulate_serve(
+    model: ModelOption,
+    cluster: ClusterOption,
+    deployment: Annotated[str, typer.Option("--deployment", "-d",
+                                            help="Serving deployment: name or YAML path.")],
+    workload: Annotated[str, typer.Option("--workload", "-w",
+                                          help="Serving workload: name or YAML path.")],
+    as_json: JsonFlag = False,
+    trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
+) -> None:
+    """Predict serving a workload: throughput, TTFT/TPOT percentiles, KV use, transitions."""
+    from simulator.serving.simulate import simulate_serving
+
+    model_spec, cluster_spec = load_model(model), load_cluster(cluster)
+    dep_spec, wl_spec = load_deployment(deployment), load_workload(workload)
+    report = simulate_serving(model_spec, cluster_spec, dep_spec, wl_spec, trace_path=trace)
+    if trace is not None:
+        err.print(f"trace written to {escape(str(trace))} (open it in https://ui.perfetto.dev)")
+    if as_json:
+        print_json(report.to_dict())
+        return
+    out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
+              f"({cluster_spec.num_devices} x {escape(cluster_spec.device.name)})")
+    out.print(f"deployment [bold]{escape(dep_spec.name or deployment)}[/]: "
+              f"{escape(_deployment_summary(dep_spec))}", soft_wrap=True)
+    out.print(f"workload [bold]{escape(wl_spec.name or workload)}[/]: "
+              f"{escape(_workload_summary(wl_spec))}", soft_wrap=True)  # paths stay whole
+    out.print(_serving_table(report))
 
 
 # --- tune train ----------------------------------------------------------------------------
@@ -542,7 +661,11 @@ def tune_train(
     out.print(_search_table(result.search))
 
 
-# --- validate train ------------------------------------------------------------------------
+# --- validate train | serve ----------------------------------------------------------------
+
+StrictFlag = Annotated[
+    bool, typer.Option("--strict", help="Exit 1 if any group with a target misses it.")
+]
 
 
 def _quantity(row: dict[str, Any]) -> str:
@@ -550,10 +673,11 @@ def _quantity(row: dict[str, Any]) -> str:
     return f"{quantity} ({unit})" if unit and unit not in quantity else quantity
 
 
-def _error_cell(error: Any, target: float) -> Text:
+def _error_cell(error: Any, target: float | None) -> Text:
     if not isinstance(error, (int, float)):
         return Text("n/a")
-    return Text(f"{error:+.1%}", style="red" if abs(error) > target else "")
+    missed = target is not None and abs(error) > target
+    return Text(f"{error:+.1%}", style="red" if missed else "")
 
 
 def _validation_tables(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]]
@@ -576,30 +700,27 @@ def _validation_tables(rows: list[dict[str, Any]], summary: dict[str, dict[str, 
     return tables, sources
 
 
-def _validation_summary_table(summary: dict[str, dict[str, Any]]) -> Table:
-    table = _table("summary", "group", "n", "MAE", "max", "target", "result")
+def _verdict(passed: bool | None) -> Text:
+    if passed is None:
+        return Text("-")  # a group without a target is reported, never judged
+    return Text("PASS", style="green") if passed else Text("FAIL", style="bold red")
+
+
+def _validation_summary_table(summary: dict[str, dict[str, Any]], error_key: str,
+                              error_header: str) -> Table:
+    """n, the group's error statistic (`error_key`, e.g. mae), max, target and verdict."""
+    table = _table("summary", "group", "n", error_header, "max", "target", "result")
     for group, s in summary.items():
-        verdict = Text("PASS", style="green") if s["passed"] else Text("FAIL", style="bold red")
         worst = f"{s['max']:.1%}" if "max" in s else ""
-        table.add_row(escape(group), str(s.get("n", "")), f"{s['mae']:.1%}", worst,
-                      f"≤ {s['target']:.0%}", verdict)
+        target = "-" if s.get("target") is None else f"≤ {s['target']:.0%}"
+        table.add_row(escape(group), str(s.get("n", "")), f"{s[error_key]:.1%}", worst, target,
+                      _verdict(s.get("passed")))
     return table
 
 
-@validate_app.command("train")
-@handles_errors
-def validate_train(
-    as_json: JsonFlag = False,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Exit 1 if any group misses its target.")
-    ] = False,
-) -> None:
-    """Predict the published training measurements and report the errors per group."""
-    # Imported here so that the other commands never depend on the validation data.
-    from simulator.validation import validate_training
-
-    err.print("validating training predictions against published measurements ...")
-    result = validate_training()
+def report_validation(result: Any, as_json: bool, strict: bool, error_key: str,
+                      error_header: str) -> None:
+    """Print a ValidationResult (tables or JSON); with `strict`, exit 1 if a group failed."""
     if as_json:
         print_json(result.to_dict())
     else:
@@ -608,11 +729,32 @@ def validate_train(
             out.print(table)
         for i, source in enumerate(sources, 1):
             out.print(f"\\[{i}] {escape(source)}")
-        out.print(_validation_summary_table(result.summary))
-    failed = [g for g, s in result.summary.items() if not s["passed"]]
+        out.print(_validation_summary_table(result.summary, error_key, error_header))
+    failed = [g for g, s in result.summary.items() if s.get("passed") is False]
     if strict and failed:
         err.print(Text(f"failed: {', '.join(failed)}", style="bold red"))
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@validate_app.command("train")
+@handles_errors
+def validate_train(as_json: JsonFlag = False, strict: StrictFlag = False) -> None:
+    """Predict the published training measurements and report the errors per group."""
+    # Imported here so that the other commands never depend on the validation data.
+    from simulator.validation import validate_training
+
+    err.print("validating training predictions against published measurements ...")
+    report_validation(validate_training(), as_json, strict, "mae", "MAE")
+
+
+@validate_app.command("serve")
+@handles_errors
+def validate_serve(as_json: JsonFlag = False, strict: StrictFlag = False) -> None:
+    """Predict the published serving measurements (throughput, TTFT, TPOT) per group."""
+    from simulator.validation_serving import validate_serving
+
+    err.print("validating serving predictions against published measurements ...")
+    report_validation(validate_serving(), as_json, strict, "median_abs_error", "median abs error")
 
 
 if __name__ == "__main__":
