@@ -661,6 +661,83 @@ def tune_train(
     out.print(_search_table(result.search))
 
 
+# --- tune serve ---------------------------------------------------------------------------
+
+SERVING_ENGINES = ("vllm", "sglang")
+
+
+def _serving_engines(emit: str | None) -> list[str]:
+    names = [e.strip() for e in (emit or "").split(",") if e.strip()]
+    for name in names:
+        if name not in SERVING_ENGINES:
+            raise SpecError("emit", name, f"allowed: {', '.join(SERVING_ENGINES)}")
+    return names
+
+
+def _deployment_short(d: Any) -> str:
+    def lay(p: Any) -> str:
+        return f"tp{p.tp}pp{p.pp}"
+
+    layout = f"{lay(d.prefill)}→{lay(d.decode)}" if d.resharding else lay(d.prefill)
+    return f"dp{d.dp} {layout} {d.scheduler}"
+
+
+def _serving_comparison_table(result: Any) -> Table:
+    table = _table("static vs re-sharding", "", "deployment", "output tok/s", "TTFT p50 ms",
+                   "trans.", "vs static", numeric_from=2)
+    static = result.static.report.output_tokens_per_s if result.static else None
+    for family, best in (("static", result.static), ("re-sharding", result.resharding)):
+        if best is None:
+            table.add_row(family, "nothing fits", "-", "-", "-", "-")
+            continue
+        r = best.report
+        ratio = f"{r.output_tokens_per_s / static:.2f}x" if static else "-"
+        table.add_row(family, _deployment_short(best.deployment), f"{r.output_tokens_per_s:,.1f}",
+                      f"{r.ttft_s['p50'] * 1e3:,.1f}", f"{r.transitions:,}", ratio)
+    return table
+
+
+@tune_app.command("serve")
+@handles_errors
+def tune_serve(
+    model: ModelOption,
+    cluster: ClusterOption,
+    workload: Annotated[str, typer.Option("--workload", "-w", help="Serving workload: name or YAML path.")],
+    as_json: JsonFlag = False,
+    emit: Annotated[str | None, typer.Option(
+        metavar="ENGINES", help="Write launch commands of the static winner: vllm, sglang.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for --emit.")] = Path("simtune-launch"),
+    screen_requests: Annotated[int, typer.Option(min=1, help="Requests each candidate is screened on.")] = 300,
+) -> None:
+    """Find the best static deployment and the best re-sharding one, and their ratio."""
+    from executor.launch.serving import emit_serving_configs
+    from tuner.serving import tune_serving
+
+    engines = _serving_engines(emit)
+    model_spec, cluster_spec, wl_spec = load_model(model), load_cluster(cluster), load_workload(workload)
+    with SearchProgress() as progress:
+        result = tune_serving(model_spec, cluster_spec, wl_spec, screen_requests=screen_requests,
+                              progress=progress)
+    if engines and result.static:
+        files = emit_serving_configs(model_spec, cluster_spec, result.static.deployment, engines, out_dir)
+        for f in files:
+            err.print(f"wrote {escape(str(f.path))}")
+        for engine, sentence in dict.fromkeys((f.engine, s) for f in files for s in f.approximations):
+            err.print(Text(f"warning: {engine}: {sentence}", style="yellow"), soft_wrap=True)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
+              f"({cluster_spec.num_devices} x {escape(cluster_spec.device.name)}); workload "
+              f"{escape(_workload_summary(wl_spec))}", soft_wrap=True)
+    out.print(_serving_comparison_table(result))
+    s = result.search
+    out.print(f"searched {s['evaluated']:,} deployments ({s['infeasible']:,} pruned) in {s['seconds']:.1f} s, "
+              f"each screened on {s['screen_requests']:,} requests")
+    for p in result.pruned[:5]:
+        out.print(Text(f"pruned {p['deployment']}: {p['reason']}", style="dim"), soft_wrap=True)
+
+
 # --- validate train | serve ----------------------------------------------------------------
 
 StrictFlag = Annotated[

@@ -176,3 +176,25 @@ def test_validate_serve_real_run(cli):
     assert set(data["summary"]) == {"throughput", "median latency", "tail latency"}
     assert data["summary"]["tail latency"]["passed"] is None
     assert all({"predicted", "measured", "error", "source"} <= set(r) for r in data["rows"])
+
+
+def test_tune_serve_contract_and_emit(cli, tmp_path):
+    workload = write_yaml(tmp_path / "w.yaml", {
+        "num_requests": 40, "input_tokens": {"distribution": "fixed", "value": 256},
+        "output_tokens": {"distribution": "fixed", "value": 64}})
+    out_dir = tmp_path / "launch"
+    result = cli("tune", "serve", "--model", "llama-2-7b", "--cluster", "2xa100-80gb",
+                 "--workload", workload, "--json", "--emit", "vllm,sglang", "--out", out_dir)
+    data = one_json_object(result)
+    assert set(data) >= {"plan", "report", "baselines", "search", "resharding_over_static", "pruned"}
+    assert data["baselines"]["static"]["report"]["output_tokens_per_s"] > 0
+    assert data["search"]["evaluated"] == data["search"]["feasible"] + data["search"]["infeasible"]
+    assert {p.name for p in out_dir.iterdir()} >= {"vllm_serve.sh", "sglang_serve.sh", "deployment.yaml"}
+    static = yaml.safe_load((out_dir / "deployment.yaml").read_text())
+    assert static == data["baselines"]["static"]["plan"]  # the launch files are the static winner's
+
+
+def test_tune_serve_unknown_engine_exits_2(cli, small_workload):
+    result = cli("tune", "serve", "--model", "llama-2-7b", "--cluster", "1xa100-80gb",
+                 "--workload", small_workload, "--emit", "tgi")
+    assert result.exit_code == 2 and "emit" in result.stderr
