@@ -11,7 +11,9 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
 - a fixed per-step overhead (scheduling, sampling, launches; the device's
   `step_overhead_us`), without which small-batch decode would be far too fast.
 Pipeline parallel replicas split the batch into pp micro-batches that flow through the
-stages back to back (vLLM's virtual engines): each stage processes all of them per step.
+stages back to back (vLLM's virtual engines): each stage processes all of them per step,
+and a step lasts at least one micro-batch's trip through every stage (a lone prompt crosses
+pp stages one after another, so pp does not cut its latency).
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ class IterationModel:
         compute = flops / (dev.peak_flops * gemm_efficiency(dev, min(sequences, m.hidden_size)))
         return max(compute, 2.0 * m.hidden_size * m.vocab_size / t / self.hbm)
 
-    def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, int]:
-        """(time of the busiest stage, tokens) for one micro-batch."""
+    def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, float, int]:
+        """(one stage's layers time, the last stage's LM head time, tokens) for one micro-batch."""
         h, t = self.model.hidden_size, self.layout.tp
         tokens = sum(w.new_tokens for w in works)
         # causal attention: each new token attends to the context and the new tokens before it
@@ -98,7 +100,7 @@ class IterationModel:
         kv = self.kv_bytes_per_token * sum(w.context + w.new_tokens for w in works)
         layer = self._layer_s(tokens, attn, kv)
         logits = sum(w.logits for w in works)
-        return self.layers_per_stage * layer + self._lm_head_s(logits), tokens
+        return self.layers_per_stage * layer, self._lm_head_s(logits), tokens
 
     def step_s(self, works: list[Work]) -> float:
         """Time of one engine step over `works` (every sequence advances once)."""
@@ -106,14 +108,17 @@ class IterationModel:
             return 0.0
         pp = self.layout.pp
         groups = [works[i::pp] for i in range(pp)] if pp > 1 else [works]
-        total, max_tokens = 0.0, 0
+        # the last stage is busy for every micro-batch; with fewer micro-batches than stages,
+        # the slowest one's trip through all pp stages is longer than that
+        busy, trip, max_tokens = 0.0, 0.0, 0
         for group in groups:
             if group:
-                stage_s, tokens = self._micro_batch_stage_s(group)
-                total += stage_s
+                layers_s, head_s, tokens = self._micro_batch_stage_s(group)
+                busy += layers_s + head_s
+                trip = max(trip, pp * layers_s + head_s)
                 max_tokens = max(max_tokens, tokens)
         handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link))
-        return total + handoff + self.step_overhead_s
+        return max(busy, trip) + handoff + self.step_overhead_s
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

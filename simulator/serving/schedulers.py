@@ -9,6 +9,9 @@
   every step decodes all running sequences and fills the rest of a `chunk_size` token budget
   with prompt chunks, so prefills never stall decodes.
 A step is planned (`plan`), costed by the caller, then committed (`commit`) at its end time.
+With pipeline parallelism the replica runs pp micro-batches per step, each scheduled with
+its own budget as vLLM's virtual engines are: max_batched_tokens and max_num_seqs scale
+by pp (chunk_size too).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Step:
 class StaticScheduler:
     def __init__(self, deployment: DeploymentSpec, kv: BlockManager):
         self.dep, self.kv = deployment, kv
+        pp = deployment.prefill.pp  # static layouts: prefill == decode
+        self.max_seqs = deployment.max_num_seqs * pp
+        self.max_tokens = deployment.max_batched_tokens * pp
+        self.chunk = deployment.chunk_size * pp
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.swapped: deque[Seq] = deque()
@@ -64,7 +71,7 @@ class StaticScheduler:
 
     def _admit(self, budget: int) -> list[tuple[Seq, int]]:
         """Waiting sequences that fit: (seq, tokens to compute now), within `budget` tokens."""
-        out, seats = [], self.dep.max_num_seqs - len(self.running) - len(self.prefilling)
+        out, seats = [], self.max_seqs - len(self.running) - len(self.prefilling)
         while self.waiting and seats > len(out):
             seq = self.waiting[0]
             take = seq.prompt_len if self.dep.scheduler == "vllm" else min(seq.prompt_len, budget)
@@ -79,7 +86,7 @@ class StaticScheduler:
         return out
 
     def _plan_prefill(self) -> Step | None:
-        admitted = self._admit(self.dep.max_batched_tokens)
+        admitted = self._admit(self.max_tokens)
         if not admitted:
             return None
         seqs = [s for s, _ in admitted]
@@ -121,7 +128,7 @@ class StaticScheduler:
 
     def _plan_chunked(self) -> Step | None:
         decodes = self._make_room(list(self.running))
-        budget = max(0, self.dep.chunk_size - len(decodes))
+        budget = max(0, self.chunk - len(decodes))
         seqs, works, chunks = list(decodes), [Work(1, s.context, True) for s in decodes], [1] * len(decodes)
         for seq in list(self.prefilling):  # continue prompts already started
             take = min(seq.prompt_len - seq.prefilled, budget)

@@ -11,7 +11,8 @@ Design note. A replica alternates between two phases with different (tp, pp):
   prefetched on the copy stream while earlier sequences decode; a sequence decodes once
   its KV has arrived;
 - transition D -> P: weights are reloaded in the prefill layout.
-Transition-minimizing scheduling: switch to decode only when the CPU buffer is full or no
+As in the static schedulers, a pp-stage layout schedules pp micro-batches per step, each
+within max_batched_tokens and max_num_seqs. Transition-minimizing scheduling: switch to decode only when the CPU buffer is full or no
 request waits; switch back to prefill only when the buffer is empty and every buffered
 sequence has finished decoding. Each phase, copy and transition is a box in the trace.
 """
@@ -96,11 +97,12 @@ class SeesawReplica:
         model, dep = self.models["prefill"], self.dep
         while self.waiting:
             batch, tokens = [], 0
-            while self.waiting and len(batch) < dep.max_num_seqs:
+            while self.waiting and len(batch) < dep.max_num_seqs * dep.prefill.pp:
                 seq = self.waiting[0]
                 need = seq.prompt_len
-                if (batch and tokens + need > dep.max_batched_tokens) or tokens + need > self.capacity["prefill"] \
-                        or self.buffered + need > self.buffer_tokens:
+                if (batch and tokens + need > dep.max_batched_tokens * dep.prefill.pp) \
+                        or tokens + need > self.capacity["prefill"] \
+                        or self.buffered + tokens + need > self.buffer_tokens:
                     break
                 batch.append(self.waiting.popleft())
                 tokens += need
@@ -124,8 +126,9 @@ class SeesawReplica:
         running: list[tuple[float, Seq]] = []  # (KV ready time, seq)
         used = 0
         while self.buffer or running:
-            while self.buffer and len(running) < self.dep.max_num_seqs \
-                    and used + self.buffer[0].context + 1 <= KV_WATERMARK * cap:
+            # an idle GPU always takes one sequence (it fits: check_deployment), else it never decodes
+            while self.buffer and len(running) < self.dep.max_num_seqs * self.dep.decode.pp \
+                    and (not running or used + self.buffer[0].context + 1 <= KV_WATERMARK * cap):
                 seq = self.buffer.popleft()
                 self.buffered -= seq.context
                 used += seq.context

@@ -60,15 +60,28 @@ def check_deployment(model, cluster, dep: DeploymentSpec, requests: list[Request
         raise SpecError("deployment.max_batched_tokens", dep.max_batched_tokens,
                         f"must be >= the longest prompt ({longest_prompt:,} tokens) without chunked prefill; "
                         "raise it or use scheduler: sarathi")
+    if dep.scheduler == "seesaw" and cpu_buffer_tokens(model, dep) < longest_prompt:
+        # a prompt that never fits the buffer would stall the prefill phase forever
+        raise SpecError("deployment.cpu_kv_buffer_GB", dep.cpu_kv_buffer_GB, (
+            f"must hold the KV of the longest prompt ({longest_prompt:,} tokens = "
+            f"{longest_prompt * _kv_bytes_per_token(model) / GB:.2f} GB)"))
     return caps
+
+
+def _kv_bytes_per_token(model: TransformerSpec) -> float:
+    return 4.0 * model.head_dim * model.num_kv_heads * model.num_layers  # whole model, 16-bit
+
+
+def cpu_buffer_tokens(model: TransformerSpec, dep: DeploymentSpec) -> int:
+    """Tokens of KV the seesaw CPU buffer of one replica holds."""
+    return int(dep.cpu_kv_buffer_GB * GB // _kv_bytes_per_token(model))
 
 
 def _replicas(env, model, cluster, dep, caps, rec):
     prefill = IterationModel(model, cluster, dep.prefill)
     if dep.scheduler == "seesaw":
         decode = IterationModel(model, cluster, dep.decode)
-        kv_per_token = 4.0 * model.head_dim * model.num_kv_heads * model.num_layers  # whole model, 16-bit
-        buffer_tokens = int(dep.cpu_kv_buffer_GB * GB // kv_per_token)
+        buffer_tokens = cpu_buffer_tokens(model, dep)
         return [SeesawReplica(env, i, dep, prefill, decode, caps, buffer_tokens, cluster, rec) for i in range(dep.dp)]
     out = []
     for i in range(dep.dp):
@@ -97,6 +110,9 @@ def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
 
     env.process(arrivals())
     env.run()
+    unfinished = [s.id for s in seqs if s.finish_s is None]
+    if unfinished:  # a scheduler bug: every request must complete
+        raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[:5]})")
     stats = rec.stats()
     stats["preemptions"] = sum(r.sched.preemptions for r in replicas if isinstance(r, Replica))
     if trace_path is not None:
