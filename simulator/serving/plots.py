@@ -138,15 +138,25 @@ def phase_summary(events: Any, replica: int = 0) -> dict[str, float]:
 
 # --- latency CDFs ------------------------------------------------------------------------------
 
+def _minor_log_label(x: float, _pos) -> str:
+    """Label the 2s and 5s between decades of a log axis, leave the other minor ticks bare."""
+    mantissa = x / 10 ** math.floor(math.log10(x)) if x > 0 else 0
+    return f"{x:g}" if min(abs(mantissa - 2), abs(mantissa - 5)) < 1e-6 else ""
+
+
 def latency_cdfs(reports: Mapping[str, ServingReport], axes=None):
-    """TTFT and TPOT CDFs of several runs, one line per run (logarithmic time axes)."""
+    """TTFT and TPOT CDFs of several runs, one line per run (TTFT on a logarithmic axis: its
+    tail under load spans orders of magnitude)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(10, 3.2))[1]
     for name, report in reports.items():
         report.plot_latency_cdf(axes, label=name)
+    axes[0].set_xscale("log")
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    axes[0].xaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
     for a in axes:
-        a.set_xscale("log")
         a.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return axes
