@@ -5,9 +5,9 @@
    schedulers, and re-sharding ones (seesaw) for every pair of different prefill and decode
    layouts of the same replica size, with the CPU memory left after the host copy of the
    weights as KV buffer.
-2. Screen every candidate on a sample of the workload: at least `screen_requests`, and
-   enough to fill every batch slot of the candidate once; candidates that do not fit are
-   pruned with the simulator's reason.
+2. Screen every candidate on one sample of the workload: at least `screen_requests`, and
+   enough to fill every batch slot of the largest candidate once; candidates that do not
+   fit are pruned with the simulator's reason.
 3. Re-simulate the best few of each family on the whole workload and keep the fastest.
 The static winner is what the best vLLM configuration would be: the baseline.
 """
@@ -117,10 +117,12 @@ def _describe(dep: DeploymentSpec) -> str:
     return f"dp{dep.dp} {lay} {dep.scheduler}"
 
 
-def _sample(wl: WorkloadSpec, dep: DeploymentSpec, screen_requests: int) -> WorkloadSpec:
-    """The workload's first requests, enough to fill every batch slot of the deployment once:
-    a sample that drains before large deployments fill up would favour small ones."""
-    slots = dep.dp * dep.max_num_seqs * max(dep.prefill.pp, dep.decode.pp)
+def _sample(wl: WorkloadSpec, cands: list[DeploymentSpec], screen_requests: int) -> WorkloadSpec:
+    """The workload's first requests, one sample for every candidate (throughputs measured on
+    different request counts would not compare), large enough to fill every batch slot of
+    the largest candidate once: a sample that drains before large deployments fill up would
+    favour small ones."""
+    slots = max(d.dp * d.max_num_seqs * max(d.prefill.pp, d.decode.pp) for d in cands)
     return wl.model_copy(update={"num_requests": min(wl.num_requests, max(screen_requests, slots))})
 
 
@@ -129,9 +131,9 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
     model, cluster, wl = load_model(model), load_cluster(cluster), load_workload(workload)
     start = time.perf_counter()
     cands = candidates(model, cluster)
+    sample = _sample(wl, cands, screen_requests)
     screened, pruned = [], []
     for n, dep in enumerate(cands):
-        sample = _sample(wl, dep, screen_requests)
         try:
             screened.append((simulate_serving(model, cluster, dep, sample).output_tokens_per_s, dep))
         except (SpecError, InfeasiblePlan) as err:
@@ -153,7 +155,7 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
     seconds = time.perf_counter() - start
     search = {"evaluated": len(cands), "feasible": len(screened), "infeasible": len(pruned),
               "seconds": seconds, "evaluations_per_s": len(cands) / max(seconds, 1e-9),
-              "screen_requests": screen_requests}
+              "screen_requests": sample.num_requests}
     return ServingTuneResult(best["static"], best["resharding"], pruned, search)
 
 
