@@ -222,8 +222,9 @@ def markdown(result: dict) -> str:
         "",
         f"Simulated output tokens/s of the best static deployment (vLLM- or Sarathi-style scheduler) and "
         f"the best re-sharding (Seesaw-style) deployment found by `tune_serving` "
-        f"(run {result['timestamp']}{', --quick' if result['quick'] else ''}; screened on "
-        f"{result['grid']['screen_requests']} requests, finalists re-simulated on the whole workload). "
+        f"(run {result['timestamp']}{', --quick' if result['quick'] else ''}; each case screened on at least "
+        f"{result['grid']['screen_requests']} requests, and on enough to fill the largest candidate's batch slots; "
+        "finalists re-simulated on the whole workload). "
         "Ratio = re-sharding / static; trans. = re-sharding transitions in the run; pruned = candidates "
         "that do not fit.",
         "",
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(run_case(model, cluster, workload, args.screen_requests))
     means = mean_ratios(rows)
     print(f"(b) Seesaw grid (simulated output tokens/s; ratio = re-sharding / static; "
-          f"screened on {args.screen_requests} requests)")
+          f"screened on at least {args.screen_requests} requests)")
     print_grid(rows, means)
     flags = findings(rows)
     print("\nlooks wrong / worth a look:" if flags else "\nnothing flagged")
