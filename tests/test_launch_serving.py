@@ -220,10 +220,10 @@ def test_approximations_name_resharding_and_only_then(engine, name):
 
 def test_swap_preemption_is_recorded():
     model, cluster = load_model("llama-2-13b"), load_cluster("4xl4")
-    deployment = DeploymentSpec.parse({"prefill": {"tp": 4}, "preemption": "swap"})
+    deployment = DeploymentSpec.parse({"prefill": {"tp": 4}, "preemption": "swap", "cpu_kv_buffer_GB": 16})
     vllm = render_serving(model, cluster, deployment, ["vllm"])[0]
     assert any("swap preemption is not selectable" in a for a in vllm.approximations)
-    assert "    --swap-space 4\n" in vllm.text  # vLLM's default: no CPU KV buffer given
+    assert "    --swap-space 3.725\n" in vllm.text  # the 16 GB buffer over 4 GPUs, in GiB
     sglang = approximations(model, cluster, deployment, "sglang")
     assert any("SGLang has no swap preemption" in a for a in sglang)
 

@@ -145,7 +145,8 @@ def test_memory_tight_run_preempts_within_the_pool_and_finishes(serve, kv_manage
 def two_requests_in_five_blocks(preemption: str, cpu_blocks: int = 0):
     """Two 8-token prompts with 8 tokens to generate, KV blocks of 4 tokens, room for 5 blocks."""
     kv = BlockManager(num_gpu_blocks=5, block_size=4, num_cpu_blocks=cpu_blocks, watermark=0.0)
-    sched = StaticScheduler(DeploymentSpec(preemption=preemption, block_size=4), kv)
+    buffer_gb = 1.0 if preemption == "swap" else 0.0  # swap needs CPU space; kv's CPU pool sets it here
+    sched = StaticScheduler(DeploymentSpec(preemption=preemption, block_size=4, cpu_kv_buffer_GB=buffer_gb), kv)
     a, b = (Seq(Request(i, 0.0, 8, 8)) for i in range(2))
     sched.add(a)
     sched.add(b)
@@ -396,3 +397,8 @@ def test_seesaw_trace_shows_transitions_and_kv_copies(tmp_path):
     copies = {e["name"] for e in boxes if e["cat"] == "kv"}
     assert {"prefill", "decode", "to decode", "to prefill"} <= compute
     assert copies == {"kv to cpu", "kv to gpu"}
+
+
+def test_swap_preemption_without_cpu_space_is_an_error():
+    with pytest.raises(SpecError, match=r"deployment.cpu_kv_buffer_GB = 0.0: swap preemption needs CPU swap space"):
+        DeploymentSpec.parse({"preemption": "swap"})

@@ -21,7 +21,6 @@ from simulator.specs.serving import DeploymentSpec, Parallel
 ENGINE = "vllm"
 FILE = "vllm_serve.sh"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # --block-size choices on CUDA
-DEFAULT_SWAP_GiB = 4.0  # vLLM's --swap-space default, per GPU
 
 
 def write(
@@ -120,12 +119,9 @@ def _memory_args(
     ]
     buffer_GB = deployment.cpu_kv_buffer_GB
     if deployment.preemption == "swap":
-        if buffer_GB:
-            swap_GiB = gib(buffer_GB) / layout.devices
-            where = (f"the CPU KV buffer, {buffer_GB:g} GB per replica, over its "
-                     f"{layout.devices} GPU(s)")
-        else:
-            swap_GiB, where = DEFAULT_SWAP_GiB, "vLLM's default (the deployment has no CPU KV buffer)"
+        # the deployment spec requires a CPU buffer for swap preemption
+        swap_GiB = gib(buffer_GB) / layout.devices
+        where = f"the CPU KV buffer, {buffer_GB:g} GB per replica, over its {layout.devices} GPU(s)"
         args.append(flag("--swap-space", f"{swap_GiB:.4g}",
                          note=f"CPU swap space per GPU in GiB: {where}."))
         approx.add(

@@ -60,6 +60,9 @@ class DeploymentSpec(Spec):
             raise ValueError(f"scheduler: different prefill and decode layouts need 'seesaw', not {self.scheduler!r}")
         if self.scheduler == "seesaw" and self.cpu_kv_buffer_GB <= 0:
             raise ValueError("cpu_kv_buffer_GB: the seesaw scheduler needs a CPU KV buffer > 0")
+        if self.preemption == "swap" and self.cpu_kv_buffer_GB <= 0:
+            raise ValueError("cpu_kv_buffer_GB: swap preemption needs CPU swap space > 0 "
+                             "(when it is full, a victim is preempted by recompute instead)")
         return self
 
     @property
