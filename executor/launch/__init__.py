@@ -75,7 +75,11 @@ def emit_launch_configs(
 
     Unknown engine names raise SpecError before anything is written.
     """
-    files = render(model, cluster, plan, engines, script)
+    return write_files(render(model, cluster, plan, engines, script), out_dir)
+
+
+def write_files(files: list[LaunchFile], out_dir: str | Path) -> list[LaunchFile]:
+    """Write rendered files into `out_dir` atomically; return them with their final paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

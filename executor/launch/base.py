@@ -100,28 +100,24 @@ def plan_summary(plan: TrainingPlan, model: TransformerSpec) -> str:
     return ", ".join(parts)
 
 
-def header(
-    title: str,
-    model: TransformerSpec,
-    cluster: ClusterSpec,
-    plan: TrainingPlan,
-    approx: Approximations | None,
-    prefix: str = "# ",
-) -> str:
-    """The comment block every file opens with: what wrote it, for what, and what it approximates."""
+def comment_block(title: str, model: TransformerSpec, cluster: ClusterSpec, subject: str, summary: str,
+                  approx: Approximations | None, prefix: str = "# ") -> str:
+    """The comment block every launch file opens with: what wrote it, for what `subject`
+    ("plan" or "deployment", with its name and `summary`), and what it approximates."""
     lines = [
         f"simtune launch configuration for {title}",
         f"model {model.name}; cluster {cluster.name} "
         f"({cluster.num_nodes} node(s) x {cluster.devices_per_node} {cluster.device.name})",
-        f"plan {plan.name or '(unnamed)'}: {plan_summary(plan, model)}",
+        f"{subject}: {summary}",
     ]
+    kind = subject.split()[0]
     if approx is not None:
         lines.append("")
         if approx:
-            lines.append(f"Approximations (plan features {approx.engine} cannot express):")
+            lines.append(f"Approximations ({kind} features {approx.engine} cannot express):")
             lines += [f"  - {s}" for s in approx]
         else:
-            lines.append("Every plan feature is expressed exactly.")
+            lines.append(f"Every {kind} feature is expressed exactly.")
     wrapped: list[str] = []
     for line in lines:
         indent = "    " if line.startswith("  - ") else "  "
@@ -130,6 +126,13 @@ def header(
         ) or [""]
     wrapped.append("")  # an empty comment line sets the header apart from what follows
     return "\n".join((prefix + w).rstrip() for w in wrapped) + "\n"
+
+
+def header(title: str, model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan,
+           approx: Approximations | None, prefix: str = "# ") -> str:
+    """`comment_block` for a training plan."""
+    return comment_block(title, model, cluster, f"plan {plan.name or '(unnamed)'}",
+                         plan_summary(plan, model), approx, prefix)
 
 
 def _listing(values: Sequence) -> str:

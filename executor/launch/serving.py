@@ -21,13 +21,13 @@ import math
 import shlex
 import textwrap
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from executor.launch import write_atomic
-from executor.launch.base import Approximations, LaunchFile
+from executor.launch import write_files
+from executor.launch.base import Approximations, LaunchFile, comment_block
 from simulator.errors import SpecError
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
@@ -109,28 +109,11 @@ def deployment_summary(deployment: DeploymentSpec) -> str:
     return ", ".join(parts)
 
 
-def serving_header(
-    title: str,
-    model: TransformerSpec,
-    cluster: ClusterSpec,
-    deployment: DeploymentSpec,
-    approx: Approximations | None,
-) -> str:
-    """The comment block every file opens with, in base.header's layout, for a deployment."""
-    lines = [
-        f"simtune launch configuration for {title}",
-        f"model {model.name}; cluster {cluster.name} "
-        f"({cluster.num_nodes} node(s) x {cluster.devices_per_node} {cluster.device.name})",
-        f"deployment {deployment.name or '(unnamed)'}: {deployment_summary(deployment)}",
-    ]
-    if approx is not None:
-        lines.append("")
-        if approx:
-            lines.append(f"Approximations (deployment features {approx.engine} cannot express):")
-            lines += [f"  - {s}" for s in approx]
-        else:
-            lines.append("Every deployment feature is expressed exactly.")
-    return "".join(comment(line) for line in lines) + "#\n"
+def serving_header(title: str, model: TransformerSpec, cluster: ClusterSpec, deployment: DeploymentSpec,
+                   approx: Approximations | None) -> str:
+    """`base.comment_block` for a deployment."""
+    return comment_block(title, model, cluster, f"deployment {deployment.name or '(unnamed)'}",
+                         deployment_summary(deployment), approx)
 
 
 def comment(text: str, indent: str = "") -> str:
@@ -222,12 +205,4 @@ def emit_serving_configs(
     Returns the files with their final paths. Unknown engine names and deployments that do
     not fit the model or cluster raise SpecError before anything is written.
     """
-    files = render_serving(model, cluster, deployment, engines, model_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for f in files:
-        path = out / f.path
-        write_atomic(path, f.text, 0o755 if f.executable else 0o644)
-        written.append(replace(f, path=path))
-    return written
+    return write_files(render_serving(model, cluster, deployment, engines, model_path), out_dir)
