@@ -24,6 +24,7 @@ from simulator.specs.plan import TrainingPlan, validate_plan
 
 __all__ = [
     "ENGINES", "Approximations", "LaunchFile", "emit_launch_configs", "render", "write_atomic",
+    "write_files",
 ]
 
 ENGINES = ("megatron", "torchtitan", "deepspeed", "torchrun", "slurm")
