@@ -7,8 +7,11 @@
   are Llama-2-70B class).
 - vLLM serving OPT-13B on one A100-80GB with ShareGPT requests arriving as a Poisson
   process (DistServe artifact's ground truth): TTFT and TPOT percentiles and request
-  throughput. These check the scheduler and the KV capacity. Our requests come from the
-  `sharegpt-like` preset (published means, assumed spread), not the exact trace.
+  throughput. These check the scheduler and the KV capacity. The requests replayed are the
+  measured runs' own (arrival, prompt and output lengths per request, transcribed from the
+  artifact's records into validation/traces/), and the deployment is the artifact's vLLM
+  configuration (block 16, GPU memory utilization 0.92, 65,536 batched tokens, 1,024
+  sequences, 16 GiB swap space).
 Targets: median absolute error <= 15% on throughput, and on median latencies.
 """
 
@@ -56,11 +59,13 @@ def _trt_rows(path: Path) -> list[dict]:
 
 
 def _vllm_rows(path: Path) -> list[dict]:
-    out = []
+    out, d = [], path.parent
     for r in csv.DictReader(open(path)):
-        rate, n = float(r["rate_req_per_s"]), int(r["num_requests"])
-        workload = {"num_requests": n, "preset": "sharegpt-like", "arrival": {"kind": "poisson", "rate_per_s": rate}}
-        deployment = {"prefill": {"tp": 1}, "max_batched_tokens": 4096}
+        n = int(r["num_requests"])
+        trace = d / "traces" / f"distserve_vllm_opt13b_{n}_{r['rate_req_per_s']}.csv"
+        workload = {"num_requests": n, "trace": str(trace)}
+        deployment = {"prefill": {"tp": 1}, "block_size": 16, "gpu_memory_utilization": 0.92,
+                      "max_batched_tokens": 65536, "max_num_seqs": 1024}
         rep = simulate_serving("opt-13b", "1xa100-80gb", deployment, workload)
         id_ = f"vllm-opt13b-rate{r['rate_req_per_s']}"
         pairs = [("ttft_p50_ms", "median latency", "TTFT p50", rep.ttft_s["p50"] * 1e3, "ms"),
