@@ -504,14 +504,15 @@ class SearchProgress:
         self.bar.update(self.rows[stage], completed=done, total=total)
 
 
-def _engines(emit: str | None) -> list[str]:
+def _engines(emit: str | None, allowed: tuple[str, ...] | None = None) -> list[str]:
     """The engine names of `--emit a,b`, checked before the search so a typo costs no time."""
-    from executor.launch import ENGINES
+    if allowed is None:
+        from executor.launch import ENGINES as allowed
 
     names = [e.strip() for e in (emit or "").split(",") if e.strip()]
     for name in names:
-        if name not in ENGINES:
-            raise SpecError("emit", name, f"allowed: {', '.join(ENGINES)}")
+        if name not in allowed:
+            raise SpecError("emit", name, f"allowed: {', '.join(allowed)}")
     return names
 
 
@@ -666,14 +667,6 @@ def tune_train(
 SERVING_ENGINES = ("vllm", "sglang")
 
 
-def _serving_engines(emit: str | None) -> list[str]:
-    names = [e.strip() for e in (emit or "").split(",") if e.strip()]
-    for name in names:
-        if name not in SERVING_ENGINES:
-            raise SpecError("emit", name, f"allowed: {', '.join(SERVING_ENGINES)}")
-    return names
-
-
 def _deployment_short(d: Any) -> str:
     def lay(p: Any) -> str:
         return f"tp{p.tp}pp{p.pp}"
@@ -713,7 +706,7 @@ def tune_serve(
     from executor.launch.serving import emit_serving_configs
     from tuner.serving import tune_serving
 
-    engines = _serving_engines(emit)
+    engines = _engines(emit, SERVING_ENGINES)
     model_spec, cluster_spec, wl_spec = load_model(model), load_cluster(cluster), load_workload(workload)
     with SearchProgress() as progress:
         result = tune_serving(model_spec, cluster_spec, wl_spec, screen_requests=screen_requests,
