@@ -20,25 +20,21 @@ table (benchmarks/results/serving.md) generated from that JSON.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from bench_training_sim import machine_info
-from bench_training_tuner import md_escape, timed, write_text_atomic
+import common
+from common import md_escape, timed
 
 from simulator.errors import InfeasiblePlan, SpecError
 from simulator.serving.simulate import simulate_serving
 from simulator.specs.serving import DeploymentSpec
 from tuner.serving import ServingTuneResult, tune_serving
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serving.json"
+DEFAULT_OUT = common.RESULTS / "serving.json"
 
 SPEED = {"model": "llama-2-70b", "cluster": "4xa100-80gb", "deployment": "vllm-tp4", "preset": "sharegpt-like"}
 SPEED_REQUESTS = {"large": 10_000, "baseline": 1_000}
@@ -248,19 +244,13 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions; first 2 cases, sharegpt only")
+    parser = common.parser(__doc__.splitlines()[0], "fewer repetitions; first 2 cases, sharegpt only",
+                           DEFAULT_OUT)
     parser.add_argument("--screen-requests", type=int, default=SCREEN_REQUESTS,
                         help="requests per screening simulation in tune_serving")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
-    parser.add_argument("--markdown-only", action="store_true", help="regenerate the .md from the JSON and exit")
     args = parser.parse_args(argv)
-    md_path = args.out.with_suffix(".md")
     if args.markdown_only:
-        result = json.loads(args.out.read_text())
-        write_text_atomic(markdown(result), md_path)
-        print(f"wrote {md_path}")
-        return result
+        return common.rewrite_markdown(args.out, markdown)
 
     reps = {k: v[1] if args.quick else v[0] for k, v in REPS.items()}
     speed = bench_speed(reps)
@@ -284,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "serving",
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": machine_info(),
+        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
         "speed": speed,
         "grid": {"cases": CASES, "workloads": WORKLOADS if not args.quick else ["sharegpt-like"],
                  "screen_requests": args.screen_requests, "rows": rows, "mean_ratios": means,
@@ -292,9 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "seesaw_published_note": "Seesaw (Su et al., MLSys'25) speedups over vLLM measured on real "
                                           "hardware; a reference, not a result of this benchmark"},
     }
-    write_text_atomic(json.dumps(result, indent=2) + "\n", args.out)
-    write_text_atomic(markdown(result), md_path)
-    print(f"wrote {args.out} and {md_path}")
+    common.write_results(result, args.out, markdown)
     return result
 
 

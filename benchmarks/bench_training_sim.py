@@ -15,21 +15,13 @@ Writes JSON (default benchmarks/results/training_sim.json) atomically.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable
-from pathlib import Path
 
+import common
 import numpy as np
-import sympy
+from common import timed
 
 from simulator.costs.compile import CompiledCosts, compiled_costs
 from simulator.costs.symbols import ALL_SYMBOLS, GRAD_BYTES, model_values
@@ -40,8 +32,7 @@ from simulator.specs.catalog import load_cluster, load_model, load_plan
 from simulator.training import simulate_training
 from simulator.training.costs import TrainingCostModel
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "training_sim.json"
+DEFAULT_OUT = common.RESULTS / "training_sim.json"
 
 LARGE = {
     "model": "gpt3-175b",
@@ -64,16 +55,6 @@ REPS = {
 }
 
 
-def timed(fn: Callable[[], object], reps: int) -> list[float]:
-    """Wall-clock seconds of `reps` calls of fn (perf_counter)."""
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def num_ops(plan) -> int:
     """Forward and backward ops of one iteration: 2 * p * v * m."""
     return 2 * plan.pp * plan.virtual_stages * plan.num_microbatches
@@ -84,7 +65,7 @@ def num_ops(plan) -> int:
 def bench_simulation(case: dict, reps: int) -> dict:
     model, cluster, plan = load_model(case["model"]), load_cluster(case["cluster"]), load_plan(case["plan"])
     report = simulate_training(model, cluster, plan)  # warm-up: compiles the cost model once
-    times = timed(lambda: simulate_training(model, cluster, plan), reps)
+    times, _ = timed(lambda: simulate_training(model, cluster, plan), reps)
     median = statistics.median(times)
     ops = num_ops(plan)
     return {
@@ -103,7 +84,7 @@ def bench_engine_only(case: dict, reps: int) -> dict:
     stages = costs.build_stages()
     config = PipelineConfig(plan.schedule, plan.pp, plan.num_microbatches, plan.virtual_stages,
                             costs.p2p_s(), plan.overlap_grad_reduce)
-    times = timed(lambda: simulate_pipeline(stages, config, record_events=False), reps)
+    times, _ = timed(lambda: simulate_pipeline(stages, config, record_events=False), reps)
     median = statistics.median(times)
     return {"ops": num_ops(plan), "wall_s_median": median, "wall_s_all": times,
             "ops_per_s": num_ops(plan) / median}
@@ -160,14 +141,14 @@ def bench_compiled(reps: int, sympy_points: int, seed: int = 0) -> dict:
     shape = np.broadcast_shapes(*(np.shape(v) for v in values.values()))
     points = int(np.prod(shape))
     fn(values)  # warm-up
-    times = timed(lambda: fn(values), reps)
+    times, _ = timed(lambda: fn(values), reps)
     call_s = statistics.median(times)
     out = fn(values)
     # The same points as flat, fully materialized arrays: what a tuner passes for a list of
     # legal plans, where broadcasting cannot skip work on axes an expression ignores.
     dense = {n: np.broadcast_to(v, shape).ravel() if np.ndim(v) else v for n, v in values.items()}
     fn(dense)  # warm-up (first touch of the output arrays)
-    dense_times = timed(lambda: fn(dense), reps)
+    dense_times, _ = timed(lambda: fn(dense), reps)
     dense_s = statistics.median(dense_times)
 
     rng = np.random.default_rng(seed)
@@ -199,38 +180,6 @@ def bench_compiled(reps: int, sympy_points: int, seed: int = 0) -> dict:
 
 # --- output -------------------------------------------------------------------------------------
 
-def machine_info() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    cpu_model = None
-    if Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu_model = names[0] if names else None
-    return {
-        "processor": platform.processor(), "cpu_model": cpu_model, "machine": platform.machine(),
-        "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0], "numpy": np.__version__, "sympy": sympy.__version__,
-        "git_commit": commit,
-    }
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def print_table(sim: dict, comp: dict) -> None:
     large, engine, small = sim["large"], sim["engine_only"], sim["baseline_small"]
     rows = [
@@ -258,10 +207,8 @@ def print_table(sim: dict, comp: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
-    args = parser.parse_args(argv)
+    args = common.parser(__doc__.splitlines()[0], "fewer repetitions (smoke run)", DEFAULT_OUT,
+                         markdown=False).parse_args(argv)
     reps = {k: v[1] if args.quick else v[0] for k, v in REPS.items()}
 
     compile_s = time_compile()  # first, while sympy's caches are cold
@@ -277,13 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "training_sim",
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": machine_info(),
+        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
         "large_plan": LARGE, "small_plan": SMALL,
         "simulate_training": sim, "compiled_costs": comp,
     }
     print_table(sim, comp)
-    write_json_atomic(result, args.out)
-    print(f"wrote {args.out}")
+    common.write_results(result, args.out)
     return result
 
 

@@ -21,18 +21,14 @@ markdown table (benchmarks/results/training_tuner.md) generated from that JSON.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench_training_sim import machine_info
+import common
+from common import md_escape, timed
 
 from simulator.errors import InfeasiblePlan
 from simulator.specs.catalog import load_cluster, load_model
@@ -40,8 +36,7 @@ from simulator.specs.plan import TrainingPlan
 from tuner.training import tune_training
 from tuner.training.baselines import megatron_baseline
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "training_tuner.json"
+DEFAULT_OUT = common.RESULTS / "training_tuner.json"
 
 LARGE = {"model": "gpt3-175b", "cluster": "128x8xa100-80gb", "global_batch_size": 1536, "seq_length": 2048}
 WARMUP = {"model": "gpt-debug", "cluster": "2xa100-80gb", "global_batch_size": 8}
@@ -72,15 +67,6 @@ def grid_cases(num_sizes: int) -> list[dict]:
                 cases.append({"hardware": hw, "family": family, "model": model, "cluster": cluster,
                               "gpus": gpus, "global_batch_size": batch, "seq_length": seq})
     return sorted(cases, key=lambda c: (c["gpus"], c["hardware"], c["family"]))
-
-
-def timed(fn, reps: int) -> tuple[list[float], object]:
-    out, last = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        last = fn()
-        out.append(time.perf_counter() - t0)
-    return out, last
 
 
 # --- (a) tuning time at scale -------------------------------------------------------------------
@@ -197,20 +183,6 @@ def findings(rows: list[dict]) -> list[str]:
 
 # --- output -------------------------------------------------------------------------------------
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path` (readable by all)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def fmt_time(b: dict | None) -> str:
     return "-" if b is None else f"{b['iteration_time_s']:.2f}"
 
@@ -259,11 +231,6 @@ def print_grid(rows: list[dict], means: dict) -> None:
               f"not ours: {m['mist_published_average']:.2f}x]")
 
 
-def md_escape(text: str) -> str:
-    """Pipes inside a table cell (even in a code span) must be escaped in GitHub markdown."""
-    return text.replace("|", "\\|")
-
-
 def markdown(result: dict) -> str:
     """The grid as a markdown table, for the README."""
     rows, means = result["grid"]["rows"], result["grid"]["mean_speedups"]
@@ -306,17 +273,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 repetition, first 2 grid sizes (smoke run)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
-    parser.add_argument("--markdown-only", action="store_true", help="regenerate the .md from the JSON and exit")
-    args = parser.parse_args(argv)
-    md_path = args.out.with_suffix(".md")
+    args = common.parser(__doc__.splitlines()[0], "1 repetition, first 2 grid sizes (smoke run)",
+                         DEFAULT_OUT).parse_args(argv)
     if args.markdown_only:
-        result = json.loads(args.out.read_text())
-        write_text_atomic(markdown(result), md_path)
-        print(f"wrote {md_path}")
-        return result
+        return common.rewrite_markdown(args.out, markdown)
 
     reps = {k: v[1] if args.quick else v[0] for k, v in REPS.items()}
     large = bench_large(reps["large"])
@@ -337,16 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "training_tuner",
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": machine_info(),
+        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
         "large": large,
         "grid": {"sizes": SIZES, "hardware": {k: {"clusters": v[0], "seq_length": v[1]} for k, v in HARDWARE.items()},
                  "rows": rows, "mean_speedups": means, "findings": flags,
                  "mist_published_note": "Mist (Zhu et al., EuroSys'25) average speedups measured on real "
                                         "hardware; a reference, not a result of this benchmark"},
     }
-    write_text_atomic(json.dumps(result, indent=2) + "\n", args.out)
-    write_text_atomic(markdown(result), md_path)
-    print(f"wrote {args.out} and {md_path}")
+    common.write_results(result, args.out, markdown)
     return result
 
 

@@ -1,0 +1,103 @@
+"""Plumbing every benchmark shares: timing, machine description, atomic output, markdown.
+
+Each benchmark prints what it measured against a baseline measured in the same run, writes
+its results as JSON (and a markdown table where the README quotes one) atomically, and can
+regenerate the markdown from the JSON alone (`--markdown-only`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import sympy
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def timed(fn: Callable[[], object], reps: int) -> tuple[list[float], object]:
+    """Wall-clock seconds of `reps` calls of fn (perf_counter), and the last call's result."""
+    out, last = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        last = fn()
+        out.append(time.perf_counter() - t0)
+    return out, last
+
+
+def machine_info() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    cpu_model = None
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu_model = names[0] if names else None
+    return {
+        "processor": platform.processor(), "cpu_model": cpu_model, "machine": platform.machine(),
+        "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0], "numpy": np.__version__, "sympy": sympy.__version__,
+        "git_commit": commit,
+    }
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path` (readable by all)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def md_escape(text: str) -> str:
+    """Pipes inside a table cell (even in a code span) must be escaped in GitHub markdown."""
+    return text.replace("|", "\\|")
+
+
+def parser(description: str, quick_help: str, default_out: Path, markdown: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --quick, --out, and (with a markdown table) --markdown-only."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=default_out, help="JSON output path")
+    if markdown:
+        p.add_argument("--markdown-only", action="store_true", help="regenerate the .md from the JSON and exit")
+    return p
+
+
+def write_results(result: dict, out: Path, markdown: Callable[[dict], str] | None = None) -> None:
+    """The JSON, and the markdown beside it (same name, .md) when the benchmark has one."""
+    write_text_atomic(json.dumps(result, indent=2) + "\n", out)
+    if markdown is None:
+        print(f"wrote {out}")
+        return
+    md_path = out.with_suffix(".md")
+    write_text_atomic(markdown(result), md_path)
+    print(f"wrote {out} and {md_path}")
+
+
+def rewrite_markdown(out: Path, markdown: Callable[[dict], str]) -> dict:
+    """--markdown-only: the markdown regenerated from an existing JSON."""
+    result = json.loads(out.read_text())
+    md_path = out.with_suffix(".md")
+    write_text_atomic(markdown(result), md_path)
+    print(f"wrote {md_path}")
+    return result
