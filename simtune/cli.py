@@ -504,16 +504,11 @@ class SearchProgress:
         self.bar.update(self.rows[stage], completed=done, total=total)
 
 
-def _engines(emit: str | None, allowed: tuple[str, ...] | None = None) -> list[str]:
+def _engines(emit: str | None, allowed: tuple[str, ...]) -> list[str]:
     """The engine names of `--emit a,b`, checked before the search so a typo costs no time."""
-    if allowed is None:
-        from executor.launch import ENGINES as allowed
+    from executor.launch.base import engine_names
 
-    names = [e.strip() for e in (emit or "").split(",") if e.strip()]
-    for name in names:
-        if name not in allowed:
-            raise SpecError("emit", name, f"allowed: {', '.join(allowed)}")
-    return names
+    return engine_names([e.strip() for e in (emit or "").split(",") if e.strip()], allowed)
 
 
 def tune_dict(result: Any) -> dict[str, Any]:
@@ -635,9 +630,10 @@ def tune_train(
 ) -> None:
     """Find the fastest training plan that fits, and compare it with Megatron-LM and Aceso."""
     # Imported here so that the other commands never pay for (or depend on) tuner and executor.
+    from executor.launch import ENGINES
     from tuner.training import tune_training
 
-    engines = _engines(emit)
+    engines = _engines(emit, ENGINES)
     model_spec, cluster_spec = load_model(model), load_cluster(cluster)
     baselines = () if no_baselines else BASELINES
     with SearchProgress() as progress:
@@ -663,9 +659,6 @@ def tune_train(
 
 
 # --- tune serve ---------------------------------------------------------------------------
-
-SERVING_ENGINES = ("vllm", "sglang")
-
 
 def _deployment_short(d: Any) -> str:
     def lay(p: Any) -> str:
@@ -703,10 +696,10 @@ def tune_serve(
     screen_requests: Annotated[int, typer.Option(min=1, help="Requests each candidate is screened on.")] = 300,
 ) -> None:
     """Find the best static deployment and the best re-sharding one, and their ratio."""
-    from executor.launch.serving import emit_serving_configs
+    from executor.launch.serving import ENGINES, emit_serving_configs
     from tuner.serving import tune_serving
 
-    engines = _engines(emit, SERVING_ENGINES)
+    engines = _engines(emit, ENGINES)
     model_spec, cluster_spec, wl_spec = load_model(model), load_cluster(cluster), load_workload(workload)
     with SearchProgress() as progress:
         result = tune_serving(model_spec, cluster_spec, wl_spec, screen_requests=screen_requests,

@@ -16,8 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from executor.launch import deepspeed, megatron, slurm, torchrun, torchtitan
-from executor.launch.base import Approximations, LaunchFile
-from simulator.errors import SpecError
+from executor.launch.base import Approximations, LaunchFile, engine_names
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan, validate_plan
@@ -51,13 +50,10 @@ def render(
 
     Files shared by engines (plan.yaml for torchrun and slurm) appear once.
     """
-    names = [engines] if isinstance(engines, str) else list(engines)
-    for name in names:
-        if name not in _WRITERS:
-            raise SpecError("emit", name, f"allowed: {', '.join(ENGINES)}")
+    names = engine_names(engines, ENGINES)
     validate_plan(plan, model, cluster)
     files: dict[Path, LaunchFile] = {}
-    for name in dict.fromkeys(names):
+    for name in names:
         extra = {"script": script} if name in _TAKES_SCRIPT else {}
         for f in _WRITERS[name](model, cluster, plan, **extra):
             files.setdefault(f.path, f)

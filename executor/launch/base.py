@@ -14,10 +14,11 @@ simulation still fits.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulator.errors import SpecError
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
@@ -98,6 +99,15 @@ def plan_summary(plan: TrainingPlan, model: TransformerSpec) -> str:
         if len(set(plan.stage_offload())) > 1:
             parts.append("per-stage offload")
     return ", ".join(parts)
+
+
+def engine_names(engines: str | Iterable[str], allowed: Sequence[str]) -> list[str]:
+    """The requested engines, once each in order; an unknown name is a SpecError on `emit`."""
+    names = [engines] if isinstance(engines, str) else list(engines)
+    for name in names:
+        if name not in allowed:
+            raise SpecError("emit", name, f"allowed: {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
 
 
 def comment_block(title: str, model: TransformerSpec, cluster: ClusterSpec, subject: str, summary: str,

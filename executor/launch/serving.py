@@ -27,8 +27,7 @@ from pathlib import Path
 import yaml
 
 from executor.launch import write_files
-from executor.launch.base import Approximations, LaunchFile, comment_block
-from simulator.errors import SpecError
+from executor.launch.base import Approximations, LaunchFile, comment_block, engine_names
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import DeploymentSpec, Parallel, validate_deployment
@@ -177,13 +176,10 @@ def render_serving(
     from executor.launch import sglang, vllm  # they import this module's helpers
 
     writers = {"vllm": vllm.write, "sglang": sglang.write}
-    names = [engines] if isinstance(engines, str) else list(engines)
-    for name in names:
-        if name not in writers:
-            raise SpecError("emit", name, f"allowed: {', '.join(ENGINES)}")
+    names = engine_names(engines, ENGINES)
     validate_deployment(deployment, model, cluster)
     files: dict[Path, LaunchFile] = {}
-    for name in dict.fromkeys(names):
+    for name in names:
         for f in writers[name](model, cluster, deployment, model_path):
             files.setdefault(f.path, f)
     text = serving_header("deployment.yaml (read by simtune)", model, cluster, deployment, None)
