@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 
+import launch_stubs
 import pytest
+from launch_stubs import BASH, LOG, flags
 
 from executor.launch import ENGINES, emit_launch_configs, render
 from simulator.errors import SpecError
@@ -23,7 +24,6 @@ from simulator.specs import TrainingPlan, load_cluster, load_model, load_plan
 FILES = {"megatron_args.sh", "torchtitan.toml", "deepspeed_config.json",
          "deepspeed_config.notes.txt", "torchrun.sh", "plan.yaml", "job.slurm"}
 SHELL = ("megatron_args.sh", "torchrun.sh", "job.slurm")
-BASH = shutil.which("bash")
 
 
 def llama_plan(**changes) -> TrainingPlan:
@@ -53,33 +53,11 @@ def approximations(model, cluster, plan, engine: str) -> list[str]:
     return [a for f in render(model, cluster, plan, [engine]) for a in f.approximations]
 
 
-def run_with_stubs(script: Path, tmp_path: Path) -> list[list[str]]:
-    """Run `script` with stub launchers; return each stub torchrun call's arguments."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    log = tmp_path / "calls.txt"
-    stubs = {
-        "torchrun": f'printf "%s\\n" "$@" > "{log}"',
-        "srun": 'exec "$@"',
-        "scontrol": "printf 'node-a\\nnode-b\\n'",
-    }
-    for name, body in stubs.items():
-        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
-        (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="node-[a-b]")
-    subprocess.run([BASH, str(script)], check=True, env=env, cwd=script.parent, timeout=30)
-    return log.read_text().splitlines()
-
-
-def flags(args: list[str]) -> dict[str, str | bool]:
-    """`--flag value` pairs and bare `--switch`es, as Megatron's argparse would read them."""
-    out: dict[str, str | bool] = {}
-    for i, a in enumerate(args):
-        if a.startswith("--"):
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            out[a] = nxt if nxt is not None and not nxt.startswith("--") else True
-    return out
+def run_with_stubs(script: Path, tmp_path: Path) -> list[str]:
+    """Run `script` with stub launchers; return the stub torchrun call's arguments."""
+    stubs = {"torchrun": LOG, "srun": 'exec "$@"', "scontrol": "printf 'node-a\\nnode-b\\n'"}
+    return launch_stubs.run_with_stubs(script, tmp_path, stubs, unset=("MASTER_ADDR", "MASTER_PORT"),
+                                       env={"SLURM_JOB_NODELIST": "node-[a-b]"})
 
 
 # --- every file -----------------------------------------------------------------------------

@@ -8,12 +8,12 @@ arguments, so the ARGS arrays are checked as bash expands them.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
+import launch_stubs
 import pytest
+from launch_stubs import BASH, LOG, flags, needs_bash
 
 from executor.launch.serving import ENGINES, emit_serving_configs, render_serving
 from simulator.errors import SpecError
@@ -21,8 +21,6 @@ from simulator.specs import DeploymentSpec, load_cluster, load_deployment, load_
 
 FILES = {"vllm_serve.sh", "sglang_serve.sh", "deployment.yaml"}
 SHELL = ("vllm_serve.sh", "sglang_serve.sh")
-BASH = shutil.which("bash")
-needs_bash = pytest.mark.skipif(BASH is None, reason="needs bash")
 
 CASES = {
     "static-dp2": ("llama-2-70b", "8xa100-80gb", {"prefill": {"tp": 4}, "dp": 2}),
@@ -43,28 +41,8 @@ def case(request, tmp_path):
 
 def run_with_stubs(script: Path, tmp_path: Path) -> list[str]:
     """Run `script` with stub `vllm` and `python`; return the arguments the stub was given."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    log = tmp_path / "calls.txt"
-    for name in ("vllm", "python"):
-        (bin_dir / name).write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "{log}"\n')
-        (bin_dir / name).chmod(0o755)
-    drop = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    subprocess.run([BASH, str(script), "--port", "8001"], check=True, env=env,
-                   cwd=script.parent, timeout=30)
-    return log.read_text().splitlines()
-
-
-def flags(args: list[str]) -> dict[str, str | bool]:
-    """`--flag value` pairs and bare `--switch`es, as argparse would read them."""
-    out: dict[str, str | bool] = {}
-    for i, a in enumerate(args):
-        if a.startswith("--"):
-            nxt = args[i + 1] if i + 1 < len(args) else None
-            out[a] = nxt if nxt is not None and not nxt.startswith("--") else True
-    return out
+    return launch_stubs.run_with_stubs(script, tmp_path, {"vllm": LOG, "python": LOG}, args=("--port", "8001"),
+                                       unset=("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"))
 
 
 def vllm_call(out: Path, tmp_path: Path) -> tuple[str, dict[str, str | bool]]:
