@@ -20,24 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simulator.errors import InfeasiblePlan, SpecError
+from simulator.serving.iteration import IterationModel
 from simulator.serving.report import ServingReport
 from simulator.serving.simulate import simulate_serving
 from simulator.specs.catalog import load_cluster, load_model, load_workload
 from simulator.specs.hardware import GB, ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import DeploymentSpec, Parallel, WorkloadSpec
+from tuner.training.space import tp_allowed
 
 Progress = Callable[[str, int, int], None]
 
 
 def layouts(model: TransformerSpec, cluster: ClusterSpec, devices: int) -> list[Parallel]:
-    kv = model.num_kv_heads
     out = []
     for tp in range(1, devices + 1):
         if devices % tp or tp > cluster.devices_per_node:
             continue
         pp = devices // tp
-        if model.num_attention_heads % tp or (kv % tp and tp % kv) or pp > model.num_layers:
+        if not tp_allowed(model, tp) or pp > model.num_layers:
             continue
         out.append(Parallel(tp=tp, pp=pp))
     return out
@@ -45,11 +46,7 @@ def layouts(model: TransformerSpec, cluster: ClusterSpec, devices: int) -> list[
 
 def buffer_GB(model: TransformerSpec, cluster: ClusterSpec, devices: int) -> float:
     """Host memory of a replica left after the host copy of the weights (Seesaw keeps one)."""
-    from simulator.costs.compile import compiled_costs
-    from simulator.costs.symbols import model_values
-
-    layer = float(compiled_costs()({**model_values(model), "t": 1, "b": 1, "s": 1, "d": 1, "L_st": 1})["layer_weight_bytes"])
-    weights = model.num_layers * layer + 2.0 * model.vocab_size * model.hidden_size * 2
+    weights = IterationModel(model, cluster, Parallel(tp=1, pp=1)).weight_bytes_per_device()
     host = cluster.host_memory_GiB_per_device * 2**30 * devices
     return max(0.0, 0.9 * (host - weights)) / GB
 
@@ -157,10 +154,3 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
               "seconds": seconds, "evaluations_per_s": len(cands) / max(seconds, 1e-9),
               "screen_requests": sample.num_requests}
     return ServingTuneResult(best["static"], best["resharding"], pruned, search)
-
-
-def static_winner(result: ServingTuneResult) -> DeploymentSpec | None:
-    return result.static.deployment if result.static else None
-
-
-__all__ = ["ServingTuneResult", "tune_serving", "candidates", "static_winner", "WorkloadSpec"]
