@@ -18,7 +18,6 @@ class Recorder:
     kv_timeline: list[tuple[float, float]] = field(default_factory=list)
     transitions: int = 0
     transition_time_s: float = 0.0
-    preemptions: int = 0
     _samples: int = 0
 
     def step(self, replica: int, kind: str, start_s: float, end_s: float, seqs: int, tokens: int,
@@ -43,4 +42,4 @@ class Recorder:
 
     def stats(self) -> dict:
         return {"steps": dict(self.steps), "kv_timeline": self.kv_timeline, "transitions": self.transitions,
-                "transition_time_s": self.transition_time_s, "preemptions": self.preemptions}
+                "transition_time_s": self.transition_time_s}
