@@ -20,7 +20,6 @@ table (benchmarks/results/serving.md) generated from that JSON.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import statistics
 import sys
@@ -268,13 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"screened on at least {args.screen_requests} requests)")
     print_grid(rows, means)
     flags = findings(rows)
-    print("\nlooks wrong / worth a look:" if flags else "\nnothing flagged")
-    for f in flags:
-        print(f"  - {f}")
+    common.print_findings(flags)
     result = {
-        "benchmark": "serving",
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
+        **common.run_fields("serving", args.quick, reps),
         "speed": speed,
         "grid": {"cases": CASES, "workloads": WORKLOADS if not args.quick else ["sharegpt-like"],
                  "screen_requests": args.screen_requests, "rows": rows, "mean_ratios": means,

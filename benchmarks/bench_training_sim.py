@@ -15,7 +15,6 @@ Writes JSON (default benchmarks/results/training_sim.json) atomically.
 
 from __future__ import annotations
 
-import datetime as dt
 import statistics
 import time
 
@@ -222,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
            "note": "simulate_training runs the engine twice (as planned, and with free p2p)"}
     comp = {"compile_s_first": compile_s, **bench_compiled(reps["grid"], reps["sympy_points"])}
     result = {
-        "benchmark": "training_sim",
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
+        **common.run_fields("training_sim", args.quick, reps),
         "large_plan": LARGE, "small_plan": SMALL,
         "simulate_training": sim, "compiled_costs": comp,
     }

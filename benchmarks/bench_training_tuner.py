@@ -21,7 +21,6 @@ markdown table (benchmarks/results/training_tuner.md) generated from that JSON.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import statistics
 import sys
@@ -291,13 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("(b) Mist grid (simulated; speedup = baseline / tuned iteration time)")
     print_grid(rows, means)
     flags = findings(rows)
-    print("\nlooks wrong / worth a look:" if flags else "\nnothing flagged")
-    for f in flags:
-        print(f"  - {f}")
+    common.print_findings(flags)
     result = {
-        "benchmark": "training_tuner",
-        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick, "repetitions": reps, "machine": common.machine_info(),
+        **common.run_fields("training_tuner", args.quick, reps),
         "large": large,
         "grid": {"sizes": SIZES, "hardware": {k: {"clusters": v[0], "seq_length": v[1]} for k, v in HARDWARE.items()},
                  "rows": rows, "mean_speedups": means, "findings": flags,

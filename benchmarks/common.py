@@ -8,6 +8,7 @@ regenerate the markdown from the JSON alone (`--markdown-only`).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import platform
@@ -52,6 +53,18 @@ def machine_info() -> dict:
         "python": sys.version.split()[0], "numpy": np.__version__, "sympy": sympy.__version__,
         "git_commit": commit,
     }
+
+
+def run_fields(benchmark: str, quick: bool, repetitions: dict) -> dict:
+    """The fields every result JSON opens with: what ran, when, how often, on what."""
+    return {"benchmark": benchmark, "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "quick": quick, "repetitions": repetitions, "machine": machine_info()}
+
+
+def print_findings(flags: list[str]) -> None:
+    print("\nlooks wrong / worth a look:" if flags else "\nnothing flagged")
+    for f in flags:
+        print(f"  - {f}")
 
 
 def write_text_atomic(text: str, path: Path) -> None:

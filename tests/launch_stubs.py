@@ -43,3 +43,12 @@ def flags(args: list[str]) -> dict[str, str | bool]:
             nxt = args[i + 1] if i + 1 < len(args) else None
             out[a] = nxt if nxt is not None and not nxt.startswith("--") else True
     return out
+
+
+def assert_written_atomically(files: dict, out: Path, expected: set[str], shell: set[str]) -> None:
+    """Exactly the expected files, no temporary ones left, each as rendered, scripts executable."""
+    assert set(files) == expected
+    assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
+    for name, f in files.items():
+        assert f.path == out / name and f.path.read_text() == f.text
+        assert (f.path.stat().st_mode & 0o777) == (0o755 if name in shell else 0o644)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import launch_stubs
 import pytest
-from launch_stubs import BASH, LOG, flags
+from launch_stubs import BASH, LOG, assert_written_atomically, flags
 
 from executor.launch import ENGINES, emit_launch_configs, render
 from simulator.errors import SpecError
@@ -65,11 +65,7 @@ def run_with_stubs(script: Path, tmp_path: Path) -> list[str]:
 
 def test_every_engine_file_is_written_atomically(case):
     model, cluster, plan, files, out = case
-    assert set(files) == FILES
-    assert {p.name for p in out.iterdir()} == FILES  # no temporary files left behind
-    for name, f in files.items():
-        assert f.path == out / name and f.path.read_text() == f.text
-        assert (f.path.stat().st_mode & 0o777) == (0o755 if name in SHELL else 0o644)
+    assert_written_atomically(files, out, FILES, SHELL)
 
 
 def test_files_open_with_a_simtune_header(case):

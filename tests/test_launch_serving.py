@@ -13,7 +13,7 @@ from pathlib import Path
 
 import launch_stubs
 import pytest
-from launch_stubs import BASH, LOG, flags, needs_bash
+from launch_stubs import BASH, LOG, assert_written_atomically, flags, needs_bash
 
 from executor.launch.serving import ENGINES, emit_serving_configs, render_serving
 from simulator.errors import SpecError
@@ -66,11 +66,7 @@ def approximations(model, cluster, deployment, engine: str) -> list[str]:
 
 def test_files_are_written_atomically(case):
     *_, files, out = case
-    assert set(files) == FILES
-    assert {p.name for p in out.iterdir()} == FILES  # no temporary files left behind
-    for name, f in files.items():
-        assert f.path == out / name and f.path.read_text() == f.text
-        assert (f.path.stat().st_mode & 0o777) == (0o755 if name in SHELL else 0o644)
+    assert_written_atomically(files, out, FILES, SHELL)
 
 
 def test_files_open_with_a_simtune_header(case):
