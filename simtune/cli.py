@@ -33,6 +33,7 @@ from simulator.specs.catalog import (
     catalog_names,
     load_cluster,
     load_deployment,
+    load_engine,
     load_device,
     load_model,
     load_plan,
@@ -169,6 +170,7 @@ class Kind(StrEnum):
     plans = "plans"
     deployments = "deployments"
     workloads = "workloads"
+    engines = "engines"
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,11 @@ CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
         Column("num_requests", "requests", lambda w: w.num_requests, "{:,}".format),
         Column("arrival", "arrival", lambda w: _arrival(w.arrival), numeric=False),
         Column("tokens", "preset or lengths", _tokens, numeric=False),
+    ]),
+    "engines": (load_engine, [
+        Column("step_overhead_us", "step us", lambda e: e.step_overhead_us, "{:g}".format),
+        Column("per_sequence_overhead_us", "per seq us", lambda e: e.per_sequence_overhead_us, "{:g}".format),
+        Column("source", "source", lambda e: e.source, numeric=False),
     ]),
 }
 

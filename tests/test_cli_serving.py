@@ -176,6 +176,8 @@ def test_validate_serve_real_run(cli):
     assert set(data["summary"]) == {"throughput", "median latency", "tail latency"}
     assert data["summary"]["tail latency"]["passed"] is None
     assert all({"predicted", "measured", "error", "source"} <= set(r) for r in data["rows"])
+    for group in ("throughput", "median latency"):  # the acceptance targets (<= 15%)
+        assert data["summary"][group]["passed"], data["summary"][group]
 
 
 def test_tune_serve_contract_and_emit(cli, tmp_path):

@@ -119,6 +119,19 @@ def test_far_below_capacity_latencies_are_bare_step_times():
     assert report.tpot_s["p50"] == pytest.approx(lone_decode_s, rel=0.03)
 
 
+def test_engine_overhead_replaces_the_devices_and_grows_with_the_batch():
+    model, cluster = load_model(MODEL), load_cluster("1xa100-80gb")
+    device_default = IterationModel(model, cluster, Parallel())
+    engine = DeploymentSpec.parse({"engine": {"step_overhead_us": 5000, "per_sequence_overhead_us": 20}}).engine
+    heavy = IterationModel(model, cluster, Parallel(), engine)
+    one, many = [Work(1, 512, True)], [Work(1, 512, True)] * 64
+    step_us = cluster.device.efficiency.step_overhead_us
+    assert heavy.step_s(one) - device_default.step_s(one) == pytest.approx((5000 + 20 - step_us) * 1e-6)
+    assert heavy.step_s(many) - device_default.step_s(many) == pytest.approx((5000 + 64 * 20 - step_us) * 1e-6)
+    named = DeploymentSpec.parse({"engine": "vllm-pre-0.6"}).engine
+    assert named.step_overhead_us == 5000 and "6854" in named.source  # cited, not fitted
+
+
 # -- 2. KV blocks are never over-allocated, whatever the preemption ------------------------------
 
 
@@ -346,6 +359,10 @@ SMALL = fixed(2, 512, 16)
      "deployment.cpu_kv_buffer_GB", "needs a CPU KV buffer"),
     (MODEL, "2xa100-80gb", seesaw(0.1), SMALL,
      "deployment.cpu_kv_buffer_GB", "must hold the KV of the longest prompt"),
+    (MODEL, "1xa100-80gb", {"engine": "vllm-0.1"}, SMALL,
+     "deployment.engine", "unknown engine; catalog names are: vllm-pre-0.6"),
+    (MODEL, "1xa100-80gb", {"engine": {"step_overhead_us": -1}}, SMALL,
+     "deployment.engine.step_overhead_us", "greater than or equal to 0"),
 ])
 def test_bad_deployment_names_the_field(model, cluster, deployment, workload, field, message):
     with pytest.raises(SpecError, match=re.escape(message)) as err:

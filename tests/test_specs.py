@@ -11,6 +11,7 @@ from simulator.specs import (
     ClusterSpec,
     DeploymentSpec,
     DeviceSpec,
+    EngineSpec,
     TrainingPlan,
     TransformerSpec,
     WorkloadSpec,
@@ -18,6 +19,7 @@ from simulator.specs import (
     load_cluster,
     load_deployment,
     load_device,
+    load_engine,
     load_model,
     load_plan,
     load_workload,
@@ -165,9 +167,9 @@ def test_non_mapping_is_rejected():
 # --- catalog ------------------------------------------------------------------------------------
 
 LOADERS = {"models": load_model, "devices": load_device, "clusters": load_cluster, "plans": load_plan,
-           "deployments": load_deployment, "workloads": load_workload}
+           "deployments": load_deployment, "workloads": load_workload, "engines": load_engine}
 CLASSES = {"models": TransformerSpec, "devices": DeviceSpec, "clusters": ClusterSpec, "plans": TrainingPlan,
-           "deployments": DeploymentSpec, "workloads": WorkloadSpec}
+           "deployments": DeploymentSpec, "workloads": WorkloadSpec, "engines": EngineSpec}
 ENTRIES = [(kind, name) for kind, names in catalog_names().items() for name in names]
 
 

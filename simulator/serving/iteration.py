@@ -8,8 +8,10 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
   cached K/V they read (4 h_kv d bytes per token per layer, FORMULAS.md);
 - element-wise kernels and two TP all-reduces of the step's activations;
 - the LM head for the sequences that produce a token, on the last stage;
-- a fixed per-step overhead (scheduling, sampling, launches; the device's
-  `step_overhead_us`), without which small-batch decode would be far too fast.
+- the engine's CPU time per step (scheduling, input preparation, sampling, output
+  processing): a fixed part plus a part per sequence, from the deployment's `engine`, or
+  the device's `step_overhead_us` without one. Small-batch decode would be far too fast
+  without it.
 Pipeline parallel replicas split the batch into pp micro-batches that flow through the
 stages back to back (vLLM's virtual engines): each stage processes all of them per step,
 and a step lasts at least one micro-batch's trip through every stage (a lone prompt crosses
@@ -26,7 +28,7 @@ from simulator.costs.symbols import model_values
 from simulator.costs.timing import attention_s, gemm_efficiency, memory_bound_s
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
-from simulator.specs.serving import Parallel
+from simulator.specs.serving import EngineSpec, Parallel
 
 KERNELS_PER_LAYER = 10  # launches outside GEMMs per layer and step
 
@@ -43,7 +45,8 @@ class Work:
 class IterationModel:
     """Step times of one replica layout (tp, pp) for a model on a cluster's device."""
 
-    def __init__(self, model: TransformerSpec, cluster: ClusterSpec, layout: Parallel):
+    def __init__(self, model: TransformerSpec, cluster: ClusterSpec, layout: Parallel,
+                 engine: EngineSpec | None = None):
         self.model, self.cluster, self.layout = model, cluster, layout
         self.device = cluster.device
         t = layout.tp
@@ -59,7 +62,8 @@ class IterationModel:
         self.layers_per_stage = model.num_layers / layout.pp
         eff = self.device.efficiency
         self.hbm = self.device.hbm_bandwidth_bytes_per_s * eff.memory_bound
-        self.step_overhead_s = eff.step_overhead_us * 1e-6
+        self.step_overhead_s = (engine.step_overhead_us if engine else eff.step_overhead_us) * 1e-6
+        self.sequence_overhead_s = engine.per_sequence_overhead_us * 1e-6 if engine else 0.0
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -118,7 +122,7 @@ class IterationModel:
                 trip = max(trip, pp * layers_s + head_s)
                 max_tokens = max(max_tokens, tokens)
         handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link))
-        return max(busy, trip) + handoff + self.step_overhead_s
+        return max(busy, trip) + handoff + self.step_overhead_s + self.sequence_overhead_s * len(works)
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

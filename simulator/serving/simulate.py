@@ -51,7 +51,7 @@ def check_deployment(model, cluster, dep: DeploymentSpec, requests: list[Request
     caps = {}
     for phase in ("prefill", "decode"):
         layout = getattr(dep, phase)
-        caps[phase] = kv_capacity_tokens(model, cluster, dep, IterationModel(model, cluster, layout), f"deployment.{phase}")
+        caps[phase] = kv_capacity_tokens(model, cluster, dep, IterationModel(model, cluster, layout, dep.engine), f"deployment.{phase}")
         if caps[phase] < longest:
             raise SpecError(f"deployment.{phase}", layout.describe(), (
                 f"memory too small for one sequence: KV for {caps[phase]:,} tokens fits per replica, "
@@ -78,9 +78,9 @@ def cpu_buffer_tokens(model: TransformerSpec, dep: DeploymentSpec) -> int:
 
 
 def _replicas(env, model, cluster, dep, caps, rec):
-    prefill = IterationModel(model, cluster, dep.prefill)
+    prefill = IterationModel(model, cluster, dep.prefill, dep.engine)
     if dep.scheduler == "seesaw":
-        decode = IterationModel(model, cluster, dep.decode)
+        decode = IterationModel(model, cluster, dep.decode, dep.engine)
         buffer_tokens = cpu_buffer_tokens(model, dep)
         return [SeesawReplica(env, i, dep, prefill, decode, caps, buffer_tokens, cluster, rec) for i in range(dep.dp)]
     out = []

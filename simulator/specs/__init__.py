@@ -5,6 +5,7 @@ from simulator.specs.catalog import (
     load_cluster,
     load_deployment,
     load_device,
+    load_engine,
     load_model,
     load_plan,
     load_workload,
@@ -12,11 +13,12 @@ from simulator.specs.catalog import (
 from simulator.specs.hardware import ClusterSpec, CollectiveEfficiency, DeviceSpec, Efficiency
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, StagePlan, TrainingPlan
-from simulator.specs.serving import DeploymentSpec, LengthDist, Parallel, WorkloadSpec
+from simulator.specs.serving import DeploymentSpec, EngineSpec, LengthDist, Parallel, WorkloadSpec
 
 __all__ = [
     "ClusterSpec",
     "DeploymentSpec",
+    "EngineSpec",
     "LengthDist",
     "Parallel",
     "WorkloadSpec",
@@ -31,6 +33,7 @@ __all__ = [
     "load_cluster",
     "load_deployment",
     "load_device",
+    "load_engine",
     "load_model",
     "load_plan",
     "load_workload",

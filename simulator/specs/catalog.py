@@ -19,12 +19,12 @@ from simulator.specs.base import Spec
 from simulator.specs.hardware import ClusterSpec, DeviceSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
-from simulator.specs.serving import DeploymentSpec, WorkloadSpec
+from simulator.specs.serving import DeploymentSpec, EngineSpec, WorkloadSpec
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 KINDS = {
     "devices": DeviceSpec, "clusters": ClusterSpec, "models": TransformerSpec, "plans": TrainingPlan,
-    "deployments": DeploymentSpec, "workloads": WorkloadSpec,
+    "deployments": DeploymentSpec, "workloads": WorkloadSpec, "engines": EngineSpec,
 }
 _MULTI_NODE = re.compile(r"^(\d+)x(\d+x.+)$")
 
@@ -98,6 +98,10 @@ def load_plan(ref: Any) -> TrainingPlan:
 
 def load_deployment(ref: Any) -> DeploymentSpec:
     return _load_any("deployments", ref, "deployment")
+
+
+def load_engine(ref: Any) -> EngineSpec:
+    return _load_any("engines", ref, "deployment.engine")
 
 
 def load_workload(ref: Any) -> WorkloadSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from simulator.errors import SpecError
 from simulator.specs.base import Spec
@@ -32,6 +32,24 @@ class Parallel(Spec):
         return f"tp{self.tp} pp{self.pp}"
 
 
+class EngineSpec(Spec):
+    """The serving engine's own costs, apart from the hardware's.
+
+    An engine step spends CPU time the GPU waits for: scheduling, input preparation,
+    sampling, detokenization, output processing. Engines differ by several milliseconds
+    (vLLM before v0.6 left a 5-13 ms GPU bubble per decode step, vllm-project/vllm#6854;
+    multi-step scheduling and CUDA graphs remove most of it), so this is a property of the
+    engine and its version, not of the device. Without an engine, the device profile's
+    `step_overhead_us` applies.
+    """
+
+    kind: ClassVar[str] = "deployment.engine"
+    name: str | None = None
+    source: str | None = Field(default=None, description="where the figures come from")
+    step_overhead_us: float = Field(ge=0, description="fixed CPU cost of one engine step")
+    per_sequence_overhead_us: float = Field(default=0.0, ge=0, description="CPU cost per sequence in a step")
+
+
 class DeploymentSpec(Spec):
     kind: ClassVar[str] = "deployment"
     name: str | None = None
@@ -46,6 +64,16 @@ class DeploymentSpec(Spec):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     cpu_kv_buffer_GB: float = Field(default=0.0, ge=0, description="seesaw: CPU KV buffer per replica")
     preemption: Literal["recompute", "swap"] = "recompute"
+    engine: EngineSpec | None = Field(default=None, description="catalog name or inline; default: the device's step overhead")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_by_name(cls, value):
+        if isinstance(value, str):
+            from simulator.specs.catalog import load_engine  # the catalog imports this module
+
+            return load_engine(value)
+        return value
 
     @model_validator(mode="after")
     def _phases(self):
