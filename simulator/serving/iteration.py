@@ -39,7 +39,8 @@ class Work:
 
     new_tokens: int
     context: int
-    logits: bool  # emits a token this step (decode, or the chunk that completes the prompt)
+    logits: int  # tokens whose logits are computed: 1 for decode or a prompt's last chunk,
+    #              k + 1 when verifying k drafts, 0 for a chunk inside a prompt
 
 
 class IterationModel:

@@ -157,6 +157,17 @@ class BlockManager:
         self._blocks[seq_id] += need
         self._used_gpu += need
 
+    def truncate(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Shrink a GPU sequence to `num_tokens` tokens (rejected speculative slots), freeing
+        the blocks it no longer needs."""
+        seq_id = self._on_gpu(seq_id)
+        if not 0 <= num_tokens <= self._tokens[seq_id]:
+            raise ValueError(f"num_tokens = {num_tokens!r}: must be in [0, {self._tokens[seq_id]}] "
+                             f"for sequence {seq_id!r}")
+        keep = self.blocks_for(num_tokens)
+        self._used_gpu -= self._blocks[seq_id] - keep
+        self._tokens[seq_id], self._blocks[seq_id] = num_tokens, keep
+
     def free(self, seq_id: SeqId) -> int:
         """Release a sequence (on the GPU or the CPU); return how many blocks it held."""
         blocks = self._blocks.pop(self._known(seq_id))

@@ -43,7 +43,9 @@ class Replica:
             start = env.now
             swap_s = self.sched.take_swapped_tokens() * self.swap_s_per_token  # swaps stall the step
             self.rec.box(self.index, "kv", "swap", start, start + swap_s)
-            yield env.timeout(swap_s + self.model.step_s(step.works))
+            draft_s = self.sched.speculator.draft_s(step.works, step.k) if step.k else 0.0
+            self.rec.box(self.index, "compute", f"draft x{step.k}", start + swap_s, start + swap_s + draft_s)
+            yield env.timeout(swap_s + draft_s + self.model.step_s(step.works))
             finished = self.sched.commit(step, env.now)
             self.outstanding -= len(finished)
             self.rec.step(self.index, step.kind, start, env.now, len(step.seqs), sum(step.chunks),

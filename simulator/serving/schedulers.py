@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from simulator.serving.iteration import Work
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.sequence import Seq
 from simulator.specs.serving import DeploymentSpec
+
+if TYPE_CHECKING:
+    from simulator.speculation import Speculator
 
 
 @dataclass
@@ -31,11 +35,12 @@ class Step:
     seqs: list[Seq]
     works: list[Work]
     chunks: list[int]            # new tokens per sequence (parallel to seqs)
+    k: int = 0                   # drafted tokens per sequence (speculative decode steps)
 
 
 class StaticScheduler:
-    def __init__(self, deployment: DeploymentSpec, kv: BlockManager):
-        self.dep, self.kv = deployment, kv
+    def __init__(self, deployment: DeploymentSpec, kv: BlockManager, speculator: Speculator | None = None):
+        self.dep, self.kv, self.speculator = deployment, kv, speculator
         pp = deployment.prefill.pp  # static layouts: prefill == decode
         self.max_seqs = deployment.max_num_seqs * pp
         self.max_tokens = deployment.max_batched_tokens * pp
@@ -94,18 +99,19 @@ class StaticScheduler:
         works = [Work(n, 0, True) for n in chunks]
         return Step("prefill", seqs, works, chunks)
 
-    def _make_room(self, need_seqs: list[Seq]) -> list[Seq]:
-        """Preempt the newest running sequences until every survivor can grow by one token,
-        and reserve that token's KV slot (as vLLM does when it schedules a step)."""
+    def _make_room(self, need_seqs: list[Seq], grow: int = 1) -> list[Seq]:
+        """Preempt the newest running sequences until every survivor can grow by `grow` tokens,
+        and reserve those KV slots (as vLLM does when it schedules a step; a speculative step
+        writes k + 1 tokens per sequence)."""
         survivors = list(need_seqs)
-        needed = sum(self.kv.growth(s.id) for s in survivors)
+        needed = sum(self.kv.growth(s.id, grow) for s in survivors)
         while survivors and needed > self.kv.num_free_gpu_blocks:
             victim = survivors.pop()
-            needed -= self.kv.growth(victim.id)
+            needed -= self.kv.growth(victim.id, grow)
             self.running.remove(victim)
             self._preempt(victim)
-        for seq in survivors:  # reserve the slot of the token each decode step writes
-            self.kv.append(seq.id, 1)
+        for seq in survivors:  # reserve the slots of the tokens this decode step writes
+            self.kv.append(seq.id, grow)
         return survivors
 
     def _preempt(self, seq: Seq) -> None:
@@ -121,10 +127,11 @@ class StaticScheduler:
             self.waiting.appendleft(seq)
 
     def _plan_decode(self) -> Step | None:
-        seqs = self._make_room(list(self.running))
+        k = self.speculator.k_for(self.running) if self.speculator and self.running else 0
+        seqs = self._make_room(list(self.running), k + 1)
         if not seqs:
             return None
-        return Step("decode", seqs, [Work(1, s.context, True) for s in seqs], [1] * len(seqs))
+        return Step("decode", seqs, [Work(k + 1, s.context, k + 1) for s in seqs], [k + 1] * len(seqs), k)
 
     def _plan_chunked(self) -> Step | None:
         decodes = self._make_room(list(self.running))
@@ -155,8 +162,15 @@ class StaticScheduler:
     def commit(self, step: Step, now: float) -> list[Seq]:
         """Apply a finished step; return the sequences that completed."""
         finished = []
+        if self.speculator and step.kind == "decode":
+            self.speculator.record_step(step.k)
         for seq, chunk in zip(step.seqs, step.chunks):
-            if seq.decoding:
+            if seq.decoding and self.speculator and step.kind == "decode":
+                # k + 1 slots were reserved; keep the committed tokens' (never past the output)
+                tokens = min(self.speculator.committed(seq, step.k), seq.req.output_tokens - seq.generated)
+                self.kv.truncate(seq.id, self.kv.tokens(seq.id) - (step.k + 1 - tokens))
+                seq.emit(now, tokens)
+            elif seq.decoding:
                 seq.emit(now)
             else:  # a prompt, or a chunk of one
                 seq.prefilled += chunk

@@ -16,6 +16,9 @@ class Seq:
     first_token_s: float | None = None
     finish_s: float | None = None
     preemptions: int = 0
+    acceptance: float = 0.0     # speculative decoding: this request's per-token acceptance rate
+    spec_accepted: int = 0      # drafted tokens accepted so far
+    spec_rejections: int = 0    # steps that rejected a drafted token
     token_times: list[float] = field(default_factory=list)  # only when asked for
 
     @property
@@ -37,9 +40,9 @@ class Seq:
     def done(self) -> bool:
         return self.generated >= self.req.output_tokens
 
-    def emit(self, now: float) -> None:
-        """One output token at `now`."""
-        self.generated += 1
+    def emit(self, now: float, tokens: int = 1) -> None:
+        """`tokens` output tokens at `now` (more than one after a speculative step)."""
+        self.generated += tokens
         if self.first_token_s is None:
             self.first_token_s = now
         if self.done:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import simpy
 
 from simulator.engine.trace import write_chrome_trace
@@ -27,21 +28,41 @@ from simulator.serving.workload import Request, generate_requests
 from simulator.specs.catalog import load_cluster, load_deployment, load_model, load_workload
 from simulator.specs.hardware import GB, ClusterSpec, GiB
 from simulator.specs.model import TransformerSpec
-from simulator.specs.serving import DeploymentSpec, validate_deployment
+from simulator.specs.serving import DeploymentSpec, Parallel, validate_deployment
+from simulator.speculation import (
+    NGRAM,
+    ModelStepCost,
+    Speculator,
+    acceptance_rate,
+    draft_model_of,
+    sample_rates,
+)
 
 
 def kv_capacity_tokens(model: TransformerSpec, cluster: ClusterSpec, dep: DeploymentSpec,
                        it: IterationModel, field: str) -> int:
-    """Tokens of KV one replica holds in this layout, after weights and activation workspace."""
+    """Tokens of KV one replica holds in this layout, after weights and activation workspace.
+
+    With a draft model, the device that runs it (rank 0 of the replica) also holds the
+    draft's weight shard and its KV per token; every device gets that device's capacity.
+    """
     m, t = model, it.layout.tp
     workspace = 2.0 * dep.max_batched_tokens * (6 * m.hidden_size + 3 * m.ffn_hidden_size / t)
     workspace += 4.0 * dep.max_num_seqs * m.vocab_size / t  # fp32 logits
-    free = cluster.device.memory_bytes * dep.gpu_memory_utilization - it.weight_bytes_per_device() - workspace
+    weights, kv_per_token = it.weight_bytes_per_device(), it.kv_bytes_per_token_per_device()
+    spec = dep.speculation
+    if spec is not None and spec.draft != NGRAM:
+        draft = IterationModel(draft_model_of(spec, model, it.layout), cluster, Parallel(tp=spec.draft_tp))
+        weights += draft.weight_bytes_per_device()
+        kv_per_token += draft.kv_bytes_per_token_per_device()
+        k_tokens = dep.max_num_seqs * (spec.k if spec.policy == "fixed" else spec.k_max)
+        workspace += 4.0 * k_tokens * m.vocab_size / t  # logits of the verified drafts
+    free = cluster.device.memory_bytes * dep.gpu_memory_utilization - weights - workspace
     if free <= 0:
         raise SpecError(field, it.layout.describe(), (
-            f"the weights ({it.weight_bytes_per_device() / GiB:.1f} GiB per device) and workspace do not fit in "
+            f"the weights ({weights / GiB:.1f} GiB per device) and workspace do not fit in "
             f"{dep.gpu_memory_utilization:.0%} of {cluster.device.memory_GiB:g} GiB: use more tensor or pipeline parallelism"))
-    return int(free // it.kv_bytes_per_token_per_device()) // dep.block_size * dep.block_size
+    return int(free // kv_per_token) // dep.block_size * dep.block_size
 
 
 def check_deployment(model, cluster, dep: DeploymentSpec, requests: list[Request]) -> dict[str, int]:
@@ -77,7 +98,16 @@ def cpu_buffer_tokens(model: TransformerSpec, dep: DeploymentSpec) -> int:
     return int(dep.cpu_kv_buffer_GB * GB // _kv_bytes_per_token(model))
 
 
-def _replicas(env, model, cluster, dep, caps, rec):
+def _speculator(model, cluster, dep: DeploymentSpec, requests: list[Request], seed: int) -> Speculator | None:
+    spec = dep.speculation
+    if spec is None:
+        return None
+    cost = ModelStepCost.build(model, cluster, dep.decode, spec, dep.engine)
+    context = sum(r.input_tokens + r.output_tokens / 2 for r in requests) / len(requests)
+    return Speculator(spec, cost, context, np.random.default_rng(seed), dep.max_num_seqs)
+
+
+def _replicas(env, model, cluster, dep, caps, rec, requests, seed):
     prefill = IterationModel(model, cluster, dep.prefill, dep.engine)
     if dep.scheduler == "seesaw":
         decode = IterationModel(model, cluster, dep.decode, dep.engine)
@@ -87,7 +117,8 @@ def _replicas(env, model, cluster, dep, caps, rec):
     for i in range(dep.dp):
         cpu_blocks = int(dep.cpu_kv_buffer_GB * GB // (prefill.kv_bytes_per_token_per_device() * dep.block_size))
         kv = BlockManager(caps["prefill"] // dep.block_size, dep.block_size, cpu_blocks)
-        out.append(Replica(env, i, StaticScheduler(dep, kv), prefill, rec, cluster.host_link_bytes_per_s()))
+        scheduler = StaticScheduler(dep, kv, _speculator(model, cluster, dep, requests, seed + 1 + i))
+        out.append(Replica(env, i, scheduler, prefill, rec, cluster.host_link_bytes_per_s()))
     return out
 
 
@@ -99,8 +130,12 @@ def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
     requests = generate_requests(wl)
     caps = check_deployment(model, cluster, dep, requests)
     env, rec = simpy.Environment(), Recorder(trace=trace_path is not None)
-    replicas = _replicas(env, model, cluster, dep, caps, rec)
+    replicas = _replicas(env, model, cluster, dep, caps, rec, requests, wl.seed)
     seqs = [Seq(r) for r in requests]
+    if dep.speculation is not None:  # each request's acceptance rate, drawn once
+        rates = sample_rates(dep.speculation.acceptance, len(seqs), np.random.default_rng(wl.seed))
+        for seq, rate in zip(seqs, rates):
+            seq.acceptance = float(rate)
 
     def arrivals():
         for seq in seqs:
@@ -115,6 +150,23 @@ def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
         raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[:5]})")
     stats = rec.stats()
     stats["preemptions"] = sum(r.sched.preemptions for r in replicas if isinstance(r, Replica))
+    if dep.speculation is not None:
+        stats["speculation"] = _merge_speculation([r.sched.speculator.stats() for r in replicas])
     if trace_path is not None:
         write_chrome_trace(rec.events, trace_path, f"{model.name} on {cluster.name}", process_label="replica")
     return build_report(model, cluster, dep, wl, seqs, stats)
+
+
+def _merge_speculation(per_replica: list[dict]) -> dict:
+    """One summary of the speculators of every replica."""
+    out = dict(per_replica[0])
+    hist: dict[int, int] = {}
+    for st in per_replica:
+        for k, n in st["k_histogram"].items():
+            hist[k] = hist.get(k, 0) + n
+    steps = sum(hist.values())
+    totals = {key: sum(st[key] for st in per_replica) for key in ("drafted", "accepted", "rejections")}
+    out.update(decode_steps=steps, k_histogram=dict(sorted(hist.items())),
+               mean_k=sum(k * n for k, n in hist.items()) / max(steps, 1), **totals,
+               acceptance_rate=acceptance_rate(totals["accepted"], totals["rejections"]))
+    return out

@@ -50,6 +50,55 @@ class EngineSpec(Spec):
     per_sequence_overhead_us: float = Field(default=0.0, ge=0, description="CPU cost per sequence in a step")
 
 
+class AcceptanceSpec(Spec):
+    """Per-token acceptance rate of drafted tokens, as a distribution across requests.
+
+    `fixed`: every request accepts with probability `mean`; `beta`: each request draws its
+    rate from Beta(mean * concentration, (1 - mean) * concentration); `empirical`: each
+    request draws one of `values` (e.g. per-request rates measured on a real model).
+    """
+
+    kind: ClassVar[str] = "deployment.speculation.acceptance"
+    distribution: Literal["fixed", "beta", "empirical"] = "fixed"
+    mean: float | None = Field(default=None, gt=0, lt=1)
+    concentration: float = Field(default=10.0, gt=0, description="beta: alpha + beta")
+    values: list[float] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _params(self):
+        if self.distribution == "empirical":
+            if not self.values:
+                raise ValueError("values: required by distribution 'empirical'")
+            bad = [v for v in self.values if not 0 < v < 1]
+            if bad:
+                raise ValueError(f"values: every rate must be in (0, 1), got {bad[0]!r}")
+        elif self.mean is None:
+            raise ValueError(f"mean: required by distribution {self.distribution!r}")
+        return self
+
+    @property
+    def average(self) -> float:
+        return float(sum(self.values) / len(self.values)) if self.distribution == "empirical" else self.mean
+
+
+class SpeculationSpec(Spec):
+    """Speculative decoding as a decode mode: a drafter, an acceptance model and a policy for k.
+
+    `policy`: `fixed` drafts `k` tokens every step; `adaptive` looks k up in the table
+    k*(batch size) the cost model predicts (Su et al., arXiv 2310.18813); `goodput` picks k
+    per step to maximize expected committed tokens per second of the running batch
+    (SmartSpec, arXiv 2406.14066), k = 0 allowed.
+    """
+
+    kind: ClassVar[str] = "deployment.speculation"
+    draft: str = Field(description="a catalog model that shares the target's tokenizer, or 'ngram' (prompt lookup)")
+    draft_tp: int = Field(default=1, ge=1, description="tensor parallel degree of the draft model")
+    policy: Literal["fixed", "adaptive", "goodput"] = "adaptive"
+    k: int = Field(default=4, ge=0, description="fixed: tokens drafted per step")
+    k_max: int = Field(default=8, ge=0, le=32, description="adaptive, goodput: largest k considered")
+    acceptance: AcceptanceSpec
+
+
 class DeploymentSpec(Spec):
     kind: ClassVar[str] = "deployment"
     name: str | None = None
@@ -65,6 +114,7 @@ class DeploymentSpec(Spec):
     cpu_kv_buffer_GB: float = Field(default=0.0, ge=0, description="seesaw: CPU KV buffer per replica")
     preemption: Literal["recompute", "swap"] = "recompute"
     engine: EngineSpec | None = Field(default=None, description="catalog name or inline; default: the device's step overhead")
+    speculation: SpeculationSpec | None = Field(default=None, description="speculative decoding (vllm scheduler)")
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -88,6 +138,8 @@ class DeploymentSpec(Spec):
             raise ValueError(f"scheduler: different prefill and decode layouts need 'seesaw', not {self.scheduler!r}")
         if self.scheduler == "seesaw" and self.cpu_kv_buffer_GB <= 0:
             raise ValueError("cpu_kv_buffer_GB: the seesaw scheduler needs a CPU KV buffer > 0")
+        if self.speculation is not None and self.scheduler != "vllm":
+            raise ValueError(f"speculation: needs the 'vllm' scheduler (decode-only steps), not {self.scheduler!r}")
         if self.preemption == "swap" and self.cpu_kv_buffer_GB <= 0:
             raise ValueError("cpu_kv_buffer_GB: swap preemption needs CPU swap space > 0 "
                              "(when it is full, a victim is preempted by recompute instead)")
