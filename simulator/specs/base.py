@@ -15,6 +15,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from simulator.errors import SpecError
 
 
+def _model_at(cls: type[BaseModel], path: tuple) -> type[BaseModel]:
+    """The (nested) model class that validates the mapping at `path` of a ValidationError."""
+    for part in path:
+        if not isinstance(part, str) or part not in cls.model_fields:
+            continue  # a list index, or a union member's tag
+        candidates = [cls.model_fields[part].annotation]
+        while candidates:
+            t = candidates.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                cls = t
+                break
+            candidates.extend(getattr(t, "__args__", ()))
+    return cls
+
+
 class Spec(BaseModel):
     """A frozen, validated spec. Unknown fields are rejected."""
 
@@ -36,7 +51,7 @@ class Spec(BaseModel):
             value = first.get("input")
             msg = first["msg"]
             if first["type"] == "extra_forbidden":
-                allowed = sorted(cls.model_fields)
+                allowed = sorted(_model_at(cls, first["loc"][:-1]).model_fields)
                 msg = f"unknown field; known fields are {', '.join(allowed)}"
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
