@@ -10,6 +10,7 @@ without chunked prefill.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from executor.launch.base import Approximations, LaunchFile
@@ -35,6 +36,7 @@ def write(
         *_parallel_args(cluster, deployment, layout),
         *_scheduler_args(model, deployment, approx),
         *_memory_args(deployment, layout, approx),
+        *_speculation_args(model, cluster, deployment, approx),
     ]
     notes = []
     nodes = nodes_used(cluster, deployment)
@@ -100,6 +102,42 @@ def _scheduler_args(
             "prompts are rejected"
         )
     return args
+
+
+def _speculation_args(
+    model: TransformerSpec, cluster: ClusterSpec, deployment: DeploymentSpec, approx: Approximations
+) -> list[Flag]:
+    """`--speculative-config`: vLLM drafts one k for every batch, optionally switched off above
+    a batch size, so an adaptive or goodput policy is written as k*(1) with speculation
+    disabled from the first batch size whose k* is 0."""
+    spec = deployment.speculation
+    if spec is None:
+        return []
+    from simulator.speculation import NGRAM, ModelStepCost, policy_table
+
+    config: dict = {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 1} if spec.draft == NGRAM \
+        else {"method": "draft_model", "model": spec.draft, "draft_tensor_parallel_size": spec.draft_tp}
+    note = None
+    if spec.policy == "fixed":
+        config["num_speculative_tokens"] = spec.k
+    else:
+        cost = ModelStepCost.build(model, cluster, deployment.decode, spec, deployment.engine)
+        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b <= deployment.max_num_seqs]
+        table = policy_table(cost, spec.acceptance, sizes, spec.k_max)
+        config["num_speculative_tokens"] = max(table.rows[0].k, 1)
+        off = next((r.batch_size for r in table.rows if r.k == 0), None)
+        if off is not None:
+            config["disable_by_batch_size"] = off
+        ks = ", ".join(f"{b}: {k}" for b, k in table.as_dict().items())
+        note = f"Predicted k*(batch size) at 512 context tokens: {{{ks}}}."
+        approx.add(f"vLLM drafts one k for every batch size: the {spec.policy} policy is written as "
+                   f"k = {config['num_speculative_tokens']}"
+                   + (f", switched off from {off} running requests" if off else "") + f" ({note})")
+    if spec.draft != NGRAM:
+        note = ((note + " ") if note else "") + (
+            f"Replace the draft '{spec.draft}' (a simtune catalog name) by its checkpoint path or "
+            "Hugging Face id; it must share the target's tokenizer.")
+    return [flag("--speculative-config", json.dumps(config, separators=(",", ":")), note=note)]
 
 
 def _memory_args(
