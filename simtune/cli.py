@@ -820,7 +820,7 @@ def tune_spec(
     with SearchProgress() as progress:
         result = tune_speculation(target, draft, cluster, acc, batch_sizes=_int_list(batch_sizes, "batch_sizes"),
                                   k_max=k_max, context=context, tp=tp, engine=engine, workload=workload,
-                                  profile=measured, progress=progress)
+                                  measurement=measured, progress=progress)
     if plot:
         import matplotlib
 
@@ -842,6 +842,9 @@ def tune_spec(
     what = "measured profile" if measured else f"{target} + draft {draft} on {cluster}"
     out.print(f"[bold]{escape(what)}[/], context {result.table.context:,.0f} tokens", soft_wrap=True)
     out.print(_policy_table(result))
+    if result.search.get("batch_sizes_dropped"):
+        out.print(f"batch sizes {', '.join(map(str, result.search['batch_sizes_dropped']))} left out: the KV "
+                  f"cache holds {result.search['max_batch_in_kv']:,} sequences at this context")
     if result.runs:
         out.print(_policy_runs_table(result))
 

@@ -352,6 +352,17 @@ def acceptance_rate(accepted: int, rejections: int) -> float | None:
     return accepted / (accepted + rejections) if accepted + rejections else None
 
 
+def max_batch_in_kv(model: TransformerSpec, cluster: ClusterSpec, deployment, context: float) -> int:
+    """The largest batch whose KV (context + k_max drafts per sequence) fits one replica."""
+    from simulator.serving.simulate import kv_capacity_tokens  # simulate imports this module
+
+    it = IterationModel(model, cluster, deployment.decode, deployment.engine)
+    capacity = kv_capacity_tokens(model, cluster, deployment, it, "deployment.decode")
+    spec = deployment.speculation
+    extra = (spec.k if spec.policy == "fixed" else spec.k_max) + 1 if spec else 1
+    return int(capacity // (context + extra))
+
+
 TABLE_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 

@@ -200,3 +200,50 @@ def test_tune_serve_unknown_engine_exits_2(cli, small_workload):
     result = cli("tune", "serve", "--model", "llama-2-7b", "--cluster", "1xa100-80gb",
                  "--workload", small_workload, "--emit", "tgi")
     assert result.exit_code == 2 and "emit" in result.stderr
+
+
+# --- tune spec -------------------------------------------------------------------------------
+
+SPEC = ["--target", "llama-2-7b", "--draft", "llama-68m", "--cluster", "1xa100-80gb"]
+
+
+def test_tune_spec_json_contract_and_policies_on_a_workload(cli, small_workload, tmp_path):
+    data = one_json_object(cli("tune", "spec", *SPEC, "--acceptance", "0.7", "--batch-sizes", "1,8,64",
+                               "--workload", small_workload, "--json", "--plot", tmp_path / "k.png"))
+    assert [r["batch_size"] for r in data["policy"]] == [1, 8, 64]
+    assert all({"batch_size", "k", "speedup"} <= set(r) for r in data["policy"])
+    ks = [r["k"] for r in data["policy"]]
+    assert ks == sorted(ks, reverse=True) and ks[0] > 0
+    assert set(data["workload"]) == {"none", "fixed", "adaptive", "goodput"}
+    assert data["workload"]["fixed"]["speculation"]["k_histogram"] == {
+        str(data["best_fixed_k"]): data["workload"]["fixed"]["speculation"]["decode_steps"]}
+    assert data["workload"]["adaptive"]["tpot_s"]["p50"] < data["workload"]["none"]["tpot_s"]["p50"]
+    assert (tmp_path / "k.png").stat().st_size > 0
+
+
+def test_tune_spec_from_a_measured_profile_and_an_acceptance_trace(cli, tmp_path):
+    profile = {"profile": {"context": 200,
+                           "target": [{"batch_size": b, "tokens_per_seq": n, "seconds": 0.02 + 0.001 * b * n}
+                                      for b in (1, 4, 16) for n in range(1, 6)],
+                           "draft": []},
+               "acceptance": {"per_request": [0.5, 0.7, 0.9]}}
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(profile))
+    data = one_json_object(cli("tune", "spec", "--profile", path, "--json"))
+    assert [r["batch_size"] for r in data["policy"]] == [1, 2, 4, 8, 16] and data["k_max"] == 4
+    assert data["policy"][0]["k"] == 4 and data["policy"][-1]["k"] < 4
+    trace = tmp_path / "acc.csv"
+    trace.write_text("acceptance\n0.4\n0.6\n")
+    data = one_json_object(cli("tune", "spec", *SPEC, "--acceptance-trace", trace, "--batch-sizes", "1", "--json"))
+    assert data["policy"][0]["k"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--acceptance", "1.2"], "acceptance.mean = 1.2: Input should be less than 1"),
+    (["--acceptance", "0.5", "--acceptance-trace", "x.csv"], "not both"),
+    (["--acceptance", "0.5", "--batch-sizes", "0,4"], "each >= 1"),
+    (["--acceptance", "0.5", "--emit", "tgi"], "emit"),
+])
+def test_tune_spec_bad_input_exits_2_naming_the_option(cli, args, message):
+    result = cli("tune", "spec", *SPEC, *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr

@@ -238,3 +238,41 @@ def test_deployments_that_do_not_fit_raise_before_writing(tmp_path, layout, fiel
         emit_serving_configs(model, cluster, DeploymentSpec.parse(layout), ENGINES, tmp_path / "out")
     assert err.value.field == field
     assert not (tmp_path / "out").exists()
+
+
+@needs_bash
+@pytest.mark.parametrize("speculation,config", [
+    ({"draft": "ngram", "policy": "fixed", "k": 3, "acceptance": {"mean": 0.6}},
+     {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}),
+    ({"draft": "llama-68m", "policy": "fixed", "k": 5, "acceptance": {"mean": 0.6}},
+     {"method": "draft_model", "model": "llama-68m", "draft_tensor_parallel_size": 1, "num_speculative_tokens": 5}),
+])
+def test_fixed_speculation_becomes_vllms_speculative_config(tmp_path, speculation, config):
+    import json
+
+    model, cluster = load_model("llama-2-7b"), load_cluster("1xa100-80gb")
+    deployment = DeploymentSpec.parse({"speculation": speculation})
+    out = tmp_path / "out"
+    emit_serving_configs(model, cluster, deployment, ENGINES, out)
+    _, vllm = vllm_call(out, tmp_path)
+    assert json.loads(vllm["--speculative-config"]) == config
+    assert approximations(model, cluster, deployment, "vllm") == []
+    assert any("speculative decoding" in a for a in approximations(model, cluster, deployment, "sglang"))
+
+
+def test_adaptive_speculation_is_written_as_k_at_batch_one_switched_off_where_k_is_zero(tmp_path):
+    import json
+
+    from simulator.speculation import ModelStepCost, policy_table
+
+    model, cluster = load_model("llama-2-7b"), load_cluster("1xa100-80gb")
+    deployment = DeploymentSpec.parse({"max_num_seqs": 1024, "speculation": {
+        "draft": "llama-68m", "policy": "adaptive", "acceptance": {"mean": 0.2}}})
+    table = policy_table(ModelStepCost.build(model, cluster, deployment.decode, deployment.speculation),
+                         deployment.speculation.acceptance, [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    (launch,) = [f for f in render_serving(model, cluster, deployment, ["vllm"]) if f.path.name == "vllm_serve.sh"]
+    line = next(w for w in launch.text.splitlines() if "--speculative-config" in w)
+    config = json.loads(line.split("--speculative-config ", 1)[1].strip().strip("'"))
+    assert config["num_speculative_tokens"] == table.rows[0].k > 0
+    assert config["disable_by_batch_size"] == next(r.batch_size for r in table.rows if r.k == 0)
+    assert any("one k for every batch size" in a for a in launch.approximations)

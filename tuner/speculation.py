@@ -27,7 +27,14 @@ from simulator.specs.catalog import load_cluster, load_engine, load_model, load_
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import AcceptanceSpec, DeploymentSpec, Parallel, SpeculationSpec
-from simulator.speculation import NGRAM, MeasuredStepCost, ModelStepCost, PolicyTable, policy_table
+from simulator.speculation import (
+    NGRAM,
+    MeasuredStepCost,
+    ModelStepCost,
+    PolicyTable,
+    max_batch_in_kv,
+    policy_table,
+)
 from tuner.training.space import tp_allowed
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -50,11 +57,11 @@ def read_acceptance_trace(path: str | Path) -> AcceptanceSpec:
     else:
         data = json.loads(path.read_text())
         values = data["acceptance"]["per_request"] if isinstance(data, dict) else data
-    try:
-        return AcceptanceSpec(distribution="empirical", values=[float(v) for v in values])
-    except ValueError:
-        bad = next(v for v in values if not 0 < float(v) < 1)
-        raise SpecError("acceptance_trace", bad, f"every rate in {path.name} must be in (0, 1)") from None
+    bad = [v for v in values if not 0 < float(v) < 1]
+    if bad or not values:
+        raise SpecError("acceptance_trace", bad[0] if bad else str(path),
+                        f"every rate in {path.name} must be in (0, 1), and there must be at least one")
+    return AcceptanceSpec(distribution="empirical", values=[float(v) for v in values])
 
 
 def smallest_tp(model: TransformerSpec, cluster: ClusterSpec, engine=None) -> int:
@@ -108,22 +115,23 @@ def tune_speculation(
     tp: int | None = None,
     engine: Any = None,
     workload: Any = None,
-    profile: dict[str, Any] | None = None,
+    measurement: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> SpecTuneResult:
-    """k*(b) for a target and draft on a cluster (or from a measured `profile`), and with a
-    `workload` each policy's simulated throughput and latency."""
+    """k*(b) for a target and draft on a cluster, or from a `measurement` (the JSON of
+    `benchmarks/bench_speculative.py`: its step-cost profile and per-request acceptance), and
+    with a `workload` each policy's simulated throughput and latency."""
     started = time.perf_counter()
     if isinstance(acceptance, (int, float)):
-        acceptance = AcceptanceSpec(mean=float(acceptance))
-    if profile is not None:
+        acceptance = AcceptanceSpec.parse({"mean": float(acceptance)}, prefix="acceptance")
+    if measurement is not None:
         if workload is not None:
             raise SpecError("workload", "given", "a measured profile predicts the policy table only; "
                             "give a target, draft and cluster to simulate a workload")
         from simulator.speculation import acceptance_of_measurement
 
-        cost = MeasuredStepCost(profile)
-        acceptance = acceptance or acceptance_of_measurement(profile)
+        cost = MeasuredStepCost(measurement["profile"])
+        acceptance = acceptance or acceptance_of_measurement(measurement)
         sizes = [b for b in batch_sizes if cost.batch_sizes[0] <= b <= cost.batch_sizes[-1]] or cost.batch_sizes
         k_max = min(k_max, cost.max_tokens_per_seq - 1)
         table = policy_table(cost, acceptance, sizes, k_max, cost.context if context is None else context)
@@ -137,7 +145,8 @@ def tune_speculation(
     engine = load_engine(engine) if engine is not None else None
     wl = load_workload(workload) if workload is not None else None
     tp = tp or smallest_tp(model, cluster, engine)
-    spec = SpeculationSpec(draft=draft, policy="adaptive", k_max=k_max, acceptance=acceptance)
+    spec = SpeculationSpec.parse({"draft": draft, "policy": "adaptive", "k_max": k_max,
+                                  "acceptance": acceptance.to_dict()}, prefix="speculation")
     dep = DeploymentSpec(prefill=Parallel(tp=tp), dp=cluster.num_devices // tp, speculation=spec, engine=engine)
     cost = ModelStepCost.build(model, cluster, dep.decode, spec, engine)
     if context is None:
@@ -147,7 +156,13 @@ def tune_speculation(
 
             reqs = generate_requests(wl)
             context = sum(r.input_tokens + r.output_tokens / 2 for r in reqs) / len(reqs)
-    table = policy_table(cost, acceptance, batch_sizes, k_max, context)
+    limit = max_batch_in_kv(model, cluster, dep, context)
+    fitting = [b for b in batch_sizes if b <= limit]
+    if not fitting:
+        raise SpecError("batch_sizes", list(batch_sizes), (
+            f"none fits: the KV cache of {model.name} on tp {tp} holds {limit} sequences of "
+            f"{context:,.0f} + {k_max + 1} tokens"))
+    table = policy_table(cost, acceptance, fitting, k_max, context)
     result = SpecTuneResult(table, dep)
     if wl is not None:
         deployments = {
@@ -162,6 +177,7 @@ def tune_speculation(
             result.runs[name] = simulate_serving(model, cluster, DeploymentSpec.parse(d.to_dict()), wl)
         if progress:
             progress("simulating", len(deployments), len(deployments))
-    result.search = {"seconds": time.perf_counter() - started, "source": "model",
+    result.search = {"seconds": time.perf_counter() - started, "source": "model", "max_batch_in_kv": limit,
+                     "batch_sizes_dropped": [b for b in batch_sizes if b > limit],
                      "evaluated": len(table.rows) * (k_max + 1), "draft_is_model": draft != NGRAM}
     return result

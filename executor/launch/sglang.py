@@ -35,6 +35,10 @@ def write(
         *_scheduler_args(deployment, approx),
         *_memory_args(deployment, approx),
     ]
+    if deployment.speculation is not None:
+        approx.add(f"speculative decoding ({deployment.speculation.policy} policy, draft "
+                   f"{deployment.speculation.draft}) is not written: use the vLLM script, or SGLang's "
+                   "--speculative-* flags by hand")
     notes, env = [], []
     if nodes > 1:
         notes.append(f"The deployment spans {nodes} nodes: run this script on every node with "

@@ -22,6 +22,7 @@ from simulator.specs.serving import DeploymentSpec, Parallel
 ENGINE = "vllm"
 FILE = "vllm_serve.sh"
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # --block-size choices on CUDA
+CONTEXT = 512  # context tokens per sequence at which an adaptive policy's k*(b) is computed
 
 
 def write(
@@ -113,7 +114,7 @@ def _speculation_args(
     spec = deployment.speculation
     if spec is None:
         return []
-    from simulator.speculation import NGRAM, ModelStepCost, policy_table
+    from simulator.speculation import NGRAM, ModelStepCost, max_batch_in_kv, policy_table
 
     config: dict = {"method": "ngram", "prompt_lookup_max": 4, "prompt_lookup_min": 1} if spec.draft == NGRAM \
         else {"method": "draft_model", "model": spec.draft, "draft_tensor_parallel_size": spec.draft_tp}
@@ -122,14 +123,15 @@ def _speculation_args(
         config["num_speculative_tokens"] = spec.k
     else:
         cost = ModelStepCost.build(model, cluster, deployment.decode, spec, deployment.engine)
-        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b <= deployment.max_num_seqs]
-        table = policy_table(cost, spec.acceptance, sizes, spec.k_max)
+        limit = min(deployment.max_num_seqs, max(1, max_batch_in_kv(model, cluster, deployment, CONTEXT)))
+        sizes = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if b < limit} | {limit})
+        table = policy_table(cost, spec.acceptance, sizes, spec.k_max, CONTEXT)
         config["num_speculative_tokens"] = max(table.rows[0].k, 1)
         off = next((r.batch_size for r in table.rows if r.k == 0), None)
         if off is not None:
             config["disable_by_batch_size"] = off
         ks = ", ".join(f"{b}: {k}" for b, k in table.as_dict().items())
-        note = f"Predicted k*(batch size) at 512 context tokens: {{{ks}}}."
+        note = f"Predicted k*(batch size) at {CONTEXT} context tokens: {{{ks}}}."
         approx.add(f"vLLM drafts one k for every batch size: the {spec.policy} policy is written as "
                    f"k = {config['num_speculative_tokens']}"
                    + (f", switched off from {off} running requests" if off else "") + f" ({note})")
