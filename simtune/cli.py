@@ -445,6 +445,11 @@ def _serving_table(r: Any) -> Table:
     table.add_row("KV utilization mean / max", f"{r.kv_utilization['mean']:.1%} / "
                   f"{r.kv_utilization['max']:.1%}")
     table.add_row("steps", " · ".join(f"{k} {n:,}" for k, n in r.steps.items()) or "0")
+    if r.speculation:
+        s = r.speculation
+        acc = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.2f}"
+        table.add_row(f"speculation ({s['policy']}, draft {s['draft']})",
+                      f"mean k {s['mean_k']:.2f} · acceptance {acc}")
     return table
 
 

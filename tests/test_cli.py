@@ -39,7 +39,7 @@ def one_json_object(result) -> dict:
 
 def test_catalog_json_lists_names_with_key_fields(cli):
     data = one_json_object(cli("catalog", "--json"))
-    assert set(data) == {"devices", "clusters", "models", "plans", "deployments", "workloads"}
+    assert set(data) == {"devices", "clusters", "models", "plans", "deployments", "workloads", "engines"}
     models = {row["name"]: row for row in data["models"]}
     assert models["gpt3-175b"]["num_layers"] == 96
     assert models["gpt3-175b"]["hidden_size"] == 12288
