@@ -6,7 +6,10 @@ of every sequence), then commits for each sequence the accepted prefix plus one 
 the target's own. With per-token acceptance rate a (independent tokens, Leviathan et al.,
 arXiv 2211.17192) a sequence commits E(a, k) = (1 - a^(k+1)) / (1 - a) tokens per step, so
 
-    throughput(b, k) = b * mean_i E(a_i, k) / (k * T_draft(b) + T_target(b, k + 1)).
+    throughput(b, k) = b * E_b(k) / (k * T_draft(b) + T_target(b, k + 1)),
+
+where E_b is what a batch slot commits per step: the harmonic mean of E(a_i, k) over
+requests when continuous batching keeps the batch full (`steady_tokens_per_step`).
 
 While the target is memory-bound, T_target(b, k+1) is close to T_target(b, 1): the k extra
 tokens per sequence are nearly free and large k pays. Once b(k+1) passes the roofline ridge
@@ -80,6 +83,32 @@ def mean_expected_tokens(acceptance: AcceptanceSpec, k: int) -> float:
         moment *= (alpha + j) / (alpha + beta + j)
         total += moment
     return total
+
+
+def steady_tokens_per_step(acceptance: AcceptanceSpec, k: int) -> float:
+    """Tokens a batch slot commits per step in steady-state continuous batching: the harmonic
+    mean over requests of E(a_i, k).
+
+    A request of L tokens holds its slot for L / E(a_i, k) steps, so a slot that serves
+    requests one after another commits L / mean_i(L / E_i) tokens per step. Requests that
+    accept little stay longest, which is why the arithmetic mean of E over requests
+    (`mean_expected_tokens`) overstates what a busy engine gains when acceptance varies.
+    """
+    k = _check_k(k)
+    if acceptance.distribution == "fixed":
+        return expected_tokens(acceptance.mean, k)
+    if acceptance.distribution == "empirical":
+        return float(1.0 / np.mean(1.0 / expected_tokens(np.asarray(acceptance.values), k)))
+    # Beta: integrate 1 / E(a, k) against the density on a fine midpoint grid
+    alpha = acceptance.mean * acceptance.concentration
+    beta = (1.0 - acceptance.mean) * acceptance.concentration
+    a = (np.arange(BETA_GRID) + 0.5) / BETA_GRID
+    log_pdf = (alpha - 1) * np.log(a) + (beta - 1) * np.log1p(-a)
+    w = np.exp(log_pdf - log_pdf.max())
+    return float(w.sum() / np.sum(w / expected_tokens(a, k)))
+
+
+BETA_GRID = 20_000
 
 
 def sample_rates(acceptance: AcceptanceSpec, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -187,8 +216,9 @@ class MeasuredStepCost:
 
 
 def throughput(cost: StepCost, acceptance: AcceptanceSpec, batch: int, k: int, context: float) -> float:
-    """Committed tokens per second of a batch that speculates k tokens every step."""
-    return batch * mean_expected_tokens(acceptance, k) / step_s(cost, batch, k, context)
+    """Committed tokens per second of a batch kept full (continuous batching) that speculates
+    k tokens every step."""
+    return batch * steady_tokens_per_step(acceptance, k) / step_s(cost, batch, k, context)
 
 
 @dataclass(frozen=True)

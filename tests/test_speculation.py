@@ -18,6 +18,7 @@ from simulator.speculation import (
     expected_tokens,
     goodput_k,
     mean_expected_tokens,
+    steady_tokens_per_step,
     policy_table,
     sample_accepted,
     sample_rates,
@@ -64,6 +65,27 @@ def test_mean_expected_tokens_over_a_beta_distribution_matches_sampling():
         assert mean_expected_tokens(acc, k) == pytest.approx(sampled, rel=0.005)
         # E(a, k) is convex in a: spread across requests raises the mean above E(mean a)
         assert mean_expected_tokens(acc, k) > expected_tokens(0.6, k)
+
+
+def test_steady_state_slot_throughput_is_the_harmonic_mean_a_refilled_slot_achieves():
+    """One batch slot serving requests back to back, simulated token by token: the tokens it
+    commits per step approach the harmonic mean of E(a_i, k), below the arithmetic mean."""
+    rates = [0.1, 0.5, 0.9]
+    acc = AcceptanceSpec(distribution="empirical", values=rates)
+    rng = np.random.default_rng(2)
+    k, length, tokens, steps = 4, 200, 0, 0
+    for i in range(600):
+        a, left = rates[i % 3], length
+        while left > 0:
+            left -= sample_accepted(a, k, rng) + 1
+            steps += 1
+        tokens += length
+    assert tokens / steps == pytest.approx(steady_tokens_per_step(acc, k), rel=0.02)
+    assert steady_tokens_per_step(acc, k) < mean_expected_tokens(acc, k) * 0.85
+    beta = AcceptanceSpec(distribution="beta", mean=0.6, concentration=4.0)
+    draws = sample_rates(beta, 200_000, np.random.default_rng(3))
+    hm = 1.0 / np.mean(1.0 / expected_tokens(draws, k))
+    assert steady_tokens_per_step(beta, k) == pytest.approx(hm, rel=0.005)
 
 
 # -- the choice of k ------------------------------------------------------------------------------
