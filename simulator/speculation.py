@@ -169,20 +169,41 @@ class ModelStepCost:
         return self.draft.step_s([Work(1, int(context), 1)] * batch)
 
 
+def monotone_fit(values: Sequence[float]) -> list[float]:
+    """The least-squares non-decreasing fit of a sequence (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
 class MeasuredStepCost:
     """Step costs measured on a real machine, interpolated in the batch size.
 
     `profile` holds {"context": c, "target": [{"batch_size", "tokens_per_seq", "seconds"}],
     "draft": [{"batch_size", "seconds"}]} (the layout `benchmarks/bench_speculative.py`
-    writes). Batch sizes between measured ones interpolate linearly; outside the measured
-    range, or for more tokens per sequence than measured, it raises ValueError.
+    writes). Measured times are used as they are: on a CPU some shapes are systematically
+    faster than smaller ones (matmul blocking: 2 x 8 tokens can beat 2 x 7), and a real k*
+    follows them. With `monotone=True`, the times at each batch size are replaced by their
+    least-squares non-decreasing fit in the tokens per sequence, for noisy profiles. Batch sizes between
+    measured ones interpolate linearly; outside the measured range, or for more tokens per
+    sequence than measured, it raises ValueError.
     """
 
-    def __init__(self, profile: dict[str, Any]):
+    def __init__(self, profile: dict[str, Any], monotone: bool = False):
         self.context = float(profile["context"])
-        target: dict[int, dict[int, float]] = {}
+        by_batch: dict[int, dict[int, float]] = {}
         for row in profile["target"]:
-            target.setdefault(int(row["tokens_per_seq"]), {})[int(row["batch_size"])] = float(row["seconds"])
+            by_batch.setdefault(int(row["batch_size"]), {})[int(row["tokens_per_seq"])] = float(row["seconds"])
+        target: dict[int, dict[int, float]] = {}
+        for b, times in by_batch.items():
+            ns = sorted(times)
+            fitted = monotone_fit([times[n] for n in ns]) if monotone else [times[n] for n in ns]
+            for n, s in zip(ns, fitted):
+                target.setdefault(n, {})[b] = s
         self._target = {n: (sorted(t), [t[b] for b in sorted(t)]) for n, t in target.items()}
         draft = {int(r["batch_size"]): float(r["seconds"]) for r in profile.get("draft", [])}
         self._draft = (sorted(draft), [draft[b] for b in sorted(draft)]) if draft else None
@@ -333,9 +354,18 @@ def policy_from_measurement(results: dict[str, Any]) -> dict[int, int]:
     return policy_table_of_measurement(results).as_dict()
 
 
+def measurement_view(results: dict[str, Any], workload: str | None = None) -> dict[str, Any]:
+    """One workload of a measurement as {profile, grid, acceptance, adaptive}: the continuous-
+    batching benchmark keeps one block per workload class under "classes"."""
+    if workload is None:
+        return results
+    return {"profile": results["profile"], **results["classes"][workload]}
+
+
 def compare_with_measurement(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per batch size: the model's k*(b), the measured best fixed k and the throughputs."""
-    table = policy_table_of_measurement(results)
+    """Per batch size: the model's k*(b) among the measured k, the measured best k, and the
+    measured throughputs of both, of k = 0 and of the adaptive run."""
+    table = policy_table_of_measurement(results, max(int(r["k"]) for r in results["grid"]))
     grid: dict[int, dict[int, float]] = {}
     for row in results["grid"]:
         grid.setdefault(int(row["batch_size"]), {})[int(row["k"])] = float(row["output_tokens_per_s"])
@@ -345,14 +375,14 @@ def compare_with_measurement(results: dict[str, Any]) -> list[dict[str, Any]]:
         measured = grid.get(row.batch_size)
         if not measured:
             continue
+        model_k = max(measured, key=lambda k: row.tokens_per_s_by_k[k])  # among the k that were run
         best_k = max(measured, key=measured.get)
-        predicted_k_measured = measured.get(row.k)
         out.append({
-            "batch_size": row.batch_size, "model_k": row.k, "measured_best_k": best_k,
+            "batch_size": row.batch_size, "model_k": model_k, "model_k_any": row.k, "measured_best_k": best_k,
             "measured_k0_tokens_per_s": measured.get(0), "measured_best_tokens_per_s": measured[best_k],
-            "measured_at_model_k_tokens_per_s": predicted_k_measured,
+            "measured_at_model_k_tokens_per_s": measured[model_k],
             "adaptive_tokens_per_s": adaptive.get(row.batch_size),
-            "predicted_speedup": row.speedup,
+            "predicted_speedup": row.tokens_per_s_by_k[model_k] / row.tokens_per_s_by_k[0],
             "measured_speedup": measured[best_k] / measured[0] if 0 in measured else None,
         })
     return out

@@ -18,10 +18,10 @@ from simulator.speculation import (
     expected_tokens,
     goodput_k,
     mean_expected_tokens,
-    steady_tokens_per_step,
     policy_table,
     sample_accepted,
     sample_rates,
+    steady_tokens_per_step,
 )
 
 
@@ -117,6 +117,14 @@ def test_k_is_zero_when_acceptance_is_below_the_draft_cost_ratio(a, expect_zero)
     table = policy_table(cost, fixed(a), [1, 8], k_max=8)
     assert all((r.k == 0) == expect_zero for r in table.rows)
     assert (goodput_k(cost, [a] * 8, 512, 8) == 0) == expect_zero
+
+
+def test_measured_profile_is_made_non_decreasing_in_tokens_per_sequence():
+    noisy = {"context": 100, "target": [{"batch_size": 1, "tokens_per_seq": n, "seconds": s}
+                                        for n, s in zip((1, 2, 3, 4), (0.020, 0.040, 0.030, 0.050))]}
+    cost = MeasuredStepCost(noisy, monotone=True)
+    assert [cost.target_s(1, n, 100) for n in (1, 2, 3, 4)] == pytest.approx([0.020, 0.035, 0.035, 0.050])
+    assert MeasuredStepCost(noisy).target_s(1, 3, 100) == 0.030  # as measured by default
 
 
 def test_measured_profile_interpolates_in_batch_size_and_refuses_to_extrapolate():
