@@ -44,9 +44,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from simulator.specs import Parallel, load_cluster, load_model
-from simulator.specs.serving import SpeculationSpec
-from simulator.speculation import ModelStepCost, measurement_view, policy_table
-from simulator.speculation_plots import leviathan_check, measured_table, model_vs_measured, plot_model_vs_measured
+from simulator.specs.serving import AcceptanceSpec, SpeculationSpec
+from simulator.speculation import ModelStepCost, measurement_view
+from simulator.speculation_plots import (
+    leviathan_check,
+    measured_table,
+    model_vs_measured,
+    plot_model_vs_measured,
+)
 from tuner.speculation import tune_speculation
 
 pd.options.display.float_format = "{:,.3f}".format
@@ -86,7 +91,6 @@ rows = {}
 for load, workload in {"low load (1 req/s)": {"num_requests": 150, "preset": "sharegpt-like",
                                               "arrival": {"kind": "poisson", "rate_per_s": 1.0}},
                        "offline (all at once)": {"num_requests": 600, "preset": "sharegpt-like"}}.items():
-    from simulator.specs.serving import AcceptanceSpec
     result = tune_speculation("llama-3-70b", "llama-3.2-1b", "4xh100", AcceptanceSpec(**acceptance),
                               batch_sizes=[1, 4, 16, 64, 256], workload=workload)
     for policy, rep in result.runs.items():
