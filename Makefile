@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_training_sim.py
 	$(BIN)/python benchmarks/bench_training_tuner.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_speculative_serving.py
+	$(BIN)/python benchmarks/bench_speculative.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
