@@ -136,6 +136,34 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Measured and predicted speedup by k, per batch size, for each workload class (PNG,
+    written atomically)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simulator.speculation import measurement_view
+    from simulator.speculation_plots import plot_model_vs_measured
+
+    classes = list(result["classes"])
+    fig, axes = plt.subplots(len(classes), 2, figsize=(11, 3.6 * len(classes)), sharey="row", squeeze=False)
+    for row, name in zip(axes, classes):
+        plot_model_vs_measured(measurement_view(result, name), row)
+        row[0].set_title(f"{name} prompts: measured (stars: best k)")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)
+    log(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.splitlines()[0], "b in {1,4}, few k, 12 new tokens, 16 prompts", DEFAULT_OUT)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -144,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "the adaptive runs (for a profile disturbed by other load)")
     args = p.parse_args(argv)
     if args.markdown_only:
-        return common.rewrite_markdown(args.out, markdown)
+        result = common.rewrite_markdown(args.out, markdown)
+        plot(result, Path(args.out).with_suffix(".png"))
+        return result
     cfg = dict(QUICK if args.quick else FULL)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -177,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["reprofiled"] = {"grid_measured": previous["timestamp"], "first_profile": previous["profile"]}
     result["wall_s"] = time.perf_counter() - t_start
     common.write_results(result, args.out, markdown)
+    plot(result, Path(args.out).with_suffix(".png"))
     print(markdown(result))
     return result
 
