@@ -156,9 +156,10 @@ class ModelStepCost:
         if speculation.draft == NGRAM:
             return cls(target, None)
         draft_model = draft_model_of(speculation, model, layout)
-        # the draft runs inside the target's engine step: its own kernels, no second CPU step
+        # the draft's kernels, plus the engine's CPU cost per draft step (0 unless it says)
+        draft_overhead = engine.draft_step_overhead_us if engine else 0.0
         return cls(target, IterationModel(draft_model, cluster, Parallel(tp=speculation.draft_tp),
-                                          EngineSpec(step_overhead_us=0.0)))
+                                          EngineSpec(step_overhead_us=draft_overhead)))
 
     def target_s(self, batch: int, tokens_per_seq: int, context: float) -> float:
         return self.target.step_s([Work(tokens_per_seq, int(context), tokens_per_seq)] * batch)

@@ -111,6 +111,19 @@ def test_k_star_is_non_increasing_for_the_symbolic_a100_model():
     assert table.rows[0].speedup > 1.5  # memory-bound batch 1: drafts nearly free
 
 
+def test_an_engine_that_pays_cpu_time_per_draft_step_speculates_less():
+    model, cluster = load_model("llama-2-7b"), load_cluster("1xa100-80gb")
+    spec = SpeculationSpec(draft="llama-68m", acceptance=fixed(0.6))
+    lean = ModelStepCost.build(model, cluster, Parallel(), spec)
+    heavy = ModelStepCost.build(model, cluster, Parallel(), spec,
+                                DeploymentSpec.parse({"engine": {"step_overhead_us": 1500,
+                                                                 "draft_step_overhead_us": 3000}}).engine)
+    assert heavy.draft_s(1, 512) - lean.draft_s(1, 512) == pytest.approx(3000e-6)
+    k_lean = policy_table(lean, spec.acceptance, [1], 8).rows[0].k
+    k_heavy = policy_table(heavy, spec.acceptance, [1], 8).rows[0].k
+    assert k_heavy < k_lean
+
+
 @pytest.mark.parametrize("a,expect_zero", [(0.30, True), (0.34, True), (0.40, False)])
 def test_k_is_zero_when_acceptance_is_below_the_draft_cost_ratio(a, expect_zero):
     cost = Roofline(ridge=10**6, c=0.35)  # always memory-bound: only the draft costs

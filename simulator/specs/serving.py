@@ -48,6 +48,9 @@ class EngineSpec(Spec):
     source: str | None = Field(default=None, description="where the figures come from")
     step_overhead_us: float = Field(ge=0, description="fixed CPU cost of one engine step")
     per_sequence_overhead_us: float = Field(default=0.0, ge=0, description="CPU cost per sequence in a step")
+    draft_step_overhead_us: float = Field(default=0.0, ge=0, description=(
+        "speculative decoding: CPU cost of each draft step (an engine that runs every draft "
+        "token as its own model call pays it k times per step)"))
 
 
 class AcceptanceSpec(Spec):
