@@ -140,7 +140,13 @@ pp_p2p_bytes = ACT_BYTES * b * s * h / t
 dp_grad_bytes = gb * stage_params
 """Gradients reduced across data parallel per stage per iteration."""
 zero3_gather_bytes = ACT_BYTES * layer_params / t
-"""ZeRO-3 all-gathers each layer's 16-bit weights before its forward and its backward."""
+"""ZeRO-3 / FSDP all-gathers one layer's 16-bit weights (this TP shard's, whole) per use."""
+zero3_gather_bytes_fp8 = (layer_weight_params + ACT_BYTES * (layer_bias_params + layer_norm_params)) / t
+"""The same with the GEMM weights gathered in fp8 (torchao's Float8 all-gather for FSDP2)."""
+linear_input_elements_fwd = b * s * (2 * h + h / t + f / t)
+"""Elements entering the linears of one layer on one device: QKV and MLP-up inputs are whole
+(gathered under sequence parallel), the output projection and MLP-down inputs TP-sharded.
+fp8 linears cast each of them (and each weight) before the GEMM."""
 offload_bytes_per_microbatch = ACT_BYTES * stage_params * o_w + o_a * stage_activation_bytes
 """PCIe traffic per micro-batch: offloaded weights fetched for forward and backward, and
 offloaded activations copied out after forward and back in before backward."""
@@ -178,6 +184,8 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "pp_p2p_bytes": pp_p2p_bytes,
     "dp_grad_bytes": dp_grad_bytes,
     "zero3_gather_bytes": zero3_gather_bytes,
+    "zero3_gather_bytes_fp8": zero3_gather_bytes_fp8,
+    "linear_input_elements_fwd": linear_input_elements_fwd,
     "offload_bytes_per_microbatch": offload_bytes_per_microbatch,
     "kv_bytes_per_token": kv_bytes_per_token,
     "layer_weight_bytes": layer_weight_bytes,

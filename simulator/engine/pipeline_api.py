@@ -17,7 +17,7 @@ class OpCost:
     """One forward or backward of one micro-batch through one model chunk on one stage.
 
     `parts` names where the time goes (e.g. {"compute": .., "tp_comm": .., "recompute": ..,
-    "offload_stall": .., "zero3_gather": ..}); the op lasts sum(parts) on the compute stream.
+    "offload_stall": .., "zero3_comm": ..}); the op lasts sum(parts) on the compute stream.
     """
 
     parts: dict[str, float]

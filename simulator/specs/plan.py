@@ -79,6 +79,25 @@ class TrainingPlan(Spec):
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     virtual_stages: int = Field(default=1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 0
+    dp_shard: int | None = Field(
+        default=None, ge=1,
+        description="HSDP: ranks a ZeRO-3 shard group spans (default: all of dp); groups are replicated dp / dp_shard times",
+    )
+    reshard_after_forward: bool = Field(
+        default=True, description="ZeRO-3: free gathered weights after forward (FSDP2 default); false keeps them for backward",
+    )
+    reshard_between_microbatches: bool = Field(
+        default=True,
+        description="ZeRO-3: gather and reduce-scatter every micro-batch; false gathers once per iteration and "
+                    "accumulates unsharded gradients (FSDP2 without gradient sync between micro-batches)",
+    )
+    regather_for_recompute: bool = Field(
+        default=False,
+        description="ZeRO-3: the recompute forward of a checkpointed layer gathers its weights again "
+                    "(DeepSpeed's module hooks); FSDP2 runs the recompute on its pre-backward gather",
+    )
+    precision: Literal["bf16", "fp8"] = Field(default="bf16", description="GEMM precision of the linear layers")
+    fp8_all_gather: bool = Field(default=False, description="ZeRO-3 gathers linear weights in fp8 (needs precision fp8)")
     gradient_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     sequence_parallel: bool = False
     recompute: Literal["none", "selective", "full"] = "none"
@@ -105,6 +124,12 @@ class TrainingPlan(Spec):
                 raise ValueError("pp: must be >= 2 with schedule 'interleaved'")
         elif self.virtual_stages != 1:
             raise ValueError(f"virtual_stages: must be 1 unless schedule is 'interleaved' (it is {self.schedule!r})")
+        if self.dp_shard is not None and self.dp % self.dp_shard:
+            raise ValueError(f"dp_shard: must divide dp = {self.dp}, not {self.dp_shard}")
+        if self.dp_shard not in (None, self.dp) and self.zero_stage != 3:
+            raise ValueError(f"dp_shard: HSDP needs zero_stage 3 (it is {self.zero_stage})")
+        if self.fp8_all_gather and self.precision != "fp8":
+            raise ValueError(f"fp8_all_gather: needs precision 'fp8' (it is {self.precision!r})")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence_parallel: needs tp > 1")
         if self.stages is not None and len(self.stages) != self.pp:
@@ -115,6 +140,16 @@ class TrainingPlan(Spec):
     def num_microbatches(self) -> int:
         """Micro-batches per pipeline per iteration (gradient accumulation steps)."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks that ZeRO shards model states over (dp unless HSDP says fewer)."""
+        return self.dp_shard or self.dp
+
+    @property
+    def replicate_degree(self) -> int:
+        """HSDP replicas: gradients are all-reduced across them."""
+        return self.dp // self.shard_degree
 
     @property
     def num_devices(self) -> int:

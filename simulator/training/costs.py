@@ -15,9 +15,10 @@ from simulator.engine.pipeline_api import ChunkCost, OpCost, StageCost
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, TrainingPlan
+from simulator.training.fsdp import plan_fsdp_options
 from simulator.training.stage_model import StageModel
 
-OP_PARTS = ("compute", "tp_comm", "recompute", "zero3_gather", "offload_stall")
+OP_PARTS = ("compute", "tp_comm", "recompute", "zero3_comm", "offload_stall")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class StageMemory:
     gradients: float
     optimizer: float
     activations: float
-    other: float  # recompute buffer, logits
+    other: float  # recompute buffer, logits, ZeRO-3 gather/reduce buffers
 
     @property
     def total(self) -> float:
@@ -42,7 +43,7 @@ def stage_options(plan: TrainingPlan, zero_stage: int, offload: Offload, checkpo
         "flash": float(plan.flash_attention), "gb": GRAD_BYTES[plan.gradient_dtype],
         "z1": float(zero_stage >= 1), "z2": float(zero_stage >= 2), "z3": float(zero_stage >= 3),
         "o_w": offload.weights, "o_g": offload.gradients, "o_o": offload.optimizer,
-        "o_a": offload.activations, "k": float(checkpointed),
+        "o_a": offload.activations, "k": float(checkpointed), **plan_fsdp_options(plan),
     }
 
 
@@ -52,7 +53,7 @@ class TrainingCostModel:
     def __init__(self, model: TransformerSpec, plan: TrainingPlan, cluster: ClusterSpec):
         self.model, self.plan, self.cluster = model, plan, cluster
         self.stage_model = StageModel(model, cluster, plan.tp, plan.dp, plan.micro_batch_size,
-                                      plan.seq(model), plan.overlap_tp_comm)
+                                      plan.seq(model), plan.overlap_tp_comm, plan.dp_shard, plan.num_microbatches)
         self.layers = plan.stage_layers(model)
         self.checkpointed = plan.stage_checkpointed(model)
         self.zero, self.offload = plan.stage_zero(), plan.stage_offload()
@@ -106,6 +107,6 @@ class TrainingCostModel:
         """Peak memory of a stage given the engine's peak of in-flight activations."""
         parts = [self.chunk(stage, *chunk) for chunk in self._chunks(stage)]
         total = {k: sum(p[k] for p in parts) for k in ("weights", "gradients", "optimizer", "logits")}
-        other = max(p["recompute_buffer"] for p in parts) + total["logits"]
+        other = max(p["recompute_buffer"] + p["zero3_buffer"] for p in parts) + total["logits"]
         return StageMemory(total["weights"], total["gradients"], total["optimizer"],
                            inflight_activation_bytes, other)

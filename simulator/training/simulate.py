@@ -66,7 +66,7 @@ def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Pat
         "recompute": parts.get("recompute", 0.0),
         "tp_comm": parts.get("tp_comm", 0.0),
         "pp_comm": idle - bubble,
-        "dp_comm": tl.dp_exposed_s + tl.param_sync_s + parts.get("zero3_gather", 0.0),
+        "dp_comm": tl.dp_exposed_s + tl.param_sync_s + parts.get("zero3_comm", 0.0),
         "pipeline_bubble": bubble,
         "offload_stall": parts.get("offload_stall", 0.0),
         "optimizer": tl.optimizer_s,

@@ -2,18 +2,21 @@
 
 `StageModel.evaluate(options, layers, first, last)` takes the memory and recompute options
 of a stage as numpy arrays (ZeRO indicators, sequence parallel, selective recompute,
-checkpointed layers, offload fractions, gradient width) and returns every time and memory
-quantity of the stage as arrays of the same shape. The simulator calls it with scalars for
-one plan; the tuner calls it with whole grids of options. Both therefore predict the same.
+checkpointed layers, offload fractions, gradient width, sharded-data-parallel behaviour)
+and returns every time and memory quantity of the stage as arrays of the same shape. The
+simulator calls it with scalars for one plan; the tuner calls it with whole grids of options.
+Both therefore predict the same.
 
 Overlap rules (design note):
 - TP collectives sit on the compute stream's critical path (Megatron-LM) unless
   `overlap_tp_comm`, which hides them behind the layer's GEMMs.
-- ZeRO-3 gathers layer i+1's weights while layer i computes: per op, one gather is exposed
-  plus whatever part of each later gather outlasts its layer's compute.
+- Sharded data parallel (ZeRO-3 / FSDP) is described in `fsdp.py`: per layer and
+  micro-batch a forward all-gather, a backward all-gather (unless the weights were kept
+  after forward), and a backward reduce-scatter, prefetched one layer ahead on their own
+  stream; only what does not fit behind compute is charged to the op.
 - Weight and activation offload traffic runs on PCIe beside the op; only the excess over
-  the op's compute stalls it (over the op minus its TP collectives when those use PCIe too). Gradient and optimizer offload happen once per iteration,
-  at the optimizer step.
+  the op's compute stalls it (over the op minus its TP collectives when those use PCIe too).
+  Gradient and optimizer offload happen once per iteration, at the optimizer step.
 """
 
 from __future__ import annotations
@@ -30,38 +33,50 @@ from simulator.costs.timing import attention_s, gemm_s, memory_bound_s
 from simulator.costs.transformer import ADAM_STEP_BYTES
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
+from simulator.training.fsdp import FSDP_OPTION_KEYS, fsdp_costs, fsdp_memory_options
 
 KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
-OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k")
+OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k", *FSDP_OPTION_KEYS)
 
 
 @dataclass(frozen=True)
 class Links:
     """Achievable links of the TP, DP and PP groups (rank order tp fastest, then dp, then pp,
-    as Megatron-LM lays out its groups)."""
+    as Megatron-LM lays out its groups). Under HSDP the data-parallel ranks split into shard
+    groups of `dp_shard` consecutive ranks (`shard`) and replica groups across them
+    (`replicate`); without it `shard` is the whole DP group and `replicate` is unused."""
 
     tp: comm.Link
     dp: comm.Link
     pp: comm.Link
+    shard: comm.Link
+    replicate: comm.Link
 
     @classmethod
-    def of(cls, cluster: ClusterSpec, tp: int, dp: int) -> Links:
-        def link(size: int, stride: int) -> comm.Link:
-            return comm.Link.of(cluster, comm.group_level(cluster, size, stride))
+    def of(cls, cluster: ClusterSpec, tp: int, dp: int, dp_shard: int | None = None) -> Links:
+        shard = dp_shard or dp
 
-        return cls(tp=link(tp, 1), dp=link(dp, tp), pp=link(2, tp * dp))
+        def link(size: int, stride: int) -> comm.Link:
+            return comm.group_link(cluster, size, stride)
+
+        return cls(tp=link(tp, 1), dp=link(dp, tp), pp=link(2, tp * dp), shard=link(shard, tp),
+                   replicate=link(dp // shard, tp * shard))
 
 
 class StageModel:
     """Costs of stages for fixed (model, cluster, tp, dp, micro-batch, sequence length)."""
 
     def __init__(self, model: TransformerSpec, cluster: ClusterSpec, tp: int, dp: int,
-                 micro_batch_size: int, seq_length: int, overlap_tp_comm: bool = False):
+                 micro_batch_size: int, seq_length: int, overlap_tp_comm: bool = False,
+                 dp_shard: int | None = None, num_microbatches: int = 1):
         self.model, self.cluster, self.device = model, cluster, cluster.device
         self.tp, self.dp, self.b, self.s = tp, dp, micro_batch_size, seq_length
+        self.dp_shard = dp_shard or dp  # ZeRO shards model states over this many ranks
+        self.replicas = dp // self.dp_shard
+        self.num_microbatches = num_microbatches
         self.overlap_tp_comm = overlap_tp_comm
-        self.links = Links.of(cluster, tp, dp)
-        self.base = {**model_values(model), "b": micro_batch_size, "s": seq_length, "t": tp, "d": dp}
+        self.links = Links.of(cluster, tp, dp, dp_shard)
+        self.base = {**model_values(model), "b": micro_batch_size, "s": seq_length, "t": tp, "d": self.dp_shard}
         self.pcie_bytes_per_s = cluster.host_link_bytes_per_s()
 
     def costs(self, options: Mapping[str, float | np.ndarray], layers) -> dict[str, np.ndarray]:
@@ -69,16 +84,31 @@ class StageModel:
         return compiled_costs()({**self.base, **options, "L_st": layers, "n_inflight": 1.0})
 
     # --- one layer ----------------------------------------------------------------------------
-    def layer_forward(self, c: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Forward of one layer, one micro-batch: compute, exposed TP comm, its parts."""
+    def layer_forward(self, c: Mapping[str, np.ndarray], o: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Forward of one layer, one micro-batch: compute, exposed TP comm, its parts.
+
+        With fp8 linears (option `f8`) the GEMMs run against the device's fp8 peak at the same
+        achievable fraction, and every linear casts its input and weight to fp8 first (a
+        tensorwise amax read, then a read and a 1-byte write: 5 bytes per 16-bit element)."""
         dev, m = self.device, self.model
+        f8 = 0.0 if o is None else o["f8"]
         gemm = gemm_s(dev, c["gemm_flops_fwd"], min(self.b * self.s, m.hidden_size / self.tp))
+        if np.any(f8):
+            gemm = gemm * (1 - f8 + f8 * dev.peak_flops / self._fp8_peak())
+            cast = 5.0 * (c["linear_input_elements_fwd"] + c["layer_weight_bytes"] / 2)
+            gemm = gemm + f8 * memory_bound_s(dev, cast, 7)
         attn = attention_s(dev, c["attention_flops_fwd"]) + memory_bound_s(dev, c["attention_elementwise_bytes_fwd"])
         elem = memory_bound_s(dev, c["elementwise_bytes_fwd"], KERNELS_PER_LAYER_FWD)
         tp = 2 * comm.allreduce_s(c["tp_allreduce_bytes"], self.tp, self.links.tp)
         if self.overlap_tp_comm:
             tp = np.maximum(0.0, tp - gemm)
         return {"compute": gemm + attn + elem, "tp_comm": tp, "attention": attn}
+
+    def _fp8_peak(self) -> float:
+        peak = self.device.peak_tflops.get("fp8")
+        if peak is None:
+            raise ValueError(f"precision fp8: {self.device.name} has no fp8 peak (peak_tflops lists {sorted(self.device.peak_tflops)})")
+        return peak * 1e12
 
     def embedding(self) -> tuple[dict, dict]:
         """Vocab-parallel embedding lookup (one TP all-reduce) and its gradient scatter-add."""
@@ -112,16 +142,18 @@ class StageModel:
     def evaluate(self, options: Mapping[str, float | np.ndarray], layers, first: bool, last: bool) -> dict[str, np.ndarray]:
         """Per micro-batch op times, per-iteration extras and memory of a stage (or chunk).
 
-        Returned keys: fwd_* and bwd_* op parts (compute, tp_comm, recompute, zero3_gather,
+        Returned keys: fwd_* and bwd_* op parts (compute, tp_comm, recompute, zero3_comm,
         offload_stall), grad_sync_s, param_sync_s, optimizer_s, params, and memory in bytes:
         weights, gradients, optimizer, activation_bytes (one micro-batch), recompute_buffer,
-        logits (the last stage's transient).
+        logits (the last stage's transient), zero3_buffer (gathered weights and unsharded
+        gradients in flight).
         """
         o = {key: np.asarray(options.get(key, 0.0), dtype=float) for key in OPTION_KEYS}
         layers = np.asarray(layers, dtype=float)
-        c = self.costs(o, layers)
-        c1 = self.costs(o, 1.0)
-        lf = self.layer_forward(c1)
+        mem = fsdp_memory_options(o)  # what stays sharded between uses, for the memory model
+        c = self.costs(mem, layers)
+        c1 = self.costs(mem, 1.0)
+        lf = self.layer_forward(c1, o)
         k = o["k"]
         out = {
             "fwd_compute": layers * lf["compute"], "fwd_tp_comm": layers * lf["tp_comm"],
@@ -134,21 +166,12 @@ class StageModel:
                     out[f"fwd_{key}"] = out[f"fwd_{key}"] + val
                 for key, val in bwd.items():
                     out[f"bwd_{key}"] = out[f"bwd_{key}"] + val
-        self._zero3(out, o, layers, lf, c1)
-        self._offload(out, c)
         params = c["stage_params"] + self.extra_params(first, last)
+        out.update(fsdp_costs(self, o, layers, c1, lf, self.extra_params(first, last), out["bwd_recompute"]))
+        self._offload(out, c)
         self._memory(out, c, c1, params, o["o_a"], first, last)
         self._iteration_extras(out, o, params)
         return {key: np.broadcast_to(val, np.broadcast_shapes(*(np.shape(v) for v in out.values()))) for key, val in out.items()}
-
-    def _zero3(self, out: dict, o: dict, layers, lf: dict, c1: dict) -> None:
-        if self.dp == 1:
-            out["fwd_zero3_gather"] = out["bwd_zero3_gather"] = np.zeros(())
-            return
-        gather = comm.allgather_s(c1["zero3_gather_bytes"] * self.dp, self.dp, self.links.dp)
-        layer_fwd = lf["compute"] + lf["tp_comm"]
-        out["fwd_zero3_gather"] = o["z3"] * (gather + (layers - 1) * np.maximum(0.0, gather - layer_fwd))
-        out["bwd_zero3_gather"] = o["z3"] * (gather + (layers - 1) * np.maximum(0.0, gather - 2 * layer_fwd))
 
     def _offload(self, out: dict, c: dict) -> None:
         moved = c["offload_bytes_per_microbatch"] / self.pcie_bytes_per_s
@@ -176,20 +199,25 @@ class StageModel:
         out["params"] = params
 
     def _iteration_extras(self, out: dict, o: dict, params) -> None:
-        """Gradient sync, optimizer step and parameter all-gather, once per iteration."""
-        d, dev = self.dp, self.device
+        """Gradient sync, optimizer step and parameter all-gather, once per iteration.
+
+        ZeRO-3 synchronizes gradients per micro-batch inside the backward (`fsdp.py`); ZeRO-0
+        all-reduces them over dp; ZeRO-1/2 reduce-scatter them over the shard group (and
+        all-reduce the shard across HSDP replicas) and all-gather the updated weights."""
+        n, r, links = self.dp_shard, self.replicas, self.links
         grad_bytes = params * o["gb"]
-        if d == 1:
+        if self.dp == 1:
             out["grad_sync_s"] = out["param_sync_s"] = np.zeros(())
         else:
-            allreduce = comm.allreduce_s(grad_bytes, d, self.links.dp)
-            reduce_scatter = comm.reducescatter_s(grad_bytes, d, self.links.dp)
+            allreduce = comm.allreduce_s(grad_bytes, self.dp, links.dp)
+            reduce_scatter = (comm.reducescatter_s(grad_bytes, n, links.shard)
+                              + comm.allreduce_s(grad_bytes / n, r, links.replicate))
             sharded = o["z1"] > 0
-            out["grad_sync_s"] = np.where(sharded, reduce_scatter, allreduce)
-            gather = comm.allgather_s(2.0 * params, d, self.links.dp)
+            out["grad_sync_s"] = np.where(o["z3"] > 0, 0.0, np.where(sharded, reduce_scatter, allreduce))
+            gather = comm.allgather_s(2.0 * params, n, links.shard)
             out["param_sync_s"] = np.where(sharded & (o["z3"] == 0), gather, 0.0)
-        shard = params * (1 - o["z1"] + o["z1"] / d)
-        gpu = memory_bound_s(dev, ADAM_STEP_BYTES * shard * (1 - o["o_o"]), 4)
+        shard = params * (1 - o["z1"] + o["z1"] / n)
+        gpu = memory_bound_s(self.device, ADAM_STEP_BYTES * shard * (1 - o["o_o"]), 4)
         cpu = shard * o["o_o"] / self.cluster.host_optimizer_params_per_s
         copies = shard * (o["o_g"] * 4 + o["o_o"] * 2) / self.pcie_bytes_per_s
         out["optimizer_s"] = gpu + cpu + copies

@@ -70,7 +70,7 @@ def stage_table(stage_model: StageModel, grid: dict[str, np.ndarray], layers: in
     return StageTable(
         layers, first, last, options, full(fwd + bwd), full(D),
         full(out["weights"] + out["gradients"] + out["optimizer"]), full(out["activation_bytes"]),
-        full(out["recompute_buffer"] + out["logits"]), full(out["host_states"]),
+        full(out["recompute_buffer"] + out["zero3_buffer"] + out["logits"]), full(out["host_states"]),
         full(out["host_activation_bytes"]),
     )
 
