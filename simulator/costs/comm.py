@@ -79,7 +79,9 @@ def group_link(cluster: ClusterSpec, group_size: int, stride: int) -> Link:
     enters and leaves each node once, so a node's r NICs carry its share in parallel and the
     bus bandwidth is r x the per-GPU NIC rate (NCCL tuning.cc: bus bandwidth = channels x
     inter-node speed per channel), capped by the intra-node links the rest of the ring uses.
-    With one rank per node (a DP group across TP-8 nodes) that is the per-GPU NIC."""
+    With one rank per node (a DP group across TP-8 nodes) that is the per-GPU NIC. Measured:
+    192 GB/s all-reduce bus bandwidth across DGX A100 nodes with 8 x 200 Gb/s NICs (NVIDIA's
+    NCCL team, NVIDIA/nccl#812), 366 GB/s across 4 nodes of 8 x 400 Gb/s (nccl-tests#309)."""
     nodes = group_nodes(cluster, group_size, stride)
     if nodes == 1:
         return Link.of(cluster, "intra_node")
