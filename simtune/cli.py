@@ -893,6 +893,12 @@ def _validation_tables(rows: list[dict[str, Any]], summary: dict[str, dict[str, 
     return tables, sources
 
 
+def _validation_notes(rows: list[dict[str, Any]], group: str) -> list[str]:
+    """One line per row of `group` that carries a note (what the model assumes for it)."""
+    return [f"  {escape(str(r.get('id', '')))}: {escape(str(r['note']))}"
+            for r in rows if r.get("group", "rows") == group and r.get("note")]
+
+
 def _verdict(passed: bool | None) -> Text:
     if passed is None:
         return Text("-")  # a group without a target is reported, never judged
@@ -918,8 +924,11 @@ def report_validation(result: Any, as_json: bool, strict: bool, error_key: str,
         print_json(result.to_dict())
     else:
         tables, sources = _validation_tables(result.rows, result.summary)
-        for table in tables:
+        groups = list(dict.fromkeys(r.get("group", "rows") for r in result.rows))
+        for group, table in zip(groups, tables):
             out.print(table)
+            for note in _validation_notes(result.rows, group):
+                out.print(note)
         for i, source in enumerate(sources, 1):
             out.print(f"\\[{i}] {escape(source)}")
         out.print(_validation_summary_table(result.summary, error_key, error_header))

@@ -155,6 +155,22 @@ def test_validate_train_tables_and_strict_exit_code(cli, monkeypatch):
     assert cli("validate", "train", "--strict", "--json").exit_code == 1
 
 
+def test_validate_train_prints_row_notes_and_groups_without_a_target(cli, monkeypatch):
+    result = fake_validation(True)()
+    result.rows.append({"id": "c", "source": "Paper C", "group": "reported", "quantity": "iteration time",
+                        "unit": "s", "predicted": 2.0, "measured": 1.0, "error": 1.0,
+                        "note": "measured compiled; predicted eager"})
+    result.summary["reported"] = {"mae": 1.0, "max": 1.0, "target": None, "passed": None, "n": 1}
+    monkeypatch.setattr("simulator.validation.validate_training", lambda: result)
+    shown = cli("validate", "train", "--strict")
+    assert shown.exit_code == 0  # a group without a target never fails
+    assert "c: measured compiled; predicted eager" in shown.stdout
+    assert "+100.0%" in shown.stdout
+    data = one_json_object(cli("validate", "train", "--json"))
+    assert data["rows"][2]["note"] == "measured compiled; predicted eager"
+    assert data["summary"]["reported"]["passed"] is None
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
