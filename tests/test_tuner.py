@@ -13,7 +13,15 @@ from tuner.training.analytic import pipeline_time_s
 from tuner.training.exhaustive import exhaustive_best
 from tuner.training.inter_stage import Candidate, solve_stages
 from tuner.training.intra_stage import pareto_frontier
-from tuner.training.space import inflight_microbatches, layer_band, layouts, option_grid
+from tuner.training.layout_eval import Counters, LayoutEvaluator
+from tuner.training.space import (
+    FAMILIES,
+    family_of,
+    inflight_microbatches,
+    layer_band,
+    layouts,
+    option_grid,
+)
 
 MiB = 2**20
 
@@ -34,6 +42,66 @@ def test_tuner_within_one_percent_of_exhaustive_optimum(memory_mib):
     result = tune_training(SIX_LAYERS, cluster, 16, baselines=())
     assert result.best.analytic_time_s <= best * 1.01
     assert result.best.report.feasible
+
+
+@pytest.mark.parametrize("memory_mib", [1.0, 3.0])
+def test_tuner_within_one_percent_of_exhaustive_with_hsdp_across_nodes(memory_mib):
+    # 2 nodes of 2: dp 4 layouts come as ZeRO 0-2, FSDP, and HSDP with shard groups of 2
+    # (pp <= 2: four stages are too many combinations for the exhaustive search)
+    cluster = small_cluster(memory_mib, "2x2xa100-80gb")
+    assert any(l.dp_shard == 2 for l in layouts(SIX_LAYERS, cluster, 16))
+    best, _ = exhaustive_best(SIX_LAYERS, cluster, 16, SIX_LAYERS.seq_length, max_pp=2)
+    result = tune_training(SIX_LAYERS, cluster, 16, baselines=(), max_pp=2)
+    assert result.best.analytic_time_s <= best * 1.01
+
+
+def test_sharded_data_parallel_wins_across_nodes_and_every_family_resimulates():
+    model, cluster = "gpt3-1.3b", "2x8xa100-80gb"
+    result = tune_training(model, cluster, 64, baselines=())
+    assert set(result.families) == set(FAMILIES) and all(result.families.values())
+    assert result.winner in ("FSDP", "HSDP", "FSDP+TP")
+    plan = result.best.plan
+    assert plan.zero_stage == 3 and plan.pp == 1 and plan.tp * plan.dp == 16  # dp spans both nodes
+    for family, tuned in result.families.items():
+        p = tuned.plan
+        assert family_of(p.tp, p.pp, p.dp, p.dp_shard, p.stage_zero()) == family
+        assert tuned.report.iteration_time_s >= result.best.report.iteration_time_s
+        # the plan carries dp_shard and the FSDP schedules: simulate reproduces the prediction
+        again = simulate_training(model, cluster, p.to_dict())
+        assert again.iteration_time_s == pytest.approx(tuned.report.iteration_time_s, rel=1e-12)
+    assert result.families["HSDP"].plan.dp_shard < result.families["HSDP"].plan.dp
+    out = result.to_dict()["families"]
+    assert out[result.winner]["ratio_to_best"] == 1.0 and out[result.winner]["won"]
+    assert all(v["ratio_to_best"] >= 1.0 for v in out.values())
+
+
+def test_fsdp_layouts_search_the_resharding_schedules():
+    model, cluster = load_model("gpt3-1.3b"), load_cluster("2x8xa100-80gb")
+    lay = next(l for l in layouts(model, cluster, 64) if l.fsdp and l.dp_shard is None and l.num_microbatches > 1)
+    ev = LayoutEvaluator(model, cluster, lay, 2048, Counters())
+    assert ev.stage_model.num_microbatches == lay.num_microbatches and ev.stage_model.dp_shard == lay.dp
+    table = ev.table(model.num_layers, 0, (0,))
+    opts = table.options
+    assert set(opts["zero"]) == {3.0}
+    rows = {(kf, ku): i for i, (kf, ku, ow, og, oo, oa) in
+            enumerate(zip(opts["kf"], opts["ku"], opts["o_w"], opts["o_g"], opts["o_o"], opts["o_a"]))
+            if ow == og == oo == oa == 0}
+    assert set(rows) == {(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)}
+    default, keep_fwd, keep_all = (rows[k] for k in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)))
+    # keeping weights gathered costs memory and saves gathers
+    assert table.states[keep_fwd] > table.states[default] and table.T[keep_fwd] <= table.T[default]
+    assert table.states[keep_all] > table.states[default] and table.T[keep_all] <= table.T[default]
+    hsdp = next(l for l in layouts(model, cluster, 64) if l.dp_shard == 8)
+    assert LayoutEvaluator(model, cluster, hsdp, 2048, Counters()).stage_model.replicas == hsdp.dp // 8
+
+
+def test_family_definitions():
+    assert family_of(1, 1, 64, None, [3]) == "FSDP"
+    assert family_of(1, 1, 64, 64, [3]) == "FSDP"
+    assert family_of(2, 1, 32, 8, [3]) == "HSDP"
+    assert family_of(4, 1, 16, None, [3]) == "FSDP+TP"
+    assert family_of(1, 1, 64, None, [1]) == "3D"
+    assert family_of(2, 4, 8, None, [3, 3, 3, 3]) == "3D"
 
 
 def test_tight_memory_forces_uneven_per_stage_choices():
@@ -136,6 +204,10 @@ def test_space_rules():
     grid = option_grid(dp=4)
     assert not np.any((grid["o_w"] > 0) & (grid["o_g"] == 0))  # weight offload needs gradient offload
     assert set(option_grid(dp=1)["zero"]) == {0.0}
+    sharded = [l for l in found if l.fsdp]
+    assert sharded and all(l.pp == 1 and l.dp > 1 for l in sharded)
+    assert all(l.dp % l.dp_shard == 0 and 1 < l.dp_shard < l.dp for l in sharded if l.dp_shard)
+    assert not any(l.fsdp for l in layouts(model, cluster, 512, sharded=False))
     assert inflight_microbatches(0, 8, 64, 3) == pytest.approx(8 * (1 + 7 / 24))
     assert inflight_microbatches(7, 8, 64, 1) == 1
     assert all(n % 3 == 0 for n in layer_band(96, 8, 3))

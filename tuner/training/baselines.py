@@ -29,7 +29,7 @@ RESIMULATE = 3
 
 
 def _megatron_layouts(model, cluster, global_batch_size):
-    for lay in layouts(model, cluster, global_batch_size):
+    for lay in layouts(model, cluster, global_batch_size, sharded=False):
         per_stage = model.num_layers // lay.pp
         if model.num_layers % lay.pp == 0 and per_stage % lay.virtual_stages == 0:
             yield lay
@@ -130,7 +130,7 @@ class _AcesoState:
 def aceso_baseline(model, cluster, global_batch_size, seq, screened=None, starts: int = 3,
                    max_steps: int = 200) -> Tuned | None:
     counters = Counters()
-    legal = set(layouts(model, cluster, global_batch_size))
+    legal = set(layouts(model, cluster, global_batch_size, sharded=False))
     finals = []
     for _, lay, rows in megatron_candidates(model, cluster, global_batch_size, seq, counters)[:starts]:
         table, row = rows[0]

@@ -19,7 +19,7 @@ from simulator.training.stage_model import StageModel
 from tuner.training.analytic import pipeline_time_s
 from tuner.training.inter_stage import Candidate
 from tuner.training.intra_stage import StageTable, frontier, stage_table
-from tuner.training.space import Layout, inflight_microbatches, layer_band, option_grid
+from tuner.training.space import Layout, inflight_microbatches, layer_band, layout_grid
 
 
 @dataclass
@@ -52,8 +52,9 @@ class LayoutEvaluator:
                  counters: Counters, grid: dict[str, np.ndarray] | None = None,
                  flash_attention: bool = True, gradient_dtype: str = "bf16"):
         self.model, self.cluster, self.layout, self.counters = model, cluster, layout, counters
-        self.stage_model = StageModel(model, cluster, layout.tp, layout.dp, layout.micro_batch_size, seq_length)
-        self.grid = grid if grid is not None else option_grid(layout.dp)
+        self.stage_model = StageModel(model, cluster, layout.tp, layout.dp, layout.micro_batch_size, seq_length,
+                                      dp_shard=layout.dp_shard, num_microbatches=layout.num_microbatches)
+        self.grid = grid if grid is not None else layout_grid(layout)
         self.fixed = {"sq": float(layout.sequence_parallel), "sel": float(layout.selective),
                       "flash": float(flash_attention), "gb": float(GRAD_BYTES[gradient_dtype])}
         self.capacity = cluster.device.memory_bytes
