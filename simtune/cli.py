@@ -333,7 +333,20 @@ def _plan_summary(plan: Any) -> str:
         parts.append("sequence parallel")
     if plan.offload.any:
         parts.append("offload")
-    return " · ".join(parts)
+    return " · ".join(parts + _fsdp_flags(plan))
+
+
+def _fsdp_flags(plan: Any) -> list[str]:
+    """The sharded-data-parallel settings that differ from FSDP2's defaults."""
+    flags = [f"HSDP shard {plan.dp_shard} x {plan.replicate_degree} replicas"] if plan.replicate_degree > 1 else []
+    if 3 in plan.stage_zero():
+        if not plan.reshard_after_forward:
+            flags.append("no reshard after forward")
+        if not plan.reshard_between_microbatches:
+            flags.append("no reshard between micro-batches")
+    if plan.precision != "bf16":
+        flags.append(plan.precision + (" all-gather" if plan.fp8_all_gather else ""))
+    return flags
 
 
 def _headline_table(r: TrainingReport) -> Table:
@@ -570,7 +583,32 @@ def _short_plan(plan: Any) -> str:
         parts.append("sp")
     if any(o.any for o in plan.stage_offload()):
         parts.append("offload")
-    return ", ".join(parts)
+    return ", ".join(parts + _fsdp_flags(plan))
+
+
+def _family_verdict(result: Any) -> str:
+    """One sentence: the winning family, and its margin over each other family's best plan."""
+    best = result.best.report.iteration_time_s
+    others = sorted((t.report.iteration_time_s / best, name) for name, t in result.families.items()
+                    if t is not None and t is not result.best)
+    margins = ", ".join(f"{(ratio - 1):.1%} over {name}" for ratio, name in others)
+    return f"{result.winner} wins" + (f": {margins}" if margins else "")
+
+
+def _family_table(result: Any) -> Table:
+    """Best plan of each family (FSDP, HSDP, FSDP+TP, 3D) and its time over the winner's."""
+    best = result.best.report.iteration_time_s
+    table = _table(f"by family (winner: {result.winner})", "family", "iteration time", "MFU", "vs winner",
+                   "best plan")
+    table.columns[-1].justify, table.columns[-1].no_wrap = "left", False
+    for name, tuned in result.families.items():
+        if tuned is None:
+            table.add_row(escape(name), "", "", "", Text("no plan fits", style="red"))
+            continue
+        r = tuned.report
+        table.add_row(escape(name), fmt_seconds(r.iteration_time_s), f"{r.mfu:.1%}",
+                      f"{r.iteration_time_s / best:.3f}x", escape(_short_plan(tuned.plan)))
+    return table
 
 
 def _baseline_table(result: Any) -> Table:
@@ -665,6 +703,9 @@ def tune_train(
     out.print(f"tuned plan: {escape(_plan_summary(plan))}")
     out.print(_tuned_stage_table(model_spec, plan, result.best.report))
     out.print(_prediction_table(result.best))
+    if result.families:
+        out.print(_family_table(result))
+        out.print(_family_verdict(result))
     if result.baselines:
         out.print(_baseline_table(result))
     out.print(_search_table(result.search))
