@@ -595,36 +595,32 @@ def _family_verdict(result: Any) -> str:
     return f"{result.winner} wins" + (f": {margins}" if margins else "")
 
 
-def _family_table(result: Any) -> Table:
-    """Best plan of each family (FSDP, HSDP, FSDP+TP, 3D) and its time over the winner's."""
-    best = result.best.report.iteration_time_s
-    table = _table(f"by family (winner: {result.winner})", "family", "iteration time", "MFU", "vs winner",
-                   "best plan")
+def _plans_table(title: str, label: str, ratio: str, best: Any, rows: dict[str, Any],
+                 digits: int, lead: tuple[str, ...] = (), plan_header: str = "plan") -> Table:
+    """One row per named plan (None: nothing fits): its time, MFU and time over `best`'s."""
+    t_best = best.report.iteration_time_s
+    table = _table(title, label, "iteration time", "MFU", ratio, plan_header)
     table.columns[-1].justify, table.columns[-1].no_wrap = "left", False
-    for name, tuned in result.families.items():
+    if lead:
+        table.add_row(*lead, fmt_seconds(t_best), f"{best.report.mfu:.1%}", "", escape(_short_plan(best.plan)))
+    for name, tuned in rows.items():
         if tuned is None:
             table.add_row(escape(name), "", "", "", Text("no plan fits", style="red"))
             continue
         r = tuned.report
         table.add_row(escape(name), fmt_seconds(r.iteration_time_s), f"{r.mfu:.1%}",
-                      f"{r.iteration_time_s / best:.3f}x", escape(_short_plan(tuned.plan)))
+                      f"{r.iteration_time_s / t_best:.{digits}f}x", escape(_short_plan(tuned.plan)))
     return table
+
+
+def _family_table(result: Any) -> Table:
+    """Best plan of each family (FSDP, HSDP, FSDP+TP, 3D) and its time over the winner's."""
+    return _plans_table(f"by family (winner: {result.winner})", "family", "vs winner", result.best,
+                        result.families, 3)
 
 
 def _baseline_table(result: Any) -> Table:
-    best = result.best.report.iteration_time_s
-    table = _table("vs baselines", "plan", "iteration time", "MFU", "speedup", "layout")
-    table.columns[-1].justify, table.columns[-1].no_wrap = "left", False
-    table.add_row("tuned", fmt_seconds(best), f"{result.best.report.mfu:.1%}", "",
-                  escape(_short_plan(result.best.plan)))
-    for name, tuned in result.baselines.items():
-        if tuned is None:
-            table.add_row(escape(name), "", "", "", Text("no plan fits", style="red"))
-            continue
-        r = tuned.report
-        table.add_row(escape(name), fmt_seconds(r.iteration_time_s), f"{r.mfu:.1%}",
-                      f"{r.iteration_time_s / best:.2f}x", escape(_short_plan(tuned.plan)))
-    return table
+    return _plans_table("vs baselines", "plan", "speedup", result.best, result.baselines, 2, ("tuned",), "layout")
 
 
 def _search_table(search: Any) -> Table:
