@@ -173,7 +173,8 @@ def test_strict_ignores_groups_without_a_target(cli, monkeypatch):
 def test_validate_serve_real_run(cli):
     """The real published rows (about 2 s)."""
     data = one_json_object(cli("validate", "serve", "--json"))
-    assert set(data["summary"]) == {"throughput", "median latency", "tail latency"}
+    assert set(data["summary"]) == {"throughput", "median latency", "tail latency",
+                                    "vllm rows: median TTFT, TPOT", "vllm rows: throughput"}
     assert data["summary"]["tail latency"]["passed"] is None
     assert all({"predicted", "measured", "error", "source"} <= set(r) for r in data["rows"])
     for group in ("throughput", "median latency"):  # the acceptance targets (<= 15%)

@@ -360,7 +360,7 @@ SMALL = fixed(2, 512, 16)
     (MODEL, "2xa100-80gb", seesaw(0.1), SMALL,
      "deployment.cpu_kv_buffer_GB", "must hold the KV of the longest prompt"),
     (MODEL, "1xa100-80gb", {"engine": "vllm-0.1"}, SMALL,
-     "deployment.engine", "unknown engine; catalog names are: vllm-pre-0.6"),
+     "deployment.engine", "unknown engine; catalog names are: vllm-0.2-ray, vllm-pre-0.6"),
     (MODEL, "1xa100-80gb", {"engine": {"step_overhead_us": -1}}, SMALL,
      "deployment.engine.step_overhead_us", "greater than or equal to 0"),
 ])

@@ -9,9 +9,9 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
 - element-wise kernels and two TP all-reduces of the step's activations;
 - the LM head for the sequences that produce a token, on the last stage;
 - the engine's CPU time per step (scheduling, input preparation, sampling, output
-  processing): a fixed part plus a part per sequence, from the deployment's `engine`, or
-  the device's `step_overhead_us` without one. Small-batch decode would be far too fast
-  without it.
+  processing): a fixed part, a part per sequence and a part per context token
+  (`engine_overhead.py`), from the deployment's `engine`, or the device's
+  `step_overhead_us` without one. Small-batch decode would be far too fast without it.
 Pipeline parallel replicas split the batch into pp micro-batches that flow through the
 stages back to back (vLLM's virtual engines): each stage processes all of them per step,
 and a step lasts at least one micro-batch's trip through every stage (a lone prompt crosses
@@ -26,6 +26,7 @@ from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
 from simulator.costs.timing import attention_s, gemm_efficiency, memory_bound_s
+from simulator.serving.engine_overhead import EngineOverhead
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import EngineSpec, Parallel
@@ -63,8 +64,7 @@ class IterationModel:
         self.layers_per_stage = model.num_layers / layout.pp
         eff = self.device.efficiency
         self.hbm = self.device.hbm_bandwidth_bytes_per_s * eff.memory_bound
-        self.step_overhead_s = (engine.step_overhead_us if engine else eff.step_overhead_us) * 1e-6
-        self.sequence_overhead_s = engine.per_sequence_overhead_us * 1e-6 if engine else 0.0
+        self.overhead = EngineOverhead.of(engine, eff.step_overhead_us)
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -123,7 +123,7 @@ class IterationModel:
                 trip = max(trip, pp * layers_s + head_s)
                 max_tokens = max(max_tokens, tokens)
         handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link))
-        return max(busy, trip) + handoff + self.step_overhead_s + self.sequence_overhead_s * len(works)
+        return max(busy, trip) + handoff + self.overhead.seconds(works)
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

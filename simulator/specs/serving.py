@@ -40,7 +40,7 @@ class EngineSpec(Spec):
     (vLLM before v0.6 left a 5-13 ms GPU bubble per decode step, vllm-project/vllm#6854;
     multi-step scheduling and CUDA graphs remove most of it), so this is a property of the
     engine and its version, not of the device. Without an engine, the device profile's
-    `step_overhead_us` applies.
+    `step_overhead_us` applies. How the parts add up: `simulator.serving.engine_overhead`.
     """
 
     kind: ClassVar[str] = "deployment.engine"
@@ -48,6 +48,9 @@ class EngineSpec(Spec):
     source: str | None = Field(default=None, description="where the figures come from")
     step_overhead_us: float = Field(ge=0, description="fixed CPU cost of one engine step")
     per_sequence_overhead_us: float = Field(default=0.0, ge=0, description="CPU cost per sequence in a step")
+    per_context_token_overhead_us: float = Field(default=0.0, ge=0, description=(
+        "CPU cost per token of context (prompt + generated) of each sequence in a step: engines "
+        "that ship every sequence's token ids between processes on every step"))
     draft_step_overhead_us: float = Field(default=0.0, ge=0, description=(
         "speculative decoding: CPU cost of each draft step (an engine that runs every draft "
         "token as its own model call pays it k times per step)"))
