@@ -288,3 +288,84 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         emit_launch_configs(*CASES["llama-3-8b"], ["torchtitan"], tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- sharded data parallel ------------------------------------------------------------------
+
+
+def hsdp_plan(**changes) -> TrainingPlan:
+    """ZeRO-3 sharded over one node of 8, replicated over 2 nodes, weights kept gathered across
+    micro-batches, fp8 linears with fp8 all-gathers, every layer checkpointed."""
+    plan = dict(name="llama-hsdp-fp8", dp=16, dp_shard=8, micro_batch_size=1, global_batch_size=64,
+                zero_stage=3, reshard_after_forward=False, reshard_between_microbatches=False,
+                precision="fp8", fp8_all_gather=True, recompute="full")
+    return TrainingPlan.parse({**plan, **changes})
+
+
+HSDP = (load_model("llama-3-8b"), load_cluster("2x8xh100"))
+
+
+def test_torchtitan_writes_hsdp_resharding_and_float8(tmp_path):
+    files = {f.path.name: f for f in emit_launch_configs(*HSDP, hsdp_plan(), ["torchtitan"], tmp_path)}
+    cfg = tomllib.loads((tmp_path / "torchtitan.toml").read_text())
+    par = cfg["parallelism"]
+    assert (par["data_parallel_shard_degree"], par["data_parallel_replicate_degree"]) == (8, 2)
+    assert par["fsdp_reshard_after_forward"] == "never"
+    assert cfg["model"]["converters"] == ["float8"]
+    assert cfg["float8"]["enable_fsdp_float8_all_gather"] is True
+    found = files["torchtitan.toml"].approximations
+    assert any("reshard_between_microbatches false" in a for a in found)
+    assert not any("dp_shard" in a or "reshard_after_forward" in a for a in found)
+    default = render(*HSDP, hsdp_plan(dp_shard=None, reshard_after_forward=True), ["torchtitan"])[0]
+    par = tomllib.loads(default.text)["parallelism"]
+    assert (par["data_parallel_shard_degree"], par["data_parallel_replicate_degree"]) == (16, 1)
+    assert par["fsdp_reshard_after_forward"] == "always"
+
+
+def test_deepspeed_writes_hpz_and_says_it_is_not_hsdp():
+    files = render(*HSDP, hsdp_plan(), ["deepspeed"])
+    cfg = json.loads(files[0].text)
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["zero_hpz_partition_size"] == 8
+    found = files[0].approximations
+    hpz = next(a for a in found if "zero_hpz_partition_size 8" in a)
+    assert "no HSDP" in hpz and "backward all-gathers" in hpz and "all 16 ranks" in hpz
+    for what in ("reshard_after_forward false", "reshard_between_microbatches false",
+                 "regather_for_recompute false", "precision fp8"):
+        assert any(what in a for a in found), what
+    assert all(a in files[1].text.replace("\n    ", " ") for a in found)  # the notes file
+    plain = json.loads(render(*HSDP, hsdp_plan(dp_shard=None), ["deepspeed"])[0].text)
+    assert "zero_hpz_partition_size" not in plain["zero_optimization"]
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_megatron_writes_megatron_fsdp_hsdp_and_fp8(tmp_path):
+    emit_launch_configs(*HSDP, hsdp_plan(), ["megatron"], tmp_path / "out")
+    script = tmp_path / "out" / "megatron_args.sh"
+    call = run_with_stubs(script, tmp_path)
+    args = flags(call[call.index("./pretrain_gpt.py") + 1:])
+    assert args["--use-megatron-fsdp"] is True and args["--use-distributed-optimizer"] is True
+    assert args["--data-parallel-sharding-strategy"] == "optim_grads_params"
+    assert args["--ckpt-format"] == "fsdp_dtensor"
+    assert args["--num-distributed-optimizer-instances"] == "2"  # 16 ranks / shard groups of 8
+    assert (args["--fp8-format"], args["--fp8-recipe"]) == ("hybrid", "tensorwise")
+    assert args["--fp8-param-gather"] is True
+    text = script.read_text()
+    assert "unset CUDA_DEVICE_MAX_CONNECTIONS" in text and "CUDA_DEVICE_MAX_CONNECTIONS=1" not in text
+    found = approximations(*HSDP, hsdp_plan(), "megatron")
+    assert any("reshard_after_forward false" in a for a in found)
+    assert any("reshard_between_microbatches false" in a for a in found)
+    assert not any("ZeRO-3" in a for a in found)
+    piped = approximations(*HSDP, hsdp_plan(pp=2, dp=8, dp_shard=4), "megatron")
+    assert any("no ZeRO-3 with pipeline parallelism" in a and "dp_shard 4" in a for a in piped)
+
+
+def test_sharded_plan_yaml_resimulates_unchanged(tmp_path):
+    from simulator.training import simulate_training
+
+    plan = hsdp_plan(precision="bf16", fp8_all_gather=False)
+    emit_launch_configs(*HSDP, plan, ["torchrun"], tmp_path)
+    again = load_plan(str(tmp_path / "plan.yaml"))
+    assert again == plan and again.dp_shard == 8 and not again.reshard_between_microbatches
+    assert (simulate_training(*HSDP, again).iteration_time_s
+            == simulate_training(*HSDP, plan).iteration_time_s)

@@ -5,6 +5,15 @@ beside it. The config cannot set tensor or pipeline parallelism (those come from
 Megatron-DeepSpeed's mpu and from `deepspeed.pipe.PipelineModule` in the training script),
 nor which layers recompute; it can offload a fraction of the optimizer only under ZeRO-3
 (`offload_optimizer.ratio`), and parameters only under ZeRO-3 and all or nothing.
+
+Sharded data parallel: ZeRO-3 is `zero_optimization.stage` 3. DeepSpeed has no HSDP; the
+plan's `dp_shard` is written as ZeRO++'s hierarchical partitioning (`zero_hpz_partition_size`),
+which is a different thing: it keeps a second copy of the 16-bit weights sharded over groups
+of dp_shard ranks and serves the backward all-gathers from it, while the forward all-gathers,
+the gradient reduce-scatters and the optimizer states still span all dp ranks. ZeRO-3 always
+re-gathers for the recompute of checkpointed layers, reshards after every module's forward
+and reduce-scatters gradients every micro-batch; fp8 linears need Transformer Engine in the
+model code. Each of these differences is recorded.
 """
 
 from __future__ import annotations
@@ -33,6 +42,12 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
         "zero_optimization": _zero(plan, zero, approx),
         "activation_checkpointing": _activations(model, plan, approx),
     }
+    if zero == 3:
+        _sharding(model, plan, config["zero_optimization"], approx)
+    if plan.precision == "fp8":
+        approx.add("DeepSpeed's config has no fp8 linears: precision fp8"
+                   + (" with fp8_all_gather" if plan.fp8_all_gather else "")
+                   + " needs Transformer Engine layers in the model code; the config trains in bf16")
     _parallel_notes(model, plan, zero, approx)
     notes = header("DeepSpeed (deepspeed_config.json)", model, cluster, plan, approx, prefix="")
     notes += ("JSON has no comments: these notes stand in for them.\n"
@@ -84,6 +99,32 @@ def _zero(plan: TrainingPlan, zero: int, approx: Approximations) -> dict:
                    f"feed: gradient offload fraction {grads:g} follows the optimizer's "
                    f"({opt_written:g})")
     return z
+
+
+def _sharding(model: TransformerSpec, plan: TrainingPlan, z: dict, approx: Approximations) -> None:
+    """ZeRO-3's HSDP shard size (as ZeRO++ hpZ) and the FSDP schedules DeepSpeed cannot write."""
+    if plan.replicate_degree > 1:
+        n, dp = plan.shard_degree, plan.dp
+        z["zero_hpz_partition_size"] = n
+        approx.add(
+            f"DeepSpeed has no HSDP: dp_shard {n} written as ZeRO++ zero_hpz_partition_size {n}, which "
+            f"adds a second copy of the 16-bit weights sharded over groups of {n} ranks and serves only "
+            f"the backward all-gathers from it; the forward all-gathers and the gradient reduce-scatters "
+            f"still span all {dp} ranks, weights, gradients and optimizer states stay sharded over all "
+            f"{dp} (no all-reduce across {dp // n} replicas), and the copy costs 2 bytes per parameter "
+            f"/ {n} more memory per rank than the plan"
+        )
+    if not plan.reshard_after_forward:
+        approx.add("DeepSpeed ZeRO-3 frees gathered weights after each module's forward (only "
+                   "stage3_max_reuse_distance / stage3_param_persistence_threshold keep some): "
+                   "reshard_after_forward false cannot be written")
+    if not plan.reshard_between_microbatches and plan.num_microbatches > 1:
+        approx.add("DeepSpeed ZeRO-3 gathers weights and reduce-scatters gradients on every "
+                   "micro-batch: reshard_between_microbatches false cannot be written")
+    if not plan.regather_for_recompute and any(plan.stage_checkpointed(model)):
+        approx.add("DeepSpeed ZeRO-3 gathers a checkpointed layer's weights again for its recompute "
+                   "forward: regather_for_recompute false runs as true (one more all-gather per "
+                   "checkpointed layer)")
 
 
 def _activations(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> dict:

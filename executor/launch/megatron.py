@@ -1,10 +1,15 @@
 """Megatron-LM: `megatron_args.sh`, the pretrain_gpt.py arguments for a plan, launched by torchrun.
 
 Megatron expresses TP, PP (with interleaving), sequence parallelism, selective or full
-recompute and the distributed optimizer (ZeRO-1) directly. What it cannot express is
-recorded: ZeRO-2/3, per-stage ZeRO or recompute counts (its block method checkpoints the same
-number of layers on every stage), stage sizes other than a different first and/or last stage,
-and offloading of anything but the optimizer.
+recompute and the distributed optimizer (ZeRO-1) directly; ZeRO-3 without pipeline
+parallelism as Megatron-FSDP (`--use-megatron-fsdp --data-parallel-sharding-strategy
+optim_grads_params`, HSDP through `--num-distributed-optimizer-instances` = dp / dp_shard
+replicas), and fp8 linears as Transformer Engine's `--fp8-format hybrid --fp8-recipe tensorwise`
+(`--fp8-param-gather` for fp8 all-gathers). What it cannot express is recorded: ZeRO-2, ZeRO-3
+with pipeline parallelism, FSDP's reshard_after_forward / reshard_between_microbatches off,
+per-stage ZeRO or recompute counts (its block method checkpoints the same number of layers on
+every stage), stage sizes other than a different first and/or last stage, and offloading of
+anything but the optimizer.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
         + "# (mock data, 100 iterations): replace them with the real corpus and schedule.\n"
         + SHELL_PROLOGUE
         + ': "${MASTER_ADDR:=localhost}"\n: "${MASTER_PORT:=29500}"\n: "${MEGATRON_LM:=.}"\n'
-        + "export CUDA_DEVICE_MAX_CONNECTIONS=1\n\n"
+        # Megatron-FSDP overlaps its collectives on more than one hardware queue
+        + ("unset CUDA_DEVICE_MAX_CONNECTIONS\n\n" if _megatron_fsdp(plan)
+           else "export CUDA_DEVICE_MAX_CONNECTIONS=1\n\n")
         + "".join(_array(name, args) for name, args in arrays.items())
         + "ARGS=(" + " ".join(f'"${{{name}[@]}}"' for name in arrays) + ")\n\n"
         + torchrun_command(cluster, '"$MEGATRON_LM/pretrain_gpt.py" "${ARGS[@]}"')
@@ -74,6 +81,10 @@ def _model_args(model: TransformerSpec, plan: TrainingPlan, approx: Approximatio
     if not model.dropout:
         args += [["--attention-dropout", "0.0"], ["--hidden-dropout", "0.0"]]
     args.append(["--bf16"])
+    if plan.precision == "fp8":
+        args += [["--fp8-format", "hybrid"], ["--fp8-recipe", "tensorwise"]]
+        if plan.fp8_all_gather:
+            args.append(["--fp8-param-gather"])
     if plan.gradient_dtype == "fp32":
         args.append(["--accumulate-allreduce-grads-in-fp32"])
     elif plan.gradient_dtype == "fp16":
@@ -95,12 +106,21 @@ def _parallel_args(
     if plan.sequence_parallel:
         args.append(["--sequence-parallel"])
     zero = approx.one_value(plan.stage_zero(), "ZeRO stages", "ZeRO-{value}")
-    if zero >= 2 and plan.dp > 1:
+    if _megatron_fsdp(plan):
+        args += _fsdp_args(plan, approx)
+    elif zero == 3 and plan.dp > 1:
+        approx.add(
+            f"Megatron-LM has no ZeRO-3 with pipeline parallelism here (Megatron-FSDP is written only "
+            f"for pp 1): pp {plan.pp} with ZeRO-3 wrote --use-distributed-optimizer, which shards only "
+            f"optimizer states (ZeRO-1), so weights and gradients stay whole on each of the "
+            f"{plan.dp} data-parallel ranks"
+            + (f" (and dp_shard {plan.dp_shard} is not written)" if plan.replicate_degree > 1 else "")
+        )
+    elif zero == 2 and plan.dp > 1:
         approx.add(
             f"Megatron-LM has no ZeRO-{zero}: wrote --use-distributed-optimizer, which shards "
             "only optimizer states (ZeRO-1), so "
-            + ("gradients stay" if zero == 2 else "weights and gradients stay")
-            + f" whole on each of the {plan.dp} data-parallel ranks"
+            + f"gradients stay whole on each of the {plan.dp} data-parallel ranks"
         )
     if zero >= 1 or needs_dist_opt:
         args.append(["--use-distributed-optimizer"])
@@ -112,6 +132,27 @@ def _parallel_args(
         else:
             approx.add("Megatron-LM overlaps TP communication only with sequence parallelism: "
                        "overlap_tp_comm not written (--tp-comm-overlap needs --sequence-parallel)")
+    return args
+
+
+def _megatron_fsdp(plan: TrainingPlan) -> bool:
+    """ZeRO-3 on every stage, no pipeline: written as Megatron-FSDP."""
+    return plan.pp == 1 and plan.dp > 1 and plan.stage_zero() == [3]
+
+
+def _fsdp_args(plan: TrainingPlan, approx: Approximations) -> Args:
+    """Megatron-FSDP (ZeRO-3), HSDP replicas, and the FSDP schedules it cannot write."""
+    args = [["--use-megatron-fsdp"], ["--data-parallel-sharding-strategy", "optim_grads_params"],
+            ["--ckpt-format", "fsdp_dtensor"], ["--no-gradient-accumulation-fusion"]]
+    if plan.replicate_degree > 1:  # HSDP: shard within dp / replicas ranks, replicate across
+        args += [["--num-distributed-optimizer-instances", str(plan.replicate_degree)],
+                 ["--outer-dp-sharding-strategy", "no_shard"]]
+    if not plan.reshard_after_forward:
+        approx.add("Megatron-FSDP has no setting to keep gathered weights from forward to backward: "
+                   "reshard_after_forward false not written (weights are gathered again in backward)")
+    if not plan.reshard_between_microbatches and plan.num_microbatches > 1:
+        approx.add("Megatron-FSDP gathers weights and reduce-scatters gradients on every micro-batch: "
+                   "reshard_between_microbatches false cannot be written")
     return args
 
 

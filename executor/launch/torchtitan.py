@@ -2,9 +2,13 @@
 
 torchtitan expresses TP, PP with any stage split (listed module by module in
 `module_fqns_per_model_part`), interleaving, micro-batching and full or per-op selective
-recompute. Its data parallelism is DDP (replicate) or FSDP2 (shard, ZeRO-3-like), so ZeRO-1/2
-are approximated; its CPU offload moves weights, gradients and optimizer states together and
-whole; its TP always shards norms along the sequence; gradients are reduced in float32.
+recompute. Its data parallelism is DDP (replicate), FSDP2 (shard, ZeRO-3-like) or both (HSDP:
+`data_parallel_shard_degree` = dp_shard, `data_parallel_replicate_degree` = its replicas), so
+ZeRO-1/2 are approximated; `fsdp_reshard_after_forward` says "always" or "never"; fp8 linears
+are the `float8` model converter, with `[float8] enable_fsdp_float8_all_gather`. It cannot keep
+weights unsharded across gradient-accumulation micro-batches. Its CPU offload moves weights,
+gradients and optimizer states together and whole; its TP always shards norms along the
+sequence; gradients are reduced in float32.
 The TOML is written by hand (no new dependency) and checked with tomllib.
 """
 
@@ -41,6 +45,14 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
         "compile": {"enable": parallelism.get("enable_async_tensor_parallel", False),
                     "components": ["model", "loss"]},
     }
+    if plan.precision == "fp8":
+        config["model"]["converters"] = ["float8"]
+        # tensorwise scaling (the converter's default recipe) is what fp8 all-gather supports
+        config["float8"] = {"enable_fsdp_float8_all_gather": plan.fp8_all_gather and fsdp,
+                            "precompute_float8_dynamic_scale_for_fsdp": plan.fp8_all_gather and fsdp}
+        if plan.fp8_all_gather and not fsdp:
+            approx.add("torchtitan all-gathers fp8 weights only under FSDP: fp8_all_gather has no "
+                       "effect without data_parallel_shard_degree > 1")
     text = (header("torchtitan (torchtitan.train --job.config_file)", model, cluster, plan, approx)
             + "# [optimizer], steps and dataset are placeholders: set them for the real run.\n\n"
             + to_toml(config))
@@ -94,9 +106,12 @@ def _training(model: TransformerSpec, plan: TrainingPlan, fsdp: bool, approx: Ap
 
 def _parallelism(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> dict:
     zero = approx.one_value(plan.stage_zero(), "ZeRO stages", "ZeRO-{value}")
-    shard = plan.dp if plan.dp > 1 and zero >= 1 else 1
+    shard = (plan.shard_degree if zero == 3 else plan.dp) if plan.dp > 1 and zero >= 1 else 1
     p: dict = {"data_parallel_replicate_degree": plan.dp // shard,
                "data_parallel_shard_degree": shard}
+    if shard > 1 and zero == 3:
+        p["fsdp_reshard_after_forward"] = "always" if plan.reshard_after_forward else "never"
+        _fsdp_notes(model, plan, approx)
     if shard > 1 and zero < 3:
         p["fsdp_reshard_after_forward"] = "never"
         approx.add(f"torchtitan has no ZeRO-{zero}; its FSDP2 is ZeRO-3-like: wrote "
@@ -123,6 +138,17 @@ def _parallelism(model: TransformerSpec, plan: TrainingPlan, approx: Approximati
         p["module_fqns_per_model_part"] = _model_parts(model, plan)
     p["context_parallel_degree"] = 1
     return p
+
+
+def _fsdp_notes(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> None:
+    """What torchtitan's FSDP2 settings cannot say about a ZeRO-3 plan."""
+    if not plan.reshard_between_microbatches and plan.num_microbatches > 1:
+        approx.add("torchtitan gathers weights and reduce-scatters gradients on every micro-batch "
+                   "of gradient accumulation: reshard_between_microbatches false (gather once, "
+                   "accumulate unsharded gradients) cannot be written")
+    if plan.regather_for_recompute and any(plan.stage_checkpointed(model)):
+        approx.add("torchtitan's FSDP2 runs the recompute forward on the backward's gather: "
+                   "regather_for_recompute true cannot be written")
 
 
 def _model_parts(model: TransformerSpec, plan: TrainingPlan) -> list[list[str]]:
