@@ -258,3 +258,36 @@ def test_bad_fsdp_fields_are_named(bad, field):
 def test_fp8_needs_a_device_with_fp8_peaks():
     with pytest.raises(ValueError, match="fp8"):
         simulate_training("llama-debug", "8xa100-80gb", fsdp_plan(8, precision="fp8"))
+
+
+# --- torchtitan's kernels: per-op selective checkpointing, eager element-wise ops ----------
+def test_per_op_checkpointing_reruns_every_other_matmul():
+    """torchtitan's policy keeps wq, wv, w1, w2 outputs and re-runs wk, wo, w3 (Llama 3 8B
+    shapes: h 4096, KV width 1024, FFN 14336) plus every element-wise op."""
+    from simulator.training.costs import TrainingCostModel
+    from simulator.specs.plan import TrainingPlan
+
+    h, kv, f = 4096, 1024, 14336
+    share = (h * kv + h * h + h * f) / (2 * h * h + 2 * h * kv + 3 * h * f)
+    plan = TrainingPlan.model_validate(fsdp_plan(8, recompute="selective_op"))
+    costs = TrainingCostModel(load_model("llama-3-8b"), plan, load_cluster("8xh100"))
+    assert costs.stage_model.op_recompute_share() == pytest.approx(share)
+    op = simulate_training("llama-3-8b", "8xh100", fsdp_plan(8, recompute="selective_op")).breakdown
+    attn_only = simulate_training("llama-3-8b", "8xh100", fsdp_plan(8, recompute="selective")).breakdown
+    assert op["recompute"] > 0.75 * share * op["compute"] / 3  # the re-run GEMMs (compute also holds the LM head)
+    assert op["recompute"] < (share + 0.15) * op["compute"] / 3  # plus element-wise ops, not attention
+    assert op["compute"] == pytest.approx(attn_only["compute"])
+
+
+def test_eager_element_wise_ops_cost_more_than_fused_ones_and_only_in_hbm_time():
+    fused = simulate_training("llama-3-8b", "8xh100", fsdp_plan(8)).breakdown
+    eager = simulate_training("llama-3-8b", "8xh100", fsdp_plan(8, fused_elementwise=False)).breakdown
+    extra = eager["compute"] - fused["compute"]
+    # Llama 3 8B, 8192 tokens: ~438 KB per token per layer moved again (fp32 norms, RoPE,
+    # head-major copies, the SwiGLU product), forward and twice in backward, at 0.75 x 3.35 TB/s.
+    m = load_model("llama-3-8b")
+    h, kv, f = m.hidden_size, 1024, m.ffn_hidden_size
+    per_token = 60 * h + 24 * (h + kv) + 4 * (2 * h + 2 * kv) + 2 * f
+    launches = 30 * 4e-6  # one launch per unfused op, 4 us each
+    want = 3 * m.num_layers * (8192 * per_token / (0.75 * 3350e9) + launches)
+    assert extra == pytest.approx(want, rel=0.05)

@@ -53,7 +53,7 @@ def test_every_row_is_finite_and_cited(result):
 def test_fsdp_eager_rows_are_judged_on_iteration_time(result):
     summary = result.summary[FSDP_GROUP]
     assert summary["target"] == 0.10
-    assert summary["passed"] is (summary["mae"] <= 0.10)
+    assert summary["passed"]  # mean absolute error <= 10% (issue 9's target)
     rows = [r for r in result.rows if r["group"] == FSDP_GROUP]
     assert {r["id"] for r in rows} == EAGER_BF16
     assert summary["n"] == len(rows)
@@ -68,7 +68,7 @@ def test_fsdp_compile_and_fp8_rows_are_reported_without_a_target(result):
     rows = [r for r in result.rows if r["group"] == FSDP_REPORTED]
     assert {r["id"] for r in rows} == COMPILE_OR_FP8
     for r in rows:
-        assert "predicts eager" in r["note"], r
+        assert "fused element-wise" in r["note"], r  # every row of this group ran torch.compile
         assert ("fp8" in r["note"]) == r["id"].endswith("fp8"), r
 
 

@@ -43,10 +43,9 @@ TT_MODEL = {("32", "4096", "128256"): "llama-3-8b", ("80", "8192", "128256"): "l
             ("80", "8192", "32000"): "llama-2-70b"}
 TT_NODE = {"H100 SXM 96GB HBM2e (500W cap)": "8xh100-grand-teton",
            "H100 SXM 95GB HBM2e lower-TDP": "8xh100-hbm2e-94gb", "A100 80GB": "8xa100-80gb"}
-PER_OP_SAC = ("per-op SAC mapped to recompute selective: torchtitan's policy (the save list of "
+PER_OP_SAC = ("per-op SAC as recompute selective_op: torchtitan's policy (the save list of "
               "parallelize_llama.py, the same at @1ea476e, @9dec370 and @820504e) saves the "
-              "flash-attention output and every other matmul output and recomputes the rest; the "
-              "model's selective recompute keeps all linear outputs and recomputes the attention core")
+              "flash-attention output and every other matmul output and recomputes the rest")
 FP8_ALL_GATHER = ("fp8_all_gather true: the table does not give the Float8 flags; docs/float8.md @9dec370 "
                   "launches Float8 with --float8.enable_fsdp_float8_all_gather (the config default is off)")
 
@@ -140,7 +139,7 @@ def tt_recompute(r: dict) -> tuple[str, list[str]]:
     if "(table)" in ac:  # the table says 'selective'; the config at the named commit says which kind
         notes.insert(0, "the table says 'selective'; the default toml at the named commit sets "
                         "selective_ac_option 'op'")
-    return "selective", notes
+    return "selective_op", notes
 
 
 def tt_rows() -> list[dict]:
@@ -152,7 +151,8 @@ def tt_rows() -> list[dict]:
         runtime = tt_runtime(r)
         recompute, assumed = tt_recompute(r)
         plan = {"tp": tp, "pp": pp, "dp": dp, "micro_batch_size": mbs, "global_batch_size": gbs,
-                "seq_length": seq, "recompute": recompute, **FSDP2, "precision": runtime["precision"]}
+                "seq_length": seq, "recompute": recompute, **FSDP2, "precision": runtime["precision"],
+                "fused_elementwise": runtime["torch_compile"]}  # eager PyTorch runs one kernel per op
         if tp > 1:
             plan["sequence_parallel"] = True
         if runtime["precision"] == "fp8":

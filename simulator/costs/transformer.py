@@ -76,7 +76,16 @@ elementwise_bytes_fwd = ACT_BYTES * b * s * (
     (4 + 2 + 6 * dropout) * h * _replicated  # 2 norms (r+w), residual adds, fused dropout-add
     + (2 * n_mlp - 2) * f / t  # activation function: GELU r+w, SwiGLU 2r+1w
 )
-"""Element-wise kernels of a layer outside the attention core."""
+"""Element-wise kernels of a layer outside the attention core, fused as Megatron-LM's kernels or
+torch.compile run them (each tensor read and written once per fused chain)."""
+eager_extra_bytes_fwd = b * s * (
+    2 * 30 * h * _replicated  # 2 RMSNorms in fp32, op by op: cast, pow, mean, mul, cast, weight
+    + 24 * (h + kv_width) / t  # RoPE on Q and K through fp32 complex views: cast, multiply, cast
+    + 4 * (2 * h + 2 * kv_width) / t  # head-major copies of Q, K, V into attention and out of it
+    + 2 * (n_mlp - 2) * f / t  # SwiGLU's separate product pass
+)
+"""HBM bytes a PyTorch-eager layer (one kernel per op: torchtitan without torch.compile) moves on
+top of the fused count: each op of a norm, RoPE or gate reads and writes its whole tensor."""
 attention_elementwise_bytes_fwd = (1 - flash) * ACT_BYTES * b * a * s**2 / t * (2 + 2.5 * dropout)
 """Softmax (r+w) and attention dropout (r+w+mask) on the s x s scores; FlashAttention fuses
 them into its kernel."""
@@ -169,6 +178,7 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "optimizer_step_bytes": optimizer_step_bytes,
     "lm_head_flops_fwd": lm_head_flops_fwd,
     "elementwise_bytes_fwd": elementwise_bytes_fwd,
+    "eager_extra_bytes_fwd": eager_extra_bytes_fwd,
     "attention_elementwise_bytes_fwd": attention_elementwise_bytes_fwd,
     "layer_activation_bytes": layer_activation_bytes,
     "checkpoint_activation_bytes": checkpoint_activation_bytes,

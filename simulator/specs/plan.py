@@ -100,12 +100,21 @@ class TrainingPlan(Spec):
     fp8_all_gather: bool = Field(default=False, description="ZeRO-3 gathers linear weights in fp8 (needs precision fp8)")
     gradient_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     sequence_parallel: bool = False
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Literal["none", "selective", "selective_op", "full"] = Field(
+        default="none",
+        description="selective: re-run the attention core (Megatron-LM, Korthikanti et al.); selective_op: "
+                    "torchtitan's per-op policy (keep attention and every other matmul output, re-run the rest); "
+                    "full: re-run whole layers",
+    )
     checkpointed_layers: int | None = Field(
         default=None, ge=0, description="with full recompute: layers per stage (default all)"
     )
     offload: Offload = Offload()
     flash_attention: bool = True
+    fused_elementwise: bool = Field(
+        default=True,
+        description="element-wise ops run as fused kernels (Megatron-LM's, or torch.compile); false: PyTorch eager",
+    )
     overlap_grad_reduce: bool = True
     overlap_tp_comm: bool = False
     stages: list[StagePlan] | None = None

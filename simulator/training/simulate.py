@@ -79,7 +79,7 @@ def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Pat
 def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -> TrainingReport:
     seq = plan.seq(model)
     tokens = plan.global_batch_size * seq
-    sel = {"sel": float(plan.recompute == "selective")}
+    sel = {"sel": float(plan.recompute in ("selective", "selective_op"))}
     one_layer = costs.stage_model.costs(sel, 1.0)
     layer_flops = float(one_layer["layer_flops_fwd"]) * plan.tp
     head_flops = float(one_layer["lm_head_flops_fwd"]) * plan.tp
@@ -88,6 +88,9 @@ def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -
     layers, ckpt = costs.layers, costs.checkpointed
     recompute_fwd = plan.tp * sum(
         float(costs.stage_model.costs({**sel, "k": k}, n)["stage_recompute_flops"]) for n, k in zip(layers, ckpt))
+    if plan.recompute == "selective_op":  # every other matmul of the non-checkpointed layers
+        share = costs.stage_model.op_recompute_share()
+        recompute_fwd += plan.tp * share * float(one_layer["gemm_flops_fwd"]) * sum(n - k for n, k in zip(layers, ckpt))
     hw_flops = model_flops + recompute_fwd * plan.global_batch_size / plan.micro_batch_size
     iteration = result.iteration_time_s
     peak_total = cluster.num_devices * cluster.device.peak_flops * iteration

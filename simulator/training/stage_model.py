@@ -36,7 +36,11 @@ from simulator.specs.model import TransformerSpec
 from simulator.training.fsdp import FSDP_OPTION_KEYS, fsdp_costs, fsdp_memory_options
 
 KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
-OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k", *FSDP_OPTION_KEYS)
+EAGER_EXTRA_KERNELS_FWD = 30  # the same ops unfused, one launch per op (eager PyTorch)
+NON_SYMBOLIC_KEYS = ("sop", "eg", *FSDP_OPTION_KEYS)
+OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k", *NON_SYMBOLIC_KEYS)
+"""Option arrays of a stage. `sop` (0/1): torchtitan's per-op selective checkpointing; `eg`
+(0/1): element-wise ops run eagerly, one kernel each, instead of fused."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,24 @@ class StageModel:
             gemm = gemm + f8 * memory_bound_s(dev, cast, 7)
         attn = attention_s(dev, c["attention_flops_fwd"]) + memory_bound_s(dev, c["attention_elementwise_bytes_fwd"])
         elem = memory_bound_s(dev, c["elementwise_bytes_fwd"], KERNELS_PER_LAYER_FWD)
+        if o is not None and np.any(o["eg"]):
+            elem = elem + o["eg"] * memory_bound_s(dev, c["eager_extra_bytes_fwd"], EAGER_EXTRA_KERNELS_FWD)
         tp = 2 * comm.allreduce_s(c["tp_allreduce_bytes"], self.tp, self.links.tp)
         if self.overlap_tp_comm:
             tp = np.maximum(0.0, tp - gemm)
-        return {"compute": gemm + attn + elem, "tp_comm": tp, "attention": attn}
+        return {"compute": gemm + attn + elem, "tp_comm": tp, "attention": attn, "gemm": gemm, "elementwise": elem}
+
+    def op_recompute_share(self) -> float:
+        """Share of a layer's forward GEMM FLOPs that torchtitan's per-op selective
+        checkpointing re-runs: its policy (torchtitan `activation_checkpoint.py`,
+        `_custom_policy`) saves the outputs of attention and of every other matmul, counted in
+        forward order (wq, wk, wv, wo, then w1, w3, w2 for SwiGLU), and re-runs everything else,
+        so wk, wo and w3 (GELU: fc2) are recomputed, with every element-wise op."""
+        m = self.model
+        h, f = m.hidden_size, m.ffn_hidden_size
+        kv = h * m.num_kv_heads // m.num_attention_heads
+        mats = [h * h, h * kv, h * kv, h * h] + ([h * f, h * f, f * h] if m.mlp_matrices == 3 else [h * f, f * h])
+        return sum(mats[1::2]) / sum(mats)
 
     def _fp8_peak(self) -> float:
         peak = self.device.peak_tflops.get("fp8")
@@ -150,7 +168,7 @@ class StageModel:
         """
         o = {key: np.asarray(options.get(key, 0.0), dtype=float) for key in OPTION_KEYS}
         layers = np.asarray(layers, dtype=float)
-        mem = fsdp_memory_options(o)  # what stays sharded between uses, for the memory model
+        mem = fsdp_memory_options({key: v for key, v in o.items() if key not in ("sop", "eg")})  # sharded between uses
         c = self.costs(mem, layers)
         c1 = self.costs(mem, 1.0)
         lf = self.layer_forward(c1, o)
@@ -158,7 +176,8 @@ class StageModel:
         out = {
             "fwd_compute": layers * lf["compute"], "fwd_tp_comm": layers * lf["tp_comm"],
             "bwd_compute": 2 * layers * lf["compute"], "bwd_tp_comm": layers * lf["tp_comm"],
-            "bwd_recompute": k * (lf["compute"] + lf["tp_comm"]) + o["sel"] * (layers - k) * lf["attention"],
+            "bwd_recompute": k * (lf["compute"] + lf["tp_comm"]) + (o["sel"] - o["sop"]) * (layers - k) * lf["attention"]
+            + o["sop"] * (layers - k) * (self.op_recompute_share() * lf["gemm"] + lf["elementwise"]),
         }
         for on, (fwd, bwd) in ((first, self.embedding()), (last, self.lm_head(c1))):
             if on:
