@@ -132,7 +132,7 @@ def _activations(model: TransformerSpec, plan: TrainingPlan, approx: Approximati
     recompute = plan.recompute != "none" or any(ckpt)
     act = approx.one_value(stage_offload(plan)["activations"], "activation offload fractions",
                            "activations fraction {value:g}")
-    if plan.recompute == "selective":
+    if plan.recompute in ("selective", "selective_op"):
         approx.add("DeepSpeed's config does not choose what to recompute: selective recompute "
                    "(the attention core) is left to the model code, e.g. Megatron-DeepSpeed")
     if any(ckpt):

@@ -189,8 +189,11 @@ def _memory_args(
     """Recompute and offloading flags, and whether they need the distributed optimizer."""
     args: Args = []
     layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
-    if plan.recompute == "selective":
+    if plan.recompute in ("selective", "selective_op"):
         args.append(["--recompute-granularity", "selective"])
+        if plan.recompute == "selective_op":
+            approx.add("Megatron-LM has no per-op checkpointing policy: selective_op written as "
+                       "--recompute-granularity selective (re-runs the attention core, keeps every matmul output)")
         if any(ckpt):
             approx.add("Megatron-LM recomputes at one granularity: wrote selective, so the "
                        f"fully checkpointed layers per stage {ckpt} are not recomputed in full")

@@ -166,7 +166,7 @@ def _model_parts(model: TransformerSpec, plan: TrainingPlan) -> list[list[str]]:
 
 def _checkpointing(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> dict:
     layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
-    if plan.recompute == "selective":
+    if plan.recompute in ("selective", "selective_op"):
         if any(ckpt):
             approx.add("torchtitan applies one checkpointing mode: wrote per-op selective, so the "
                        f"fully checkpointed layers per stage {ckpt} are not recomputed in full")
