@@ -21,6 +21,7 @@ markdown table (benchmarks/results/training_tuner.md) generated from that JSON.
 
 from __future__ import annotations
 
+import collections
 import math
 import statistics
 import sys
@@ -105,6 +106,8 @@ def plan_summary(plan: TrainingPlan) -> dict:
         "sequence_parallel": plan.sequence_parallel, "recompute": plan.recompute,
         "layers": [s.layers for s in stages], "zero": [s.zero_stage for s in stages],
         "checkpointed": [s.checkpointed_layers for s in stages], "offload": offload,
+        "dp_shard": plan.dp_shard, "reshard_after_forward": plan.reshard_after_forward,
+        "reshard_between_microbatches": plan.reshard_between_microbatches,
     }
     out["text"] = plan_text(out)
     return out
@@ -114,6 +117,9 @@ def plan_text(s: dict) -> str:
     """e.g. 'tp1 pp2 v4 dp4 mbs1 sel | L 14/18 Z 1/1 ck 0/3 | off s1: a0.5'."""
     head = f"tp{s['tp']} pp{s['pp']}" + (f" v{s['v']}" if s["v"] > 1 else "") + f" dp{s['dp']} mbs{s['mbs']}"
     head += (" sp" if s["sequence_parallel"] else "") + (" sel" if s["recompute"] == "selective" else "")
+    head += (f" hsdp{s['dp_shard']}" if s.get("dp_shard") not in (None, s["dp"]) else "")
+    head += ("" if s.get("reshard_after_forward", True) else " keep-fwd")
+    head += ("" if s.get("reshard_between_microbatches", True) else " keep-mb")
     join = lambda xs: "/".join(str(x) for x in xs)  # noqa: E731
     parts = [head, f"L {join(s['layers'])} Z {join(s['zero'])} ck {join(s['checkpointed'])}"]
     off = [f"s{i}: " + ",".join(f"{k[0]}{v:g}" for k, v in o.items()) for i, o in enumerate(s["offload"]) if o]
@@ -139,6 +145,8 @@ def run_case(case: dict) -> dict:
         "peak_memory_GiB": best.report.peak_memory_bytes / 2**30,
         "device_memory_GiB": best.report.device_memory_bytes / 2**30,
         "plan": plan_summary(best.plan), "search": result.search.to_dict(), "baselines": {},
+        "family": result.winner,
+        "families": {name: t and t.report.iteration_time_s for name, t in result.families.items()},
     }
     for name in BASELINES:
         base = result.baselines.get(name)
@@ -241,20 +249,20 @@ def markdown(result: dict) -> str:
         "Speedup = baseline / tuned; 'no fit' = nothing in the baseline's space fits in memory.",
         "",
         "| hardware | model | GPUs | batch | tuned (s) | analytic vs DES | Megatron-LM (s) | speedup "
-        "| Aceso-style (s) | speedup | tuning (s) | tuned plan |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| Aceso-style (s) | speedup | tuning (s) | family | tuned plan |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['hardware']} | {r['model']} | {r['gpus']} | {r['global_batch_size']} "
-                         f"| no plan | | | | | | {r['tune_s']:.1f} | |")
+                         f"| no plan | | | | | | {r['tune_s']:.1f} | | |")
             continue
         b = r["baselines"]
         lines.append(
             f"| {r['hardware']} | {r['model']} | {r['gpus']} | {r['global_batch_size']} | {r['iteration_time_s']:.2f} "
             f"| {r['analytic_gap']:+.1%} | {fmt_time(b['megatron'])} | {fmt_speedup(b['megatron'])} "
             f"| {fmt_time(b['aceso'])} | {fmt_speedup(b['aceso'])} | {r['tune_s']:.1f} "
-            f"| `{md_escape(r['plan']['text'])}` |")
+            f"| {md_escape(r.get('family', ''))} | `{md_escape(r['plan']['text'])}` |")
     lines.append("")
     for name, m in means.items():
         if m["geometric_mean"] is None:
@@ -263,6 +271,9 @@ def markdown(result: dict) -> str:
                      f"mean {m['arithmetic_mean']:.2f}x ({m['cases_with_plan']} of {m['cases']} cases with a "
                      f"fitting baseline plan). For reference, Mist's published average on real hardware is "
                      f"{m['mist_published_average']:.2f}x (Zhu et al., EuroSys'25) - their measurement, not ours.")
+    wins = collections.Counter(r.get("family") for r in rows if "error" not in r)
+    lines.append("- Winning family (FSDP, HSDP, FSDP+TP, 3D; see the README): "
+                 + ", ".join(f"{name} {n}" for name, n in wins.most_common()) + ".")
     a = result.get("large")
     if a:
         lines.append(f"- Tuning {a['model']} on {a['devices']} GPUs: {a['tune_s_median']:.1f} s "
