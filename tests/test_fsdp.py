@@ -264,8 +264,8 @@ def test_fp8_needs_a_device_with_fp8_peaks():
 def test_per_op_checkpointing_reruns_every_other_matmul():
     """torchtitan's policy keeps wq, wv, w1, w2 outputs and re-runs wk, wo, w3 (Llama 3 8B
     shapes: h 4096, KV width 1024, FFN 14336) plus every element-wise op."""
-    from simulator.training.costs import TrainingCostModel
     from simulator.specs.plan import TrainingPlan
+    from simulator.training.costs import TrainingCostModel
 
     h, kv, f = 4096, 1024, 14336
     share = (h * kv + h * h + h * f) / (2 * h * h + 2 * h * kv + 3 * h * f)
