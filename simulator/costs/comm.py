@@ -3,9 +3,9 @@
 Bandwidth (NCCL-tests doc/PERFORMANCE.md, "bus bandwidth"): a ring all-reduce of S bytes
 over n ranks moves 2(n-1)/n * S through every rank's link, an all-gather or a
 reduce-scatter (n-1)/n * S. A group inside one node runs at the intra-node bandwidth per
-device (NVLink). A group that spans nodes is bound by the slowest link every rank's traffic
-crosses: its own NIC (one NIC per GPU, rail-optimized, the `inter_node_bandwidth_GBps` of the
-cluster), however many of its ranks share a node. Achieved bandwidth = link peak x efficiency.
+device (NVLink). A group that spans nodes is bound by the NICs of its ranks (one NIC per GPU,
+rail-optimized, the `inter_node_bandwidth_GBps` of the cluster): r ranks per node carry the
+ring through r NICs at once (`group_link`). Achieved bandwidth = link peak x efficiency.
 
 Latency follows NCCL's own cost model (NVIDIA/nccl `src/graph/tuning.cc`,
 `ncclTopoTuneModel`):

@@ -51,7 +51,7 @@ def plan_values(plan: TrainingPlan, model: TransformerSpec) -> dict[str, float]:
         "t": plan.tp,
         "d": plan.dp,
         "sq": float(plan.sequence_parallel),
-        "sel": float(plan.recompute in ("selective", "selective_op")),
+        "sel": float(plan.recomputes_selectively),
         "flash": float(plan.flash_attention),
         "z1": float(z >= 1),
         "z2": float(z >= 2),

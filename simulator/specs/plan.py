@@ -151,6 +151,11 @@ class TrainingPlan(Spec):
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
     @property
+    def recomputes_selectively(self) -> bool:
+        """Selective recompute of either kind: the attention core's activations are not kept."""
+        return self.recompute in ("selective", "selective_op")
+
+    @property
     def shard_degree(self) -> int:
         """Ranks that ZeRO shards model states over (dp unless HSDP says fewer)."""
         return self.dp_shard or self.dp

@@ -39,7 +39,7 @@ class StageMemory:
 def stage_options(plan: TrainingPlan, zero_stage: int, offload: Offload, checkpointed: int) -> dict[str, float]:
     """The option symbols of one stage (see `simulator.costs.symbols`)."""
     return {
-        "sq": float(plan.sequence_parallel), "sel": float(plan.recompute in ("selective", "selective_op")),
+        "sq": float(plan.sequence_parallel), "sel": float(plan.recomputes_selectively),
         "sop": float(plan.recompute == "selective_op"), "eg": float(not plan.fused_elementwise),
         "flash": float(plan.flash_attention), "gb": GRAD_BYTES[plan.gradient_dtype],
         "z1": float(zero_stage >= 1), "z2": float(zero_stage >= 2), "z3": float(zero_stage >= 3),

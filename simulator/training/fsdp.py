@@ -52,12 +52,11 @@ def plan_fsdp_options(plan) -> dict[str, float]:
 
 
 def fsdp_memory_options(o: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Options for the model-state memory at the stage's peak: weights kept after forward or
-    between micro-batches are whole then (2 bytes/param, like ZeRO-2), and gradients
-    accumulated unsharded are whole too."""
+    """The ZeRO indicators for the model-state memory at the stage's peak: weights kept after
+    forward or between micro-batches are whole then (2 bytes/param, like ZeRO-2), and
+    gradients accumulated unsharded are whole too."""
     z3 = o["z3"]
-    return {**{k: v for k, v in o.items() if k not in FSDP_OPTION_KEYS},
-            "z3": z3 * (1 - o["kf"]) * (1 - o["ku"]), "z2": o["z2"] * (1 - z3 * o["ku"])}
+    return {"z3": z3 * (1 - o["kf"]) * (1 - o["ku"]), "z2": o["z2"] * (1 - z3 * o["ku"])}
 
 
 def _pipelined(first, per_unit, compute, last, units):
@@ -75,10 +74,9 @@ def fsdp_costs(sm: StageModel, o: dict[str, np.ndarray], layers, c1: dict, lf: d
     gather_bytes = np.where(o["f8g"] > 0, c1["zero3_gather_bytes_fp8"], c1["zero3_gather_bytes"])
     grad_bytes = o["gb"] * c1["stage_params"]  # one layer's gradients on this TP shard
     gather = comm.allgather_s(gather_bytes, n, links.shard)
-    scatter = comm.reducescatter_s(grad_bytes, n, links.shard) + comm.allreduce_s(grad_bytes / n, sm.replicas, links.replicate)
+    scatter = sm.sharded_grad_sync_s(grad_bytes)
     root_gather = comm.allgather_s(2.0 * extra_params, n, links.shard)
-    root_scatter = (comm.reducescatter_s(o["gb"] * extra_params, n, links.shard)
-                    + comm.allreduce_s(o["gb"] * extra_params / n, sm.replicas, links.replicate))
+    root_scatter = sm.sharded_grad_sync_s(o["gb"] * extra_params)
 
     fwd_compute = lf["compute"] + lf["tp_comm"]
     bwd_compute = 2 * fwd_compute + bwd_recompute / np.maximum(layers, 1)

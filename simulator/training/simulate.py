@@ -79,7 +79,7 @@ def simulate_training(model: Any, cluster: Any, plan: Any, trace_path: str | Pat
 def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -> TrainingReport:
     seq = plan.seq(model)
     tokens = plan.global_batch_size * seq
-    sel = {"sel": float(plan.recompute in ("selective", "selective_op"))}
+    sel = {"sel": float(plan.recomputes_selectively)}
     one_layer = costs.stage_model.costs(sel, 1.0)
     layer_flops = float(one_layer["layer_flops_fwd"]) * plan.tp
     head_flops = float(one_layer["lm_head_flops_fwd"]) * plan.tp

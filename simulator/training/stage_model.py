@@ -168,7 +168,7 @@ class StageModel:
         """
         o = {key: np.asarray(options.get(key, 0.0), dtype=float) for key in OPTION_KEYS}
         layers = np.asarray(layers, dtype=float)
-        mem = fsdp_memory_options({key: v for key, v in o.items() if key not in ("sop", "eg")})  # sharded between uses
+        mem = {**{key: v for key, v in o.items() if key not in NON_SYMBOLIC_KEYS}, **fsdp_memory_options(o)}
         c = self.costs(mem, layers)
         c1 = self.costs(mem, 1.0)
         lf = self.layer_forward(c1, o)
@@ -185,8 +185,9 @@ class StageModel:
                     out[f"fwd_{key}"] = out[f"fwd_{key}"] + val
                 for key, val in bwd.items():
                     out[f"bwd_{key}"] = out[f"bwd_{key}"] + val
-        params = c["stage_params"] + self.extra_params(first, last)
-        out.update(fsdp_costs(self, o, layers, c1, lf, self.extra_params(first, last), out["bwd_recompute"]))
+        extra = self.extra_params(first, last)
+        params = c["stage_params"] + extra
+        out.update(fsdp_costs(self, o, layers, c1, lf, extra, out["bwd_recompute"]))
         self._offload(out, c)
         self._memory(out, c, c1, params, o["o_a"], first, last)
         self._iteration_extras(out, o, params)
@@ -217,20 +218,26 @@ class StageModel:
         out["logits"] = np.asarray(logits if last else 0.0)
         out["params"] = params
 
+    def sharded_grad_sync_s(self, grad_bytes):
+        """Reduce-scatter `grad_bytes` of gradients over the shard group, then all-reduce each
+        rank's shard across the HSDP replicas (nothing to all-reduce without HSDP)."""
+        links = self.links
+        return (comm.reducescatter_s(grad_bytes, self.dp_shard, links.shard)
+                + comm.allreduce_s(grad_bytes / self.dp_shard, self.replicas, links.replicate))
+
     def _iteration_extras(self, out: dict, o: dict, params) -> None:
         """Gradient sync, optimizer step and parameter all-gather, once per iteration.
 
         ZeRO-3 synchronizes gradients per micro-batch inside the backward (`fsdp.py`); ZeRO-0
         all-reduces them over dp; ZeRO-1/2 reduce-scatter them over the shard group (and
         all-reduce the shard across HSDP replicas) and all-gather the updated weights."""
-        n, r, links = self.dp_shard, self.replicas, self.links
+        n, links = self.dp_shard, self.links
         grad_bytes = params * o["gb"]
         if self.dp == 1:
             out["grad_sync_s"] = out["param_sync_s"] = np.zeros(())
         else:
             allreduce = comm.allreduce_s(grad_bytes, self.dp, links.dp)
-            reduce_scatter = (comm.reducescatter_s(grad_bytes, n, links.shard)
-                              + comm.allreduce_s(grad_bytes / n, r, links.replicate))
+            reduce_scatter = self.sharded_grad_sync_s(grad_bytes)
             sharded = o["z1"] > 0
             out["grad_sync_s"] = np.where(o["z3"] > 0, 0.0, np.where(sharded, reduce_scatter, allreduce))
             gather = comm.allgather_s(2.0 * params, n, links.shard)
