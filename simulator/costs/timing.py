@@ -14,9 +14,15 @@ def gemm_efficiency(device: DeviceSpec, min_dim):
     return e.gemm_max * min_dim / (min_dim + e.gemm_half_dim)
 
 
-def gemm_s(device: DeviceSpec, flops, min_dim):
-    """Time of large GEMMs totalling `flops`, whose smallest dimension is `min_dim`."""
-    return flops / (device.peak_flops * gemm_efficiency(device, min_dim))
+def gemm_s(device: DeviceSpec, flops, min_dim, calls: float = 0.0):
+    """Time of `calls` GEMMs totalling `flops`, whose smallest dimension is `min_dim`; each call
+    adds the device's un-hidden per-GEMM host time (zero on GPUs, whose launches are async)."""
+    return flops / (device.peak_flops * gemm_efficiency(device, min_dim)) + gemm_calls_s(device, calls)
+
+
+def gemm_calls_s(device: DeviceSpec, calls):
+    """Host time of `calls` GEMM calls that no asynchronous launch hides (CPU dispatch)."""
+    return calls * device.efficiency.gemm_overhead_us * 1e-6
 
 
 def attention_s(device: DeviceSpec, flops):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
-from simulator.costs.timing import attention_s, gemm_efficiency, memory_bound_s
+from simulator.costs.timing import attention_s, gemm_calls_s, gemm_s, memory_bound_s
 from simulator.serving.engine_overhead import EngineOverhead
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
@@ -81,20 +81,20 @@ class IterationModel:
         m, dev, t = self.model, self.device, self.layout.tp
         flops = tokens * self.flops_per_token
         min_dim = min(tokens, m.hidden_size / t)
-        compute = flops / (dev.peak_flops * gemm_efficiency(dev, min_dim))
+        compute = gemm_s(dev, flops, min_dim)
         weights = (self.weight_bytes + 4.0 * tokens * m.hidden_size) / self.hbm
         attention = attention_s(dev, attn_flops) + kv_read_bytes / self.hbm
         elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
         tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
-        return max(compute, weights) + attention + elementwise + float(tp)
+        return max(compute, weights) + gemm_calls_s(dev, m.gemms_per_layer) + attention + elementwise + float(tp)
 
     def _lm_head_s(self, sequences: int) -> float:
         m, dev, t = self.model, self.device, self.layout.tp
         if sequences == 0:
             return 0.0
         flops = 2.0 * sequences * m.hidden_size * m.vocab_size / t
-        compute = flops / (dev.peak_flops * gemm_efficiency(dev, min(sequences, m.hidden_size)))
-        return max(compute, 2.0 * m.hidden_size * m.vocab_size / t / self.hbm)
+        compute = gemm_s(dev, flops, min(sequences, m.hidden_size))
+        return max(compute, 2.0 * m.hidden_size * m.vocab_size / t / self.hbm) + gemm_calls_s(dev, 1)
 
     def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, float, int]:
         """(one stage's layers time, the last stage's LM head time, tokens) for one micro-batch."""

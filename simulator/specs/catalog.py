@@ -19,6 +19,7 @@ from simulator.specs.base import Spec
 from simulator.specs.hardware import ClusterSpec, DeviceSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
+from simulator.specs.profile import META_FILE, apply_profile, resolve_profile_path
 from simulator.specs.serving import DeploymentSpec, EngineSpec, WorkloadSpec
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -108,8 +109,22 @@ def load_workload(ref: Any) -> WorkloadSpec:
     return _load_any("workloads", ref, "workload")
 
 
-def load_cluster(ref: Any) -> ClusterSpec:
-    """A cluster by name, `NxNODE` multi-node name, path, or mapping."""
+def load_cluster(ref: Any, profile: str | Path | None = None) -> ClusterSpec:
+    """A cluster by name, `NxNODE` multi-node name, path, or mapping.
+
+    Its device's costs come from `profile` (a measured profile directory or catalog name), else
+    from the profile the cluster spec names, else from the datasheet; `profile="none"` forces
+    the datasheet even where the spec names a profile."""
+    cluster = _load_cluster(ref)
+    if profile is not None and str(profile) == "none":
+        return cluster.model_copy(update={"profile": None}) if cluster.profile else cluster
+    chosen = profile if profile is not None else cluster.profile
+    if chosen is None or (profile is None and cluster.device.cost_sources):
+        return cluster  # datasheet, or the spec's profile already applied
+    return _with_profile(cluster, str(chosen))
+
+
+def _load_cluster(ref: Any) -> ClusterSpec:
     if isinstance(ref, str) and ref not in _entries("clusters"):
         m = _MULTI_NODE.match(ref)
         if m and m.group(2) in _entries("clusters"):
@@ -119,3 +134,15 @@ def load_cluster(ref: Any) -> ClusterSpec:
                 raise SpecError("cluster", ref, "needs at least one node")
             return node.model_copy(update={"name": ref, "num_nodes": nodes * node.num_nodes})
     return _load_any("clusters", ref, "cluster")
+
+
+_PROFILED: dict[tuple[str, str, float], ClusterSpec] = {}
+
+
+def _with_profile(cluster: ClusterSpec, profile: str) -> ClusterSpec:
+    """apply_profile, once per (cluster content, profile, profile file version)."""
+    meta = resolve_profile_path(profile) / META_FILE
+    key = (cluster.spec_hash(), profile, meta.stat().st_mtime if meta.exists() else 0.0)
+    if key not in _PROFILED:
+        _PROFILED[key] = apply_profile(cluster, profile)
+    return _PROFILED[key]

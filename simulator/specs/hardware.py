@@ -15,6 +15,8 @@ from simulator.specs.base import Spec
 
 GiB = 1024**3
 GB = 1e9
+COSTS = ("gemm", "attention", "memory", "copies", "collectives", "step_overhead")
+"""The device costs a measured profile can replace; reports say where each came from."""
 
 
 class CollectiveEfficiency(Spec):
@@ -39,6 +41,9 @@ class Efficiency(Spec):
     attention: float = Field(gt=0, le=1, description="attention core (batched GEMMs or flash)")
     memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     kernel_overhead_us: float = Field(ge=0)
+    gemm_overhead_us: float = Field(
+        default=0.0, ge=0, description="host time per GEMM call not hidden by asynchronous launch (CPU dispatch)"
+    )
     step_overhead_us: float = Field(
         default=1500.0, ge=0, description="serving: fixed cost of one engine step (scheduling, sampling, launch)"
     )
@@ -54,6 +59,9 @@ class DeviceSpec(Spec):
     name: str
     source: Literal["datasheet", "measured"] = "datasheet"
     measured_on: str | None = None
+    cost_sources: dict[str, str] = Field(
+        default_factory=dict, description="cost -> where it came from, when a measured profile replaced it"
+    )
     peak_tflops: dict[Literal["fp32", "tf32", "fp16", "bf16", "fp8"], float]
     memory_GiB: float = Field(gt=0)
     hbm_bandwidth_GBps: float = Field(gt=0)
@@ -69,6 +77,14 @@ class DeviceSpec(Spec):
         if any(x <= 0 for x in v.values()):
             raise ValueError("peaks must be > 0")
         return v
+
+    def source_of(self, cost: str) -> str:
+        """'datasheet', or 'measured <date> (<profile>)' for a cost a profile replaced."""
+        return self.cost_sources.get(cost, self.source)
+
+    def sources(self) -> dict[str, str]:
+        """Where each modelled cost comes from: the datasheet or a measured profile."""
+        return {cost: self.source_of(cost) for cost in COSTS}
 
     @property
     def peak_flops(self) -> float:
@@ -104,6 +120,9 @@ class ClusterSpec(Spec):
     host_memory_GiB_per_device: float = Field(default=128.0, gt=0)
     host_optimizer_params_per_s: float = Field(
         default=1.0e9, gt=0, description="CPU Adam throughput per device's host share"
+    )
+    profile: str | None = Field(
+        default=None, description="measured profile (catalog name or directory) whose costs replace the datasheet's"
     )
 
     @field_validator("device", mode="before")

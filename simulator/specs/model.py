@@ -57,3 +57,8 @@ class TransformerSpec(Spec):
     def mlp_matrices(self) -> int:
         """Number of h x f weight matrices in the MLP: 3 for SwiGLU, 2 for GELU."""
         return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def gemms_per_layer(self) -> int:
+        """GEMM calls of one layer's forward: Q, K, V, the output projection and the MLP."""
+        return 4 + self.mlp_matrices

@@ -42,6 +42,7 @@ class TrainingReport:
     breakdown: dict[str, float]
     stages: list[StageReport]
     plan: dict[str, Any] = field(default_factory=dict)
+    cost_sources: dict[str, str] = field(default_factory=dict)  # cost -> datasheet | measured <date> (<profile>)
 
     @property
     def model_tflops_per_device(self) -> float:

@@ -96,7 +96,7 @@ class StageModel:
         tensorwise amax read, then a read and a 1-byte write: 5 bytes per 16-bit element)."""
         dev, m = self.device, self.model
         f8 = 0.0 if o is None else o["f8"]
-        gemm = gemm_s(dev, c["gemm_flops_fwd"], min(self.b * self.s, m.hidden_size / self.tp))
+        gemm = gemm_s(dev, c["gemm_flops_fwd"], min(self.b * self.s, m.hidden_size / self.tp), m.gemms_per_layer)
         if np.any(f8):
             gemm = gemm * (1 - f8 + f8 * dev.peak_flops / self._fp8_peak())
             cast = 5.0 * (c["linear_input_elements_fwd"] + c["layer_weight_bytes"] / 2)
@@ -138,7 +138,7 @@ class StageModel:
     def lm_head(self, c: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
         """Output GEMM over the vocabulary shard, plus fp32 cross-entropy on the logits."""
         m, dev = self.model, self.device
-        gemm = gemm_s(dev, c["lm_head_flops_fwd"], min(self.b * self.s, m.hidden_size))
+        gemm = gemm_s(dev, c["lm_head_flops_fwd"], min(self.b * self.s, m.hidden_size), 1)
         ce = memory_bound_s(dev, 12.0 * self.b * self.s * m.vocab_size / self.tp, 4)
         return {"compute": gemm + ce}, {"compute": 2 * gemm + ce}
 

@@ -1,0 +1,157 @@
+"""The profile directory on disk: measured tables, resumable, written atomically.
+
+A profile directory holds one tidy CSV per op family (`gemm.csv`, `attention.csv`, ...), one
+row per measured shape, keyed by the family's key columns (`simulator.specs.profile.TABLES`),
+and `profile.json`: the format name and version, the machine (device, cores, threads,
+driver, torch, date, host), the tables, and the fits `profiler.fit` derives from them.
+The simulator reads only this directory (`simulator.specs.profile.load_profile`).
+
+Every write replaces the whole file through a temporary file and `os.replace`, so an
+interrupted run leaves the last complete table, and a rerun measures only the shapes that
+table does not have yet (`Table.has`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from simulator.specs.profile import FORMAT, META_FILE, TABLES, VERSION, ProfileError, read_meta
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def machine_meta(device: str, threads: int) -> dict[str, Any]:
+    """What was measured: the `device` block of profile.json."""
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(device) if cuda else _cpu_model()
+    return {
+        "kind": "cuda" if cuda else "cpu",
+        "name": name,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "driver": _cuda_driver() if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "torch": torch.__version__.split("+")[0],
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_model() -> str:
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cuda_driver() -> str | None:
+    try:
+        import pynvml  # noqa: PLC0415 - optional, only on GPU machines
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - the driver version is informative only
+        return None
+
+
+class ProfileStore:
+    """A profile directory being written: its metadata and one `Table` per op family."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root = Path(root)
+        self.meta = meta
+
+    @classmethod
+    def open(cls, root: Path, device: str, threads: int) -> ProfileStore:
+        """Open `root` for measuring, resuming it if it is a profile of the same device and threads."""
+        root = Path(root)
+        fresh = machine_meta(device, threads)
+        if (root / META_FILE).exists():
+            meta = read_meta(root)
+            old = meta["device"]
+            for field in ("kind", "name", "threads"):
+                if old.get(field) != fresh[field]:
+                    raise ProfileError(root / META_FILE, f"device.{field}", old.get(field),
+                                       f"this run measures {field} = {fresh[field]!r}; resume only the same "
+                                       "device and thread count, or write to a new --out directory")
+            return cls(root, meta)
+        if root.exists() and any(root.iterdir()):
+            raise ProfileError(root, "directory", str(root), "is not empty and holds no profile.json; "
+                               "choose a new or empty --out directory")
+        store = cls(root, {"format": FORMAT, "version": VERSION, "device": fresh, "tables": {}, "fits": {}})
+        store.save_meta()
+        return store
+
+    def table(self, op: str) -> Table:
+        return Table(self, op)
+
+    def save_meta(self) -> None:
+        write_atomic(self.root / META_FILE, json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
+
+
+class Table:
+    """One op family's measurements: a DataFrame keyed by TABLES[op].key, saved after each row."""
+
+    def __init__(self, store: ProfileStore, op: str):
+        if op not in TABLES:
+            raise ValueError(f"unknown profile table {op!r}; known: {', '.join(TABLES)}")
+        self.store, self.op, self.spec = store, op, TABLES[op]
+        self.path = store.root / self.spec.file
+        self.rows: list[dict[str, Any]] = (
+            pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
+        )
+        self._keys = {self.key_of(r) for r in self.rows}
+
+    def key_of(self, row: dict[str, Any]) -> tuple:
+        return tuple(str(row[k]) for k in self.spec.key)
+
+    def has(self, shape: dict[str, Any]) -> bool:
+        return self.key_of(shape) in self._keys
+
+    def add(self, row: dict[str, Any]) -> None:
+        missing = [c for c in self.spec.columns if c not in row]
+        if missing:
+            raise ValueError(f"{self.op} row lacks columns {missing}: {row}")
+        self.rows.append(row)
+        self._keys.add(self.key_of(row))
+        self.save()
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(dict.fromkeys([*self.spec.columns, *self._extra()])))
+
+    def _extra(self) -> list[str]:
+        return [c for r in self.rows for c in r if c not in self.spec.columns]
+
+    def save(self) -> None:
+        write_atomic(self.path, self.frame().to_csv(index=False))
+        self.store.meta["tables"][self.op] = {"file": self.spec.file, "rows": len(self.rows)}
+        self.store.save_meta()

@@ -1,0 +1,269 @@
+"""Measured hardware profiles: the directory format, loading it, and what it changes in a device.
+
+`simtune profile` (package `profiler/`) measures kernels, copies, collectives and decode
+steps on a real machine and writes a profile directory; the simulator only reads it.
+
+Format `simtune-profile`, version 1
+-----------------------------------
+```
+DIR/profile.json    {"format": "simtune-profile", "version": 1,
+                     "device": {kind, name, cores, threads, driver, cuda, torch, date, host, platform},
+                     "tables": {"<op>": {"file", "rows"}},
+                     "fits":   {"<op>": {... fitted parameters, "cv_median_abs_error", "samples"}}}
+DIR/gemm.csv        m, n, k, dtype, flops, bytes, median_s, p10_s, p90_s, reps
+DIR/attention.csv   phase, batch, seq_q, seq_kv, heads, kv_heads, head_dim, dtype, flops, bytes, timing
+DIR/memory.csv      op, elements, dtype, bytes, timing
+DIR/copies.csv      direction, pinned, bytes, timing
+DIR/collectives.csv backend, collective, bytes, ranks, timing
+DIR/decode.csv      phase, batch, context, new_tokens, timing
+```
+One row per measured shape, SI units (seconds, bytes, FLOPs); `timing` is median_s, p10_s,
+p90_s and reps. The key columns of each table (TABLES) identify a shape.
+
+The fits (see `profiler/fit.py`) are physical quantities, not efficiencies:
+- `gemm`: {dtype: {flops_per_s, half_dim, overhead_s}}; time = flops (1 + half_dim / d) /
+  flops_per_s + overhead_s, d the smallest GEMM dimension (`Efficiency`'s saturation form);
+- `attention`: {dtype: {flops_per_s, bytes_per_s, overhead_s}};
+- `memory`: {bytes_per_s, overhead_s} over norms, softmax, element-wise, embedding, optimizer;
+- `copies`: {"<direction>[_pinned]": {bytes_per_s, overhead_s}};
+- `collectives`: {backend: {collective: {ranks: {alpha_s, bus_bytes_per_s}}}};
+- `decode`: {intercept_s, per_sequence_s, per_context_token_s} of the real decoder's steps.
+`apply_profile` turns them into a device's `Efficiency` by dividing by its datasheet peaks,
+and records which cost came from where (`DeviceSpec.cost_sources`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from simulator.errors import SpecError
+
+FORMAT = "simtune-profile"
+VERSION = 1
+META_FILE = "profile.json"
+PROFILES_DIR = Path(__file__).parent / "catalog" / "profiles"
+TIMING = ("median_s", "p10_s", "p90_s", "reps")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    file: str
+    key: tuple[str, ...]
+    values: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.key, *self.values, *TIMING)
+
+
+TABLES: dict[str, TableSpec] = {
+    "gemm": TableSpec("gemm.csv", ("m", "n", "k", "dtype"), ("flops", "bytes")),
+    "attention": TableSpec("attention.csv", ("phase", "batch", "seq_q", "seq_kv", "heads", "kv_heads",
+                                             "head_dim", "dtype"), ("flops", "bytes")),
+    "memory": TableSpec("memory.csv", ("op", "elements", "dtype"), ("bytes",)),
+    "copies": TableSpec("copies.csv", ("direction", "pinned", "bytes")),
+    "collectives": TableSpec("collectives.csv", ("backend", "collective", "bytes", "ranks")),
+    "decode": TableSpec("decode.csv", ("phase", "batch", "context", "new_tokens")),
+}
+OPS = tuple(TABLES)
+
+
+class ProfileError(SpecError):
+    """A profile directory that cannot be used: names the file, the field and what is wrong."""
+
+    def __init__(self, path: Path | str, field: str, value: Any, allowed: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {field}", value, allowed)
+
+
+def read_meta(root: Path | str) -> dict[str, Any]:
+    """profile.json of a profile directory, checked for format, version and its required fields."""
+    root = Path(root)
+    path = root / META_FILE
+    if not root.is_dir():
+        raise ProfileError(root, "profile", str(root), "is not a directory (give a profile directory "
+                           "written by `simtune profile --out DIR`)")
+    if not path.exists():
+        raise ProfileError(path, "file", "missing", "a profile directory holds profile.json; "
+                           "this one is empty or was not written by `simtune profile`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ProfileError(path, "<file>", "not JSON", f"is corrupt: {err}") from None
+    if not isinstance(meta, dict):
+        raise ProfileError(path, "<file>", type(meta).__name__, "must hold a JSON object")
+    if meta.get("format") != FORMAT:
+        raise ProfileError(path, "format", meta.get("format"), f"must be {FORMAT!r}")
+    if meta.get("version") != VERSION:
+        raise ProfileError(path, "version", meta.get("version"),
+                           f"this simtune reads version {VERSION}; re-run `simtune profile` to rewrite it")
+    for key, kind in (("device", dict), ("tables", dict), ("fits", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ProfileError(path, key, meta.get(key), f"must be a JSON {kind.__name__}")
+    for key in ("kind", "name", "threads", "date"):
+        if key not in meta["device"]:
+            raise ProfileError(path, f"device.{key}", None, "is required")
+    for op, entry in meta["tables"].items():
+        if op not in TABLES:
+            raise ProfileError(path, f"tables.{op}", op, f"unknown table; known: {', '.join(TABLES)}")
+        table = root / TABLES[op].file
+        if not table.exists():
+            raise ProfileError(table, "file", "missing", f"profile.json lists {entry.get('rows')} rows of "
+                               f"{op!r}; the directory is partial: re-run `simtune profile` on it to resume")
+    return meta
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """A loaded profile: where it lives, what was measured on what, and the fits."""
+
+    root: Path
+    device: dict[str, Any]
+    tables: dict[str, Any]
+    fits: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def date(self) -> str:
+        return str(self.device["date"])[:10]
+
+    @property
+    def label(self) -> str:
+        """How reports name this source: 'measured <date> (<profile dir name>)'."""
+        return f"measured {self.date} ({self.root.name})"
+
+    def fit(self, op: str) -> dict[str, Any] | None:
+        return self.fits.get(op)
+
+    def frame(self, op: str):
+        """The measured table of `op` as a pandas DataFrame (pandas is imported on demand)."""
+        import pandas as pd  # noqa: PLC0415 - only tables need pandas
+
+        if op not in self.tables:
+            raise ProfileError(self.root / META_FILE, f"tables.{op}", None,
+                               f"this profile did not measure {op!r}; measured: {', '.join(self.tables) or 'nothing'}")
+        path = self.root / TABLES[op].file
+        try:
+            df = pd.read_csv(path)
+        except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise ProfileError(path, "<file>", "unreadable", f"is corrupt: {err}") from None
+        missing = [c for c in TABLES[op].columns if c not in df.columns]
+        if missing:
+            raise ProfileError(path, "columns", missing, f"are required: {', '.join(TABLES[op].columns)}")
+        return df
+
+
+def resolve_profile_path(ref: str | Path) -> Path:
+    """A profile by catalog name (simulator/specs/catalog/profiles/<name>) or directory path."""
+    name = str(ref)
+    if (PROFILES_DIR / name).is_dir() and "/" not in name:
+        return PROFILES_DIR / name
+    return Path(name)
+
+
+@cache
+def _load(path: Path, mtime: float) -> HardwareProfile:
+    meta = read_meta(path)
+    return HardwareProfile(path, meta["device"], meta["tables"], meta.get("fits", {}))
+
+
+def load_profile(ref: str | Path | HardwareProfile) -> HardwareProfile:
+    if isinstance(ref, HardwareProfile):
+        return ref
+    path = resolve_profile_path(ref).resolve()
+    meta_file = path / META_FILE
+    return _load(path, meta_file.stat().st_mtime if meta_file.exists() else 0.0)
+
+
+# --- what a profile changes in a cluster ------------------------------------------------------
+def _rate(profile: HardwareProfile, op: str, path: str, value: Any, peak: float, peak_name: str) -> float:
+    """measured / datasheet peak, checked to be a fraction: a measured rate above the datasheet
+    peak means the device spec's peak is wrong, which must not pass silently."""
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ProfileError(profile.root / META_FILE, f"fits.{op}.{path}", value, "must be a positive number")
+    frac = float(value) / peak
+    if frac > 1.0:
+        raise ProfileError(profile.root / META_FILE, f"fits.{op}.{path}", value,
+                           f"exceeds the device spec's {peak_name} ({peak:.4g}); correct the device's datasheet "
+                           "figure or profile the device the cluster names")
+    return frac
+
+
+def _dtype_fit(profile: HardwareProfile, op: str, dtypes: tuple[str, ...]) -> tuple[str, dict] | None:
+    fits = profile.fit(op) or {}
+    for dtype in dtypes:
+        if isinstance(fits.get(dtype), dict):
+            return dtype, fits[dtype]
+    return None
+
+
+def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[str, ...] = ("bf16", "fp16")):
+    """`cluster` with its device's efficiencies (and measured link) replaced by `profile`'s fits.
+
+    GEMM and attention rates of the first of `dtypes` the profile measured (the 16-bit ones
+    the simulator's training and serving models assume) become fractions of the device's
+    dense 16-bit peak; the memory-kernel bandwidth a fraction of its memory bandwidth, with the
+    fitted launch cost as `kernel_overhead_us`; pinned host-to-device copies set `pcie`; the
+    all-reduce of the largest measured rank count sets the intra-node link (its bus bandwidth
+    becomes the link's, at efficiency 1, and its latency the per-step alpha). Costs the profile
+    did not measure keep their datasheet values; `cost_sources` records which is which."""
+    profile = load_profile(profile)
+    device = cluster.device
+    eff = device.efficiency.model_dump()
+    sources: dict[str, str] = {}
+    cluster_update: dict[str, Any] = {}
+    if (found := _dtype_fit(profile, "gemm", dtypes)) is not None:
+        dtype, g = found
+        eff["gemm_max"] = _rate(profile, "gemm", f"{dtype}.flops_per_s", g.get("flops_per_s"),
+                                device.peak_flops, "dense 16-bit peak FLOP/s")
+        eff["gemm_half_dim"] = float(g.get("half_dim", 0.0))
+        eff["gemm_overhead_us"] = float(g.get("overhead_s", 0.0)) * 1e6
+        sources["gemm"] = profile.label
+    if (found := _dtype_fit(profile, "attention", dtypes)) is not None:
+        dtype, a = found
+        eff["attention"] = _rate(profile, "attention", f"{dtype}.flops_per_s", a.get("flops_per_s"),
+                                 device.peak_flops, "dense 16-bit peak FLOP/s")
+        sources["attention"] = profile.label
+    if (m := profile.fit("memory")) is not None:
+        eff["memory_bound"] = _rate(profile, "memory", "bytes_per_s", m.get("bytes_per_s"),
+                                    device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
+        eff["kernel_overhead_us"] = float(m.get("overhead_s", 0.0)) * 1e6
+        sources["memory"] = profile.label
+    copies = profile.fit("copies") or {}
+    if isinstance(copies.get("h2d_pinned"), dict):
+        eff["pcie"] = _rate(profile, "copies", "h2d_pinned.bytes_per_s", copies["h2d_pinned"].get("bytes_per_s"),
+                            device.pcie_bandwidth_GBps * 1e9, "host link bandwidth")
+        sources["copies"] = profile.label
+    if (ar := _largest_allreduce(profile)) is not None:
+        ranks, fit = ar
+        eff["intra_node"] = {"alpha_us": float(fit["alpha_s"]) * 1e6 / (2 * (ranks - 1)), "efficiency": 1.0}
+        cluster_update["intra_node_bandwidth_GBps"] = float(fit["bus_bytes_per_s"]) / 1e9
+        sources["collectives"] = profile.label
+    if (d := profile.fit("decode")) is not None and "step_overhead_s" in d:
+        eff["step_overhead_us"] = float(d["step_overhead_s"]) * 1e6
+        sources["step_overhead"] = profile.label
+    new_device = device.model_copy(update={
+        "efficiency": type(device.efficiency).parse(eff, prefix=f"{profile.root / META_FILE}: efficiency"),
+        "cost_sources": {**device.cost_sources, **sources},
+        "measured_on": profile.date if sources else device.measured_on,
+    })
+    return cluster.model_copy(update={"device": new_device, "profile": str(profile.root), **cluster_update})
+
+
+def _largest_allreduce(profile: HardwareProfile) -> tuple[int, dict] | None:
+    coll = profile.fit("collectives") or {}
+    best: tuple[int, dict] | None = None
+    for backend, per in coll.items():
+        if not isinstance(per, dict) or not isinstance(per.get("all_reduce"), dict):
+            continue
+        for ranks, fit in per["all_reduce"].items():
+            if isinstance(fit, dict) and int(ranks) >= 2 and (best is None or int(ranks) > best[0]):
+                for key in ("alpha_s", "bus_bytes_per_s"):
+                    if not isinstance(fit.get(key), (int, float)):
+                        raise ProfileError(profile.root / META_FILE, f"fits.collectives.{backend}.all_reduce."
+                                           f"{ranks}.{key}", fit.get(key), "must be a number")
+                best = (int(ranks), fit)
+    return best

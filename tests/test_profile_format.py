@@ -1,0 +1,101 @@
+"""The profile directory: write, load, use in a simulation; clear errors for bad directories."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from profiler.store import ProfileStore
+from simulator.errors import SpecError
+from simulator.specs.catalog import load_cluster, load_model, load_plan
+from simulator.specs.profile import META_FILE, ProfileError, apply_profile, load_profile
+from simulator.training.simulate import simulate_training
+
+CPU_FITS = {
+    "gemm": {"bf16": {"flops_per_s": 2.5e11, "half_dim": 40.0, "overhead_s": 2e-5,
+                      "cv_median_abs_error": 0.05, "samples": 10}},
+    "memory": {"bytes_per_s": 4e9, "overhead_s": 8e-6, "cv_median_abs_error": 0.1, "samples": 10},
+    "collectives": {"gloo": {"all_reduce": {"2": {"alpha_s": 1e-4, "bus_bytes_per_s": 2e9,
+                                                  "cv_median_abs_error": 0.1, "samples": 5}}}},
+}
+
+
+def write_profile(root, fits=CPU_FITS):
+    store = ProfileStore.open(root, "cpu", threads=1)
+    table = store.table("gemm")
+    table.add({"m": 64, "n": 64, "k": 64, "dtype": "bf16", "flops": 2 * 64**3, "bytes": 3 * 2 * 64 * 64,
+               "median_s": 1e-5, "p10_s": 1e-5, "p90_s": 1.2e-5, "reps": 5})
+    store.meta["fits"] = fits
+    store.save_meta()
+    return root
+
+
+def test_round_trip_changes_the_prediction_and_names_its_source(tmp_path):
+    root = write_profile(tmp_path / "prof")
+    profile = load_profile(root)
+    assert profile.tables["gemm"]["rows"] == 1 and profile.device["threads"] == 1
+    assert len(profile.frame("gemm")) == 1
+    model, plan = load_model("gpt-debug"), load_plan("debug")
+    datasheet = load_cluster("2xcpu")
+    measured = load_cluster("2xcpu", profile=root)
+    dev = measured.device
+    assert dev.efficiency.gemm_max == pytest.approx(2.5e11 / 0.525e12)
+    assert dev.efficiency.gemm_overhead_us == pytest.approx(20.0)
+    assert dev.efficiency.memory_bound == pytest.approx(4e9 / 50e9)
+    assert measured.intra_node_bandwidth_GBps == pytest.approx(2.0)
+    assert dev.source_of("gemm").startswith("measured") and dev.source_of("attention") == "datasheet"
+    a = simulate_training(model, datasheet, plan)
+    b = simulate_training(model, measured, plan)
+    assert a.cost_sources["gemm"] == "datasheet" and b.cost_sources["gemm"].startswith("measured")
+    assert a.iteration_time_s != pytest.approx(b.iteration_time_s, rel=1e-3)
+
+
+def test_no_profile_changes_nothing():
+    assert load_cluster("2xcpu", profile="none") == load_cluster("2xcpu")
+
+
+def test_a_cluster_spec_can_name_its_profile(tmp_path):
+    root = write_profile(tmp_path / "prof")
+    cluster = load_cluster({"name": "c", "device": "cpu", "num_nodes": 1, "devices_per_node": 2,
+                            "intra_node_bandwidth_GBps": 5, "inter_node_bandwidth_GBps": 5, "profile": str(root)})
+    assert cluster.device.source_of("gemm").startswith("measured")
+
+
+def test_missing_corrupt_partial_and_version_mismatch_name_file_and_field(tmp_path):
+    with pytest.raises(ProfileError, match="is not a directory"):
+        load_profile(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProfileError, match=r"profile\.json: file"):
+        load_profile(tmp_path / "empty")
+    root = write_profile(tmp_path / "prof")
+    meta = json.loads((root / META_FILE).read_text())
+    (root / META_FILE).write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(ProfileError, match=r"profile\.json: version = 99"):
+        load_profile(root)
+    (root / META_FILE).write_text("{not json")
+    with pytest.raises(ProfileError, match="corrupt"):
+        load_profile(root)
+    (root / META_FILE).write_text(json.dumps(meta))
+    (root / "gemm.csv").unlink()
+    with pytest.raises(ProfileError, match=r"gemm\.csv: file = 'missing'.*partial"):
+        load_profile(root)
+
+
+def test_a_fit_above_the_datasheet_peak_is_an_error_not_a_clamp(tmp_path):
+    fits = {"gemm": {"bf16": {"flops_per_s": 9e12, "half_dim": 0.0, "overhead_s": 0.0}}}
+    root = write_profile(tmp_path / "prof", fits)
+    with pytest.raises(ProfileError, match=r"fits\.gemm\.bf16\.flops_per_s.*exceeds"):
+        apply_profile(load_cluster("1xcpu"), root)
+
+
+def test_resume_refuses_another_thread_count_and_non_profile_directories(tmp_path):
+    root = write_profile(tmp_path / "prof")
+    with pytest.raises(ProfileError, match="device.threads"):
+        ProfileStore.open(root, "cpu", threads=2)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(ProfileError, match="not empty"):
+        ProfileStore.open(other, "cpu", threads=1)
+    assert isinstance(ProfileError(root, "f", 1, "x"), SpecError)
