@@ -80,8 +80,9 @@ class Block(nn.Module):
                 self._rope_cache[s] = rope_tables(s, self.head_dim)
             cos, sin = self._rope_cache[s]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout_p if self.training else 0.0,
-                                             enable_gqa=self.kv_heads != self.heads)
+        # no dropout on the attention probabilities: it would force SDPA off its fused (flash)
+        # kernel onto the materialized s x s path, on CPUs as on GPUs
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         return self.o(out.transpose(1, 2).reshape(b, s, h))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
