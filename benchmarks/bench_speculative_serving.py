@@ -148,7 +148,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from simulator.speculation import measurement_view
-    from simulator.speculation_plots import plot_model_vs_measured
+    from simulator.speculation.plots import plot_model_vs_measured
 
     classes = list(result["classes"])
     fig, axes = plt.subplots(len(classes), 2, figsize=(11, 3.6 * len(classes)), sharey="row", squeeze=False)

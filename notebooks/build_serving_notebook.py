@@ -55,7 +55,7 @@ from simulator.serving.plots import (
     transition_timeline,
 )
 from simulator.serving.simulate import simulate_serving
-from simulator.validation_serving import validate_serving
+from simulator.serving.validation import validate_serving
 
 pd.options.display.float_format = "{:,.3f}".format
 RESHARDING = "seesaw pp4 -> tp4"

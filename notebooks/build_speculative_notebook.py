@@ -2,7 +2,7 @@
 
 The notebook reads the real-model measurements that `benchmarks/bench_speculative_serving.py`
 (continuous batching) and `benchmarks/bench_speculative.py` (static batches) wrote under
-`benchmarks/results/`; it does not run the model itself, so it executes in seconds. Plot and table helpers live in `simulator.speculation_plots`.
+`benchmarks/results/`; it does not run the model itself, so it executes in seconds. Plot and table helpers live in `simulator.speculation.plots`.
 
 Usage: python notebooks/build_speculative_notebook.py
 """
@@ -46,7 +46,7 @@ import pandas as pd
 from simulator.specs import Parallel, load_cluster, load_model
 from simulator.specs.serving import AcceptanceSpec, SpeculationSpec
 from simulator.speculation import ModelStepCost, measurement_view
-from simulator.speculation_plots import (
+from simulator.speculation.plots import (
     leviathan_check,
     measured_table,
     model_vs_measured,

@@ -39,7 +39,7 @@ from simulator.engine.timeline_plot import plot_timeline
 from simulator.specs.catalog import load_cluster, load_model, load_plan
 from simulator.training import simulate_training, training_timeline
 from simulator.training.report import BREAKDOWN_KEYS
-from simulator.validation import narayanan_flops, validate_training
+from simulator.training.validation import narayanan_flops, validate_training
 
 pd.options.display.float_format = "{:,.3f}".format
 MODEL, CLUSTER, PLAN = "gpt3-175b", "16x8xa100-80gb", "megatron-gpt3-175b"

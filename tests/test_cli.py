@@ -139,14 +139,14 @@ def fake_validation(passed: bool):
 
 
 def test_validate_train_json(cli, monkeypatch):
-    monkeypatch.setattr("simulator.validation.validate_training", fake_validation(True))
+    monkeypatch.setattr("simulator.training.validation.validate_training", fake_validation(True))
     data = one_json_object(cli("validate", "train", "--json"))
     assert data["summary"]["time"]["passed"] is True
     assert data["rows"][1]["predicted"] == 9.0  # numpy scalars serialize
 
 
 def test_validate_train_tables_and_strict_exit_code(cli, monkeypatch):
-    monkeypatch.setattr("simulator.validation.validate_training", fake_validation(False))
+    monkeypatch.setattr("simulator.training.validation.validate_training", fake_validation(False))
     result = cli("validate", "train")
     assert result.exit_code == 0
     for text in ("+5.0%", "-10.0%", "PASS", "FAIL", "Paper A"):
@@ -161,7 +161,7 @@ def test_validate_train_prints_row_notes_and_groups_without_a_target(cli, monkey
                         "unit": "s", "predicted": 2.0, "measured": 1.0, "error": 1.0,
                         "note": "measured compiled; predicted eager"})
     result.summary["reported"] = {"mae": 1.0, "max": 1.0, "target": None, "passed": None, "n": 1}
-    monkeypatch.setattr("simulator.validation.validate_training", lambda: result)
+    monkeypatch.setattr("simulator.training.validation.validate_training", lambda: result)
     shown = cli("validate", "train", "--strict")
     assert shown.exit_code == 0  # a group without a target never fails
     assert "c: measured compiled; predicted eager" in shown.stdout

@@ -143,7 +143,7 @@ def fake_serving_validation(passed: bool):
 
 
 def test_validate_serve_json(cli, monkeypatch):
-    monkeypatch.setattr("simulator.validation_serving.validate_serving",
+    monkeypatch.setattr("simulator.serving.validation.validate_serving",
                         fake_serving_validation(True))
     data = one_json_object(cli("validate", "serve", "--json"))
     assert data["summary"]["tail latency"]["target"] is None
@@ -151,7 +151,7 @@ def test_validate_serve_json(cli, monkeypatch):
 
 
 def test_validate_serve_tables_and_strict_exit_code(cli, monkeypatch):
-    monkeypatch.setattr("simulator.validation_serving.validate_serving",
+    monkeypatch.setattr("simulator.serving.validation.validate_serving",
                         fake_serving_validation(False))
     result = cli("validate", "serve")
     assert result.exit_code == 0, result.stderr
@@ -165,7 +165,7 @@ def test_validate_serve_tables_and_strict_exit_code(cli, monkeypatch):
 
 
 def test_strict_ignores_groups_without_a_target(cli, monkeypatch):
-    monkeypatch.setattr("simulator.validation_serving.validate_serving",
+    monkeypatch.setattr("simulator.serving.validation.validate_serving",
                         fake_serving_validation(True))
     assert cli("validate", "serve", "--strict").exit_code == 0
 

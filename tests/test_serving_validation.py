@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulator.validation_serving import ROW_TARGETS, validate_serving
+from simulator.serving.validation import ROW_TARGETS, validate_serving
 
 
 @pytest.fixture(scope="module")

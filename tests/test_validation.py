@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from simulator.specs.catalog import load_cluster
-from simulator.validation import DATA_DIR, FSDP_GROUP, FSDP_REPORTED, validate_training
+from simulator.training.validation import DATA_DIR, FSDP_GROUP, FSDP_REPORTED, validate_training
 
 EAGER_BF16 = {"TT24-T3-8B-128g-eager", "TT24-T1-8B-8g-eager", "TT-OLD-L3-8B-64xA100-SACop",
               "TT-OLD-L3-70B-64xA100-full", "TT-OLD-L2-13B-64xA100-noAC", "TT-OLD-L2-70B-64xA100-full"}

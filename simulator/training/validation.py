@@ -24,7 +24,7 @@ import yaml
 from simulator.specs.catalog import load_model
 from simulator.training import simulate_training
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "validation"
+DATA_DIR = Path(__file__).resolve().parents[2] / "validation"
 FSDP_GROUP = "fsdp iteration time"
 FSDP_REPORTED = "fsdp compile, fp8"  # iteration time too; reported, never judged
 TARGETS: dict[str, float | None] = {"iteration time": 0.10, "memory": 0.15, FSDP_GROUP: 0.10, FSDP_REPORTED: None}

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator.serving.simulate import simulate_serving
-from simulator.validation import DATA_DIR, ValidationResult
+from simulator.training.validation import DATA_DIR, ValidationResult
 
 TARGETS = {"throughput": 0.15, "median latency": 0.15}
 ROW_TARGETS = {  # summary group: (target on every row, quantities checked)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from simulator.specs.serving import AcceptanceSpec
-from simulator.speculation import (
+from simulator.speculation.model import (
     StepCost,
     compare_with_measurement,
     policy_table,

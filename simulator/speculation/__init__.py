@@ -1,0 +1,66 @@
+"""Speculative decoding with batching: the step-cost model and the choice of k (`model`), and
+its tables and plots for notebooks and the README (`plots`, imported on its own: it needs pandas).
+
+The model's public names are re-exported here, so `from simulator.speculation import X` reads
+as before the package existed.
+"""
+
+from simulator.speculation.model import (
+    BETA_GRID,
+    NGRAM,
+    TABLE_BATCH_SIZES,
+    MeasuredStepCost,
+    ModelStepCost,
+    PolicyRow,
+    PolicyTable,
+    Speculator,
+    StepCost,
+    acceptance_of_measurement,
+    acceptance_rate,
+    compare_with_measurement,
+    draft_model_of,
+    expected_tokens,
+    goodput_k,
+    max_batch_in_kv,
+    mean_expected_tokens,
+    measurement_view,
+    monotone_fit,
+    policy_from_measurement,
+    policy_table,
+    policy_table_of_measurement,
+    sample_accepted,
+    sample_rates,
+    steady_tokens_per_step,
+    step_s,
+    throughput,
+)
+
+__all__ = [
+    "BETA_GRID",
+    "NGRAM",
+    "TABLE_BATCH_SIZES",
+    "MeasuredStepCost",
+    "ModelStepCost",
+    "PolicyRow",
+    "PolicyTable",
+    "Speculator",
+    "StepCost",
+    "acceptance_of_measurement",
+    "acceptance_rate",
+    "compare_with_measurement",
+    "draft_model_of",
+    "expected_tokens",
+    "goodput_k",
+    "max_batch_in_kv",
+    "mean_expected_tokens",
+    "measurement_view",
+    "monotone_fit",
+    "policy_from_measurement",
+    "policy_table",
+    "policy_table_of_measurement",
+    "sample_accepted",
+    "sample_rates",
+    "step_s",
+    "steady_tokens_per_step",
+    "throughput",
+]
