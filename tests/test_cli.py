@@ -135,7 +135,7 @@ def fake_validation(passed: bool):
     }
     result = SimpleNamespace(rows=rows, summary=summary)
     result.to_dict = lambda: {"rows": rows, "summary": summary}
-    return lambda: result
+    return lambda **options: result
 
 
 def test_validate_train_json(cli, monkeypatch):
@@ -161,7 +161,7 @@ def test_validate_train_prints_row_notes_and_groups_without_a_target(cli, monkey
                         "unit": "s", "predicted": 2.0, "measured": 1.0, "error": 1.0,
                         "note": "measured compiled; predicted eager"})
     result.summary["reported"] = {"mae": 1.0, "max": 1.0, "target": None, "passed": None, "n": 1}
-    monkeypatch.setattr("simulator.training.validation.validate_training", lambda: result)
+    monkeypatch.setattr("simulator.training.validation.validate_training", lambda **options: result)
     shown = cli("validate", "train", "--strict")
     assert shown.exit_code == 0  # a group without a target never fails
     assert "c: measured compiled; predicted eager" in shown.stdout

@@ -139,7 +139,7 @@ def fake_serving_validation(passed: bool):
     }
     result = SimpleNamespace(rows=rows, summary=summary)
     result.to_dict = lambda: {"rows": rows, "summary": summary}
-    return lambda: result
+    return lambda **options: result
 
 
 def test_validate_serve_json(cli, monkeypatch):

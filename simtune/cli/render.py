@@ -39,6 +39,10 @@ err = Console(stderr=True, highlight=False)  # notes and errors
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model: catalog name or YAML path.")]
 ClusterOption = Annotated[str, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")]
+ProfileOption = Annotated[str | None, typer.Option(
+    "--profile", metavar="DIR",
+    help="Measured profile (directory from `simtune profile`, or catalog name) whose costs replace the "
+    "datasheet's; 'none' forces the datasheet. Default: the cluster's own profile, if it names one.")]
 StrictFlag = Annotated[
     bool, typer.Option("--strict", help="Exit 1 if any group with a target misses it.")
 ]
@@ -236,3 +240,11 @@ def _int_list(text: str, option: str) -> list[int]:
     if not values or min(values) < 1:
         raise SpecError(option, text, "needs at least one batch size, each >= 1")
     return values
+
+
+def costs_line(device: Any) -> str:
+    """One line saying where the device's costs came from, grouped by source."""
+    by_source: dict[str, list[str]] = {}
+    for cost, source in device.sources().items():
+        by_source.setdefault(source, []).append(cost)
+    return "costs: " + "; ".join(f"{', '.join(costs)} from {source}" for source, costs in by_source.items())

@@ -17,11 +17,13 @@ from simtune.cli.render import (
     ClusterOption,
     JsonFlag,
     ModelOption,
+    ProfileOption,
     SearchProgress,
     _arrival,
     _engines,
     _table,
     _tokens,
+    costs_line,
     err,
     fmt_seconds,
     handles_errors,
@@ -86,11 +88,12 @@ def simulate_serve(
                                           help="Serving workload: name or YAML path.")],
     as_json: JsonFlag = False,
     trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Predict serving a workload: throughput, TTFT/TPOT percentiles, KV use, transitions."""
     from simulator.serving.simulate import simulate_serving
 
-    model_spec, cluster_spec = load_model(model), load_cluster(cluster)
+    model_spec, cluster_spec = load_model(model), load_cluster(cluster, profile)
     dep_spec, wl_spec = load_deployment(deployment), load_workload(workload)
     report = simulate_serving(model_spec, cluster_spec, dep_spec, wl_spec, trace_path=trace)
     if trace is not None:
@@ -104,6 +107,7 @@ def simulate_serve(
               f"{escape(_deployment_summary(dep_spec))}", soft_wrap=True)
     out.print(f"workload [bold]{escape(wl_spec.name or workload)}[/]: "
               f"{escape(_workload_summary(wl_spec))}", soft_wrap=True)  # paths stay whole
+    out.print(escape(costs_line(cluster_spec.device)), soft_wrap=True)
     out.print(_serving_table(report))
 
 
@@ -143,13 +147,14 @@ def tune_serve(
         metavar="ENGINES", help="Write launch commands of the static winner: vllm, sglang.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for --emit.")] = Path("simtune-launch"),
     screen_requests: Annotated[int, typer.Option(min=1, help="Requests each candidate is screened on.")] = 300,
+    profile: ProfileOption = None,
 ) -> None:
     """Find the best static deployment and the best re-sharding one, and their ratio."""
     from executor.launch.serving import ENGINES, emit_serving_configs
     from tuner.serving import tune_serving
 
     engines = _engines(emit, ENGINES)
-    model_spec, cluster_spec, wl_spec = load_model(model), load_cluster(cluster), load_workload(workload)
+    model_spec, cluster_spec, wl_spec = load_model(model), load_cluster(cluster, profile), load_workload(workload)
     with SearchProgress() as progress:
         result = tune_serving(model_spec, cluster_spec, wl_spec, screen_requests=screen_requests,
                               progress=progress)
@@ -161,6 +166,7 @@ def tune_serve(
     out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
               f"({cluster_spec.num_devices} x {escape(cluster_spec.device.name)}); workload "
               f"{escape(_workload_summary(wl_spec))}", soft_wrap=True)
+    out.print(escape(costs_line(cluster_spec.device)), soft_wrap=True)
     out.print(_serving_comparison_table(result))
     s = result.search
     out.print(f"searched {s['evaluated']:,} deployments ({s['infeasible']:,} pruned) in {s['seconds']:.1f} s, "

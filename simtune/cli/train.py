@@ -18,10 +18,12 @@ from simtune.cli.render import (
     ClusterOption,
     JsonFlag,
     ModelOption,
+    ProfileOption,
     SearchProgress,
     _engines,
     _schedule,
     _table,
+    costs_line,
     err,
     fmt_gib,
     fmt_seconds,
@@ -113,9 +115,10 @@ def simulate_train(
     plan: Annotated[str, typer.Option("--plan", "-p", help="Training plan: name or YAML path.")],
     as_json: JsonFlag = False,
     trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Predict one training iteration: time, throughput, MFU, memory, breakdown."""
-    model_spec, cluster_spec, plan_spec = load_model(model), load_cluster(cluster), load_plan(plan)
+    model_spec, cluster_spec, plan_spec = load_model(model), load_cluster(cluster, profile), load_plan(plan)
     report = simulate_training(model_spec, cluster_spec, plan_spec, trace_path=trace)
     if trace is not None:
         err.print(f"trace written to {escape(str(trace))} (open it in https://ui.perfetto.dev)")
@@ -126,6 +129,7 @@ def simulate_train(
     out.print(f"[bold]{escape(model_spec.name)}[/] on [bold]{escape(cluster_spec.name)}[/] "
               f"({cluster_spec.num_devices} x {escape(device)})")
     out.print(f"plan [bold]{escape(plan_spec.name or plan)}[/]: {escape(_plan_summary(plan_spec))}")
+    out.print(escape(costs_line(cluster_spec.device)), soft_wrap=True)
     out.print(_headline_table(report))
     out.print(_breakdown_table(report))
     out.print(_stage_table(report))
@@ -272,6 +276,7 @@ def tune_train(
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines.")] = False,
     tp_across_nodes: Annotated[bool, typer.Option(
         "--tp-across-nodes", help="Also try tensor parallel groups larger than a node.")] = False,
+    profile: ProfileOption = None,
 ) -> None:
     """Find the fastest training plan that fits, and compare it with Megatron-LM and Aceso."""
     # Imported here so that the other commands never pay for (or depend on) tuner and executor.
@@ -279,7 +284,7 @@ def tune_train(
     from tuner.training import tune_training
 
     engines = _engines(emit, ENGINES)
-    model_spec, cluster_spec = load_model(model), load_cluster(cluster)
+    model_spec, cluster_spec = load_model(model), load_cluster(cluster, profile)
     baselines = () if no_baselines else BASELINES
     with SearchProgress() as progress:
         result = tune_training(model_spec, cluster_spec, global_batch_size, seq_length,
@@ -296,6 +301,7 @@ def tune_train(
               f"({cluster_spec.num_devices} x {escape(cluster_spec.device.name)}), "
               f"global batch {global_batch_size:,} x {seq:,} tokens")
     out.print(f"tuned plan: {escape(_plan_summary(plan))}")
+    out.print(escape(costs_line(cluster_spec.device)), soft_wrap=True)
     out.print(_tuned_stage_table(model_spec, plan, result.best.report))
     out.print(_prediction_table(result.best))
     if result.families:

@@ -15,6 +15,7 @@ from simtune.cli.apps import validate_app
 from simtune.cli.render import (
     EXIT_CHECK_FAILED,
     JsonFlag,
+    ProfileOption,
     StrictFlag,
     _table,
     err,
@@ -82,8 +83,12 @@ def _validation_summary_table(summary: dict[str, dict[str, Any]], error_key: str
 
 
 def report_validation(result: Any, as_json: bool, strict: bool, error_key: str,
-                      error_header: str) -> None:
+                      error_header: str, profile: str | None = None) -> None:
     """Print a ValidationResult (tables or JSON); with `strict`, exit 1 if a group failed."""
+    if profile is not None:
+        measured = sum(r.get("costs", "datasheet") != "datasheet" for r in result.rows)
+        err.print(f"profile {escape(profile)}: {measured} of {len(result.rows)} rows are on the device it measured "
+                  "and use its costs; the others use the datasheet")
     if as_json:
         print_json(result.to_dict())
     else:
@@ -104,20 +109,25 @@ def report_validation(result: Any, as_json: bool, strict: bool, error_key: str,
 
 @validate_app.command("train")
 @handles_errors
-def validate_train(as_json: JsonFlag = False, strict: StrictFlag = False) -> None:
-    """Predict the published training measurements and report the errors per group."""
+def validate_train(as_json: JsonFlag = False, strict: StrictFlag = False, profile: ProfileOption = None) -> None:
+    """Predict the published training measurements and report the errors per group.
+
+    With --profile, rows on the kind of device the profile measured use its costs."""
     # Imported here so that the other commands never depend on the validation data.
     from simulator.training.validation import validate_training
 
     err.print("validating training predictions against published measurements ...")
-    report_validation(validate_training(), as_json, strict, "mae", "MAE")
+    report_validation(validate_training(profile=profile), as_json, strict, "mae", "MAE", profile)
 
 
 @validate_app.command("serve")
 @handles_errors
-def validate_serve(as_json: JsonFlag = False, strict: StrictFlag = False) -> None:
-    """Predict the published serving measurements (throughput, TTFT, TPOT) per group."""
+def validate_serve(as_json: JsonFlag = False, strict: StrictFlag = False, profile: ProfileOption = None) -> None:
+    """Predict the published serving measurements (throughput, TTFT, TPOT) per group.
+
+    With --profile, rows on the kind of device the profile measured use its costs."""
     from simulator.serving.validation import validate_serving
 
     err.print("validating serving predictions against published measurements ...")
-    report_validation(validate_serving(), as_json, strict, "median_abs_error", "median abs error")
+    report_validation(validate_serving(profile=profile), as_json, strict, "median_abs_error", "median abs error",
+                      profile)

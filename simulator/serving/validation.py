@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from simulator.serving.simulate import simulate_serving
+from simulator.specs.catalog import load_cluster
+from simulator.specs.hardware import ClusterSpec
+from simulator.specs.profile import profile_applies
 from simulator.training.validation import DATA_DIR, ValidationResult
 
 TARGETS = {"throughput": 0.15, "median latency": 0.15}
@@ -42,12 +45,21 @@ VLLM_ENGINE = "vllm-0.2-ray"  # the artifact ran vLLM 0.2 behind its API server,
 VLLM_SOURCE = "vLLM OPT-13B on A100-80GB, ShareGPT, Poisson (DistServe artifact ground truth)"
 
 
-def _row(id_, source, group, quantity, unit, predicted, measured):
+def _row(id_, source, group, quantity, unit, predicted, measured, costs="datasheet"):
     return {"id": id_, "source": source, "group": group, "quantity": quantity, "unit": unit,
-            "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured}
+            "predicted": predicted, "measured": measured, "error": (predicted - measured) / measured,
+            "costs": costs}
 
 
-def _trt_rows(path: Path) -> list[dict]:
+def _cluster(name: str, profile: str | Path | None) -> ClusterSpec:
+    """The named cluster, measured by `profile` when the profile is of its device."""
+    cluster = load_cluster(name)
+    if profile is not None and profile_applies(cluster, profile):
+        return load_cluster(cluster, profile=profile)
+    return cluster
+
+
+def _trt_rows(path: Path, profile: str | Path | None = None) -> list[dict]:
     out = []
     for r in csv.DictReader(open(path)):
         tp, batch = int(r["tp"]), int(r["batch_size"])
@@ -57,18 +69,20 @@ def _trt_rows(path: Path) -> list[dict]:
                     "output_tokens": {"distribution": "fixed", "value": outp}}
         deployment = {"prefill": {"tp": tp}, "max_num_seqs": batch,
                       "max_batched_tokens": max(inp, min(batch * inp, 16384))}
-        rep = simulate_serving(model, TRT_CLUSTER[tp], deployment, workload)
+        cluster = _cluster(TRT_CLUSTER[tp], profile)
+        rep = simulate_serving(model, cluster, deployment, workload)
+        costs = cluster.device.source_of("gemm")
         id_ = f"trt-{r['model']}-tp{tp}-b{batch}-{inp}x{outp}"
         if r["metric"] == "output_throughput":
             out.append(_row(id_, TRT_SOURCE, "throughput", "output tokens/s per GPU", "tok/s",
-                            rep.output_tokens_per_s / tp, float(r["value"])))
+                            rep.output_tokens_per_s / tp, float(r["value"]), costs))
         else:
             out.append(_row(id_, TRT_SOURCE, "median latency", "first-token latency", "ms",
-                            rep.ttft_s["p50"] * 1e3, float(r["value"])))
+                            rep.ttft_s["p50"] * 1e3, float(r["value"]), costs))
     return out
 
 
-def _vllm_rows(path: Path) -> list[dict]:
+def _vllm_rows(path: Path, profile: str | Path | None = None) -> list[dict]:
     out, d = [], path.parent
     for r in csv.DictReader(open(path)):
         n = int(r["num_requests"])
@@ -76,7 +90,8 @@ def _vllm_rows(path: Path) -> list[dict]:
         workload = {"num_requests": n, "trace": str(trace)}
         deployment = {"prefill": {"tp": 1}, "block_size": 16, "gpu_memory_utilization": 0.92,
                       "max_batched_tokens": 65536, "max_num_seqs": 1024, "engine": VLLM_ENGINE}
-        rep = simulate_serving("opt-13b", "1xa100-80gb", deployment, workload)
+        cluster = _cluster("1xa100-80gb", profile)
+        rep = simulate_serving("opt-13b", cluster, deployment, workload)
         id_ = f"vllm-opt13b-rate{r['rate_req_per_s']}"
         pairs = [("ttft_p50_ms", "median latency", "TTFT p50", rep.ttft_s["p50"] * 1e3, "ms"),
                  ("tpot_p50_ms", "median latency", "TPOT p50", rep.tpot_s["p50"] * 1e3, "ms"),
@@ -85,14 +100,16 @@ def _vllm_rows(path: Path) -> list[dict]:
                  ("throughput_req_per_s", "throughput", "requests/s", rep.requests_per_s, "req/s")]
         for column, group, quantity, predicted, unit in pairs:
             if r[column]:
-                out.append(_row(id_, VLLM_SOURCE, group, quantity, unit, predicted, float(r[column])))
+                out.append(_row(id_, VLLM_SOURCE, group, quantity, unit, predicted, float(r[column]),
+                                cluster.device.source_of("gemm")))
     return out
 
 
-def validate_serving(data_dir: str | Path | None = None) -> ValidationResult:
-    """Simulate every published serving row; median absolute error per group."""
+def validate_serving(data_dir: str | Path | None = None, profile: str | Path | None = None) -> ValidationResult:
+    """Simulate every published serving row; median absolute error per group. With `profile`,
+    rows on the kind of device it measured use its costs (each row's `costs` says which)."""
     d = Path(data_dir or DATA_DIR)
-    rows = _trt_rows(d / "serving_trtllm_a100.csv") + _vllm_rows(d / "serving_vllm_opt13b.csv")
+    rows = _trt_rows(d / "serving_trtllm_a100.csv", profile) + _vllm_rows(d / "serving_vllm_opt13b.csv", profile)
     summary = {}
     for group in ("throughput", "median latency", "tail latency"):
         errs = np.array([abs(r["error"]) for r in rows if r["group"] == group])

@@ -253,6 +253,29 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
     return cluster.model_copy(update={"device": new_device, "profile": str(profile.root), **cluster_update})
 
 
+CUDA_DEVICES = {"H200": "h200", "H100": "h100-sxm", "A100-SXM4-80GB": "a100-80gb", "A100-SXM4-40GB": "a100-40gb",
+                "A100 80GB": "a100-80gb", "A10G": "a10g", "L4": "l4", "V100": "v100-32gb"}
+"""torch.cuda.get_device_name() substrings -> catalog device, most specific first."""
+
+
+def catalog_device_of(device_meta: dict[str, Any]) -> str | None:
+    """The catalog device a profile measured (whose datasheet it is compared with), if known."""
+    if device_meta.get("kind") == "cpu":
+        return "cpu"
+    name = str(device_meta.get("name", ""))
+    return next((catalog for key, catalog in CUDA_DEVICES.items() if key in name), None)
+
+
+def profile_applies(cluster, profile: str | Path | HardwareProfile) -> bool:
+    """Whether `profile` measured the kind of device `cluster` has (by catalog device name)."""
+    from simulator.specs.catalog import load_device  # noqa: PLC0415 - the catalog imports this module
+
+    if str(profile) == "none":
+        return False
+    catalog = catalog_device_of(load_profile(profile).device)
+    return catalog is not None and load_device(catalog).name == cluster.device.name
+
+
 def _largest_allreduce(profile: HardwareProfile) -> tuple[int, dict] | None:
     coll = profile.fit("collectives") or {}
     best: tuple[int, dict] | None = None

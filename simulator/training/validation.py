@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from simulator.specs.catalog import load_model
+from simulator.specs.catalog import load_cluster, load_model
+from simulator.specs.profile import profile_applies
 from simulator.training import simulate_training
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "validation"
@@ -46,10 +47,26 @@ class ValidationResult:
         return {"rows": self.rows, "summary": self.summary}
 
 
+def with_profile(row: dict, profile: str | Path | None) -> dict:
+    """The row with its cluster measured by `profile` when the profile is of that device."""
+    if profile is None:
+        return row
+    cluster = load_cluster(row["cluster"])
+    if not profile_applies(cluster, profile):
+        return row
+    return {**row, "cluster": load_cluster(cluster, profile=profile)}
+
+
 def _row(row: dict, group: str, quantity: str, predicted: float, measured: float, unit: str) -> dict:
     return {"id": row["id"], "source": row["source"], "group": group, "quantity": quantity,
             "unit": unit, "predicted": predicted, "measured": measured,
-            "error": (predicted - measured) / measured}
+            "error": (predicted - measured) / measured, "costs": _costs(row)}
+
+
+def _costs(row: dict) -> str:
+    """Where the row's device costs came from: 'datasheet' or the measured profile's label."""
+    cluster = row["cluster"]
+    return "datasheet" if isinstance(cluster, str) else cluster.device.source_of("gemm")
 
 
 def _time_rows(row: dict) -> list[dict]:
@@ -103,11 +120,15 @@ def _memory_rows(row: dict) -> list[dict]:
     return [_row(row, "memory", q, predicted[q], measured[q], "GiB") for q in measured]
 
 
-def validate_training(path: str | Path | None = None) -> ValidationResult:
-    """Simulate every published row; summarize the mean absolute error per group."""
+def validate_training(path: str | Path | None = None, profile: str | Path | None = None) -> ValidationResult:
+    """Simulate every published row; summarize the mean absolute error per group.
+
+    With `profile`, rows on the kind of device the profile measured use its costs
+    (`with_profile`); the others keep the datasheet, and each row says which it used."""
     doc = yaml.safe_load(Path(path or DATA_DIR / "training.yaml").read_text())
     rows: list[dict] = []
     for row in doc["rows"]:
+        row = with_profile(row, profile)
         if "measured_memory_GiB" in row:
             rows += _memory_rows(row)
         elif "runtime" in row:
