@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("sklearn")
 
 from profiler import attention, copies, gemm, memory  # noqa: E402
 from profiler.context import ProfileContext  # noqa: E402

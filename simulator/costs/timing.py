@@ -25,9 +25,18 @@ def gemm_calls_s(device: DeviceSpec, calls):
     return calls * device.efficiency.gemm_overhead_us * 1e-6
 
 
-def attention_s(device: DeviceSpec, flops):
-    """Attention core (score and value products, or a fused flash kernel)."""
-    return flops / (device.peak_flops * device.efficiency.attention)
+def attention_s(device: DeviceSpec, flops, decode_flops=0.0, seq=None):
+    """Attention core (score and value products, or a fused flash kernel) over sequences of
+    `seq` tokens; `decode_flops` are those of one-query decode attention, at the device's
+    decode efficiency where it has one.
+
+    A blocked causal kernel computes whole blocks on the diagonal: about half a block of extra
+    keys per query row, a fixed cost per row that short sequences feel most. The efficiency
+    therefore saturates with the sequence length as GEMMs do with their smallest dimension:
+    eff(s) = attention * s / (s + attention_half_seq)."""
+    e = device.efficiency
+    eff = e.attention if seq is None else e.attention * seq / (seq + e.attention_half_seq)
+    return (flops / eff + decode_flops / (e.attention_decode or e.attention)) / device.peak_flops
 
 
 def memory_bound_s(device: DeviceSpec, nbytes, kernels: float = 0.0):

@@ -77,13 +77,13 @@ class IterationModel:
         return self.kv_bytes_per_token * self.layers_per_stage
 
     # --- time ---------------------------------------------------------------------------------
-    def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float) -> float:
+    def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float, decode_attn_flops: float = 0.0) -> float:
         m, dev, t = self.model, self.device, self.layout.tp
         flops = tokens * self.flops_per_token
         min_dim = min(tokens, m.hidden_size / t)
         compute = gemm_s(dev, flops, min_dim)
         weights = (self.weight_bytes + 4.0 * tokens * m.hidden_size) / self.hbm
-        attention = attention_s(dev, attn_flops) + kv_read_bytes / self.hbm
+        attention = attention_s(dev, attn_flops, decode_attn_flops) + kv_read_bytes / self.hbm
         elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
         tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
         return max(compute, weights) + gemm_calls_s(dev, m.gemms_per_layer) + attention + elementwise + float(tp)
@@ -101,9 +101,10 @@ class IterationModel:
         h, t = self.model.hidden_size, self.layout.tp
         tokens = sum(w.new_tokens for w in works)
         # causal attention: each new token attends to the context and the new tokens before it
-        attn = sum(4.0 * (h / t) * w.new_tokens * (w.context + (w.new_tokens + 1) / 2) for w in works)
+        flops = [4.0 * (h / t) * w.new_tokens * (w.context + (w.new_tokens + 1) / 2) for w in works]
+        decode = sum(f for f, w in zip(flops, works) if w.new_tokens == 1)
         kv = self.kv_bytes_per_token * sum(w.context + w.new_tokens for w in works)
-        layer = self._layer_s(tokens, attn, kv)
+        layer = self._layer_s(tokens, sum(flops) - decode, kv, decode)
         logits = sum(w.logits for w in works)
         return self.layers_per_stage * layer, self._lm_head_s(logits), tokens
 

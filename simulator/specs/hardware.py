@@ -39,6 +39,12 @@ class Efficiency(Spec):
     gemm_max: float = Field(gt=0, le=1)
     gemm_half_dim: float = Field(ge=0)
     attention: float = Field(gt=0, le=1, description="attention core (batched GEMMs or flash)")
+    attention_half_seq: float = Field(
+        default=0.0, ge=0, description="sequence length at which the attention efficiency halves "
+        "(a blocked causal kernel's diagonal blocks); 0: none")
+    attention_decode: float | None = Field(
+        default=None, gt=0, le=1, description="one-query decode attention (a matrix-vector product per head); "
+        "default: `attention`")
     memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     kernel_overhead_us: float = Field(ge=0)
     gemm_overhead_us: float = Field(

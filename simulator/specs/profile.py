@@ -223,14 +223,25 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         eff["gemm_overhead_us"] = float(g.get("overhead_s", 0.0)) * 1e6
         sources["gemm"] = profile.label
     if (found := _dtype_fit(profile, "attention", dtypes)) is not None:
+        # The profile counts the FLOPs a causal kernel computes (the visible half of the s x s
+        # scores); `Efficiency.attention` applies to the simulator's count, the full square
+        # (Megatron-LM's convention, which the datasheet fractions were set against): the kernel
+        # covers that count at twice its measured rate.
         dtype, a = found
-        eff["attention"] = _rate(profile, "attention", f"{dtype}.flops_per_s", a.get("flops_per_s"),
-                                 device.peak_flops, "dense 16-bit peak FLOP/s")
+        rate = a.get("flops_per_s")
+        eff["attention"] = _rate(profile, "attention", f"{dtype}.flops_per_s", 2 * rate if rate else rate,
+                                 device.peak_flops, "dense 16-bit peak FLOP/s (the rate doubled: causal half)")
+        if a.get("diagonal_keys"):  # extra keys per query row (per token): efficiency halves at twice that
+            eff["attention_half_seq"] = 2.0 * float(a["diagonal_keys"])
+        if a.get("decode_flops_per_s"):
+            eff["attention_decode"] = _rate(profile, "attention", f"{dtype}.decode_flops_per_s",
+                                            a["decode_flops_per_s"], device.peak_flops, "dense 16-bit peak FLOP/s")
         sources["attention"] = profile.label
     if (m := profile.fit("memory")) is not None:
-        eff["memory_bound"] = _rate(profile, "memory", "bytes_per_s", m.get("bytes_per_s"),
+        rate, overhead = _layer_elementwise_rate(m, dtypes)
+        eff["memory_bound"] = _rate(profile, "memory", "bytes_per_s", rate,
                                     device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
-        eff["kernel_overhead_us"] = float(m.get("overhead_s", 0.0)) * 1e6
+        eff["kernel_overhead_us"] = overhead * 1e6
         sources["memory"] = profile.label
     copies = profile.fit("copies") or {}
     if isinstance(copies.get("h2d_pinned"), dict):
@@ -251,6 +262,30 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         "measured_on": profile.date if sources else device.measured_on,
     })
     return cluster.model_copy(update={"device": new_device, "profile": str(profile.root), **cluster_update})
+
+
+LAYER_ELEMENTWISE_OPS = ("layer_norm", "rms_norm", "gelu", "silu", "add", "mul")
+"""The element-wise ops a transformer layer runs outside its GEMMs and attention."""
+
+
+def _layer_elementwise_rate(memory: dict[str, Any], dtypes: tuple[str, ...]) -> tuple[Any, float]:
+    """(bytes/s, seconds per kernel) for the simulator's one memory-bound efficiency.
+
+    Where the profile fitted each op per dtype, the rate is the harmonic mean over the ops a
+    layer runs (each moving about as many bytes, their times add), in the first of `dtypes`
+    measured: on a CPU these ops differ several-fold (a bf16 norm widens to fp32 and runs at a
+    fraction of an add's rate), so the pooled fit over all ops would be the wrong average.
+    Otherwise the fit per dtype, else the single rate."""
+    by_op = memory.get("by_op", {})
+    for dtype in dtypes:
+        fits = [by_op[op]["by_dtype"][dtype] for op in LAYER_ELEMENTWISE_OPS
+                if isinstance(by_op.get(op, {}).get("by_dtype", {}).get(dtype), dict)]
+        fits = [f for f in fits if isinstance(f.get("bytes_per_s"), (int, float)) and f["bytes_per_s"] > 0]
+        if fits:
+            rate = len(fits) / sum(1.0 / f["bytes_per_s"] for f in fits)
+            return rate, sum(float(f.get("overhead_s", 0.0)) for f in fits) / len(fits)
+    rates = next((memory["by_dtype"][d] for d in dtypes if isinstance(memory.get("by_dtype", {}).get(d), dict)), memory)
+    return rates.get("bytes_per_s"), float(rates.get("overhead_s", 0.0))
 
 
 CUDA_DEVICES = {"H200": "h200", "H100": "h100-sxm", "A100-SXM4-80GB": "a100-80gb", "A100-SXM4-40GB": "a100-40gb",

@@ -101,14 +101,16 @@ class StageModel:
             gemm = gemm * (1 - f8 + f8 * dev.peak_flops / self._fp8_peak())
             cast = 5.0 * (c["linear_input_elements_fwd"] + c["layer_weight_bytes"] / 2)
             gemm = gemm + f8 * memory_bound_s(dev, cast, 7)
-        attn = attention_s(dev, c["attention_flops_fwd"]) + memory_bound_s(dev, c["attention_elementwise_bytes_fwd"])
+        core = attention_s(dev, c["attention_flops_fwd"], seq=self.s)
+        attn = core + memory_bound_s(dev, c["attention_elementwise_bytes_fwd"])
         elem = memory_bound_s(dev, c["elementwise_bytes_fwd"], KERNELS_PER_LAYER_FWD)
         if o is not None and np.any(o["eg"]):
             elem = elem + o["eg"] * memory_bound_s(dev, c["eager_extra_bytes_fwd"], EAGER_EXTRA_KERNELS_FWD)
         tp = 2 * comm.allreduce_s(c["tp_allreduce_bytes"], self.tp, self.links.tp)
         if self.overlap_tp_comm:
             tp = np.maximum(0.0, tp - gemm)
-        return {"compute": gemm + attn + elem, "tp_comm": tp, "attention": attn, "gemm": gemm, "elementwise": elem}
+        return {"compute": gemm + attn + elem, "tp_comm": tp, "attention": attn, "attention_core": core,
+                "gemm": gemm, "elementwise": elem}
 
     def op_recompute_share(self) -> float:
         """Share of a layer's forward GEMM FLOPs that torchtitan's per-op selective
@@ -175,7 +177,10 @@ class StageModel:
         k = o["k"]
         out = {
             "fwd_compute": layers * lf["compute"], "fwd_tp_comm": layers * lf["tp_comm"],
-            "bwd_compute": 2 * layers * lf["compute"], "bwd_tp_comm": layers * lf["tp_comm"],
+            # a flash kernel's backward recomputes the scores: 2.5x its forward FLOPs, not 2x
+            # (five matmuls against two; Dao 2023, FlashAttention-2, Sec. 4.1)
+            "bwd_compute": layers * (2 * lf["compute"] + 0.5 * o["flash"] * lf["attention_core"]),
+            "bwd_tp_comm": layers * lf["tp_comm"],
             "bwd_recompute": k * (lf["compute"] + lf["tp_comm"]) + (o["sel"] - o["sop"]) * (layers - k) * lf["attention"]
             + o["sop"] * (layers - k) * (self.op_recompute_share() * lf["gemm"] + lf["elementwise"]),
         }
