@@ -37,7 +37,7 @@ def test_round_trip_changes_the_prediction_and_names_its_source(tmp_path):
     assert profile.tables["gemm"]["rows"] == 1 and profile.device["threads"] == 1
     assert len(profile.frame("gemm")) == 1
     model, plan = load_model("gpt-debug"), load_plan("debug")
-    datasheet = load_cluster("2xcpu")
+    datasheet = load_cluster("2xcpu", profile="none")
     measured = load_cluster("2xcpu", profile=root)
     dev = measured.device
     assert dev.efficiency.gemm_max == pytest.approx(2.5e11 / 0.525e12)
@@ -51,8 +51,12 @@ def test_round_trip_changes_the_prediction_and_names_its_source(tmp_path):
     assert a.iteration_time_s != pytest.approx(b.iteration_time_s, rel=1e-3)
 
 
-def test_no_profile_changes_nothing():
-    assert load_cluster("2xcpu", profile="none") == load_cluster("2xcpu")
+def test_no_profile_changes_nothing_and_the_cpu_clusters_carry_the_committed_one():
+    assert load_cluster("8xh100", profile="none") == load_cluster("8xh100")
+    assert load_cluster("8xh100").device.sources() == {cost: "datasheet" for cost in load_cluster("8xh100").device.sources()}
+    assert load_cluster("1xcpu").device.source_of("gemm").startswith("measured")
+    datasheet = load_cluster("1xcpu", profile="none")
+    assert datasheet.profile is None and datasheet.device.source_of("gemm") == "datasheet"
 
 
 def test_a_cluster_spec_can_name_its_profile(tmp_path):
