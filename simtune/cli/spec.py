@@ -1,9 +1,9 @@
 """`simtune tune spec`: the best speculation length for each batch size, and each policy
-(none, fixed, adaptive, goodput) simulated on a workload."""
+(none, fixed, adaptive, goodput) simulated on a workload, or the table from step costs
+measured on a real machine (`--profile`: a profile directory or a speculative benchmark's JSON)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,7 +60,8 @@ def tune_spec(
     cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="Cluster: name, NxNODE or YAML.")] = None,
     acceptance: Annotated[float | None, typer.Option(help="Per-token acceptance rate, in (0, 1).")] = None,
     acceptance_trace: Annotated[Path | None, typer.Option(
-        help="Per-request acceptance rates: CSV with an 'acceptance' column, or JSON.")] = None,
+        help="Per-request acceptance rates: CSV with an 'acceptance' column, a JSON list, or a speculative "
+             "benchmark's JSON (e.g. benchmarks/results/speculative_serving_cpu.json).")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,2,4,8,16,32,64,128,256",
     k_max: Annotated[int, typer.Option(min=0, max=32, help="Largest speculation length considered.")] = 8,
     context: Annotated[float | None, typer.Option(min=1, help="Context tokens per sequence "
@@ -70,7 +71,13 @@ def tune_spec(
     engine: Annotated[str | None, typer.Option(help="Engine profile (simtune catalog --kind engines).")] = None,
     workload: Annotated[str | None, typer.Option("--workload", "-w", help="Also simulate each policy on it.")] = None,
     profile: Annotated[Path | None, typer.Option(
-        help="A measured step-cost profile (benchmarks/bench_speculative.py output) instead of the model.")] = None,
+        help="Measured step costs instead of the model: a profile directory written by `simtune profile` "
+             "(its decode table; give --acceptance or --acceptance-trace too, it holds no acceptance rates) "
+             "or a speculative benchmark's JSON (benchmarks/results/speculative_*.json: step costs and "
+             "acceptance). --context picks the measured context nearest it.")] = None,
+    workload_class: Annotated[str | None, typer.Option(
+        help="The workload class whose acceptance rates a continuous-batching benchmark JSON supplies "
+             "(its 'classes': code, mixed); default: the first in the file.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the speedup-by-k plot (PNG).")] = None,
     as_json: JsonFlag = False,
     emit: Annotated[str | None, typer.Option(metavar="ENGINES", help="Write the vLLM launch script: vllm.")] = None,
@@ -82,14 +89,13 @@ def tune_spec(
     engines = _engines(emit, ("vllm",))
     if acceptance is not None and acceptance_trace is not None:
         raise SpecError("acceptance", acceptance, "give --acceptance or --acceptance-trace, not both")
-    acc = read_acceptance_trace(acceptance_trace) if acceptance_trace else acceptance
-    measured = json.loads(profile.read_text()) if profile else None
-    if measured is not None and engines:
+    acc = read_acceptance_trace(acceptance_trace, workload_class) if acceptance_trace else acceptance
+    if profile is not None and engines:
         raise SpecError("emit", emit, "needs a target, draft and cluster, not a measured profile")
     with SearchProgress() as progress:
         result = tune_speculation(target, draft, cluster, acc, batch_sizes=_int_list(batch_sizes, "batch_sizes"),
                                   k_max=k_max, context=context, tp=tp, engine=engine, workload=workload,
-                                  measurement=measured, progress=progress)
+                                  measurement=profile, workload_class=workload_class, progress=progress)
     if plot:
         import matplotlib
 
@@ -105,8 +111,12 @@ def tune_spec(
     if as_json:
         print_json(result.to_dict())
         return
-    what = "measured profile" if measured else f"{target} + draft {draft} on {cluster}"
-    out.print(f"[bold]{escape(what)}[/], context {result.table.context:,.0f} tokens", soft_wrap=True)
+    if profile is not None:
+        what = (f"measured step costs of {profile} (acceptance: {result.search['acceptance_from']}), "
+                f"measured at context {result.table.context:,.0f} tokens")
+    else:
+        what = f"{target} + draft {draft} on {cluster}, context {result.table.context:,.0f} tokens"
+    out.print(f"[bold]{escape(what)}[/]", soft_wrap=True)
     out.print(_policy_table(result))
     if result.search.get("batch_sizes_dropped"):
         out.print(f"batch sizes {', '.join(map(str, result.search['batch_sizes_dropped']))} left out: the KV "
