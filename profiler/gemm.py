@@ -34,12 +34,29 @@ by 0.2 points, inside the run-to-run noise). The worst-fitted shapes are bf16 GE
 dimension of 128 (m = 128 runs slower than the model, k = 128 faster) and, for k = 128 with
 large outputs, those page faults.
 
+Decode GEMMs: weights streamed from memory
+------------------------------------------
+A decode step multiplies a few rows (one per sequence) by every weight of the model, which
+together far exceed the caches, so its GEMMs are bound by streaming the weights from memory,
+not by the FLOP rate above. The sweep adds such GEMMs: m = 1-32 rows against each of a
+model's layer weights (TP 1) and its LM head (vocab x hidden). Each is timed as a decode
+step meets it, cold: the call cycles through enough distinct copies of the weight
+(COLD_BYTES, several times the last-level cache) that every call reads its weight from
+memory, through the decoder's own `executor.serving.model._linear` (weight as the left
+operand, rows padded), so the layout is the one a decode step runs: on a CPU core the
+few-row GEMM's speed depends on it by up to 2x. Rows with m <= STREAM_MAX_ROWS are fitted apart (and left out of the fit above):
+
+    time = weight_bytes / stream_bytes_per_s + flops / stream_flops_per_s + overhead
+
+`stream_bytes_per_s` is what the serving model's weight reads use (`Efficiency.weight_stream`).
+
 fp8 (CUDA only) runs through `torch._scaled_mm` with unit scales, bf16 output, on GPUs of
 compute capability 8.9 or newer; elsewhere fp8 shapes are not swept.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -64,6 +81,24 @@ CPU_MAX_FLOPS = 2.5e10  # ~0.3 s of fp32 on one core at ~90 GFLOP/s
 CUDA_MAX_FLOPS = 1e14  # ~0.1 s at 1 PFLOP/s
 CPU_QUICK_MAX_FLOPS = 5e9
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+STREAM_ROWS = (1, 4, 16, 32)
+STREAM_QUICK_ROWS = (1, 8, 32)
+STREAM_MAX_ROWS = 32
+COLD_BYTES = 256 * 2**20  # distinct weight copies a cold GEMM cycles through: past any cache
+STREAM_MAX_WEIGHT_BYTES = 512 * 2**20
+
+
+def stream_shapes(models: tuple[str, ...], rows: tuple[int, ...], max_flops: float) -> list[tuple[int, int, int]]:
+    """(m, n, k) of decode GEMMs: m rows against each layer weight (TP 1) and the LM head,
+    those of at most `max_flops` and STREAM_MAX_WEIGHT_BYTES of fp32 weight."""
+    shapes: dict[tuple[int, int, int], None] = {}
+    for name in models:
+        model = load_model(name)
+        for d_in, d_out in [*layer_matrices(model, 1), (model.hidden_size, model.vocab_size)]:
+            for m in rows:
+                if 2.0 * m * d_out * d_in <= max_flops and 4.0 * d_out * d_in <= STREAM_MAX_WEIGHT_BYTES:
+                    shapes.setdefault((m, d_out, d_in))
+    return list(shapes)
 
 
 def layer_matrices(model: TransformerSpec, tp: int) -> list[tuple[int, int]]:
@@ -113,7 +148,9 @@ def sweep(ctx: ProfileContext) -> list[dict]:
         models, tokens = (CPU_QUICK_MODELS, CPU_QUICK_TOKENS) if ctx.quick else (CPU_MODELS, CPU_TOKENS)
         max_flops = CPU_QUICK_MAX_FLOPS if ctx.quick else CPU_MAX_FLOPS
     dtypes = [d for d in ctx.dtypes if d != "fp8" or fp8_supported(ctx)]
-    return [{"m": m, "n": n, "k": k, "dtype": d} for m, n, k in model_shapes(models, tokens, max_flops)
+    shapes = model_shapes(models, tokens, max_flops) + stream_shapes(models, STREAM_QUICK_ROWS if ctx.quick else STREAM_ROWS,
+                                                              max_flops)
+    return [{"m": m, "n": n, "k": k, "dtype": d} for m, n, k in shapes
             for d in dtypes if d != "fp8" or (m % 16 == 0 and n % 16 == 0 and k % 16 == 0)]
 
 
@@ -129,6 +166,13 @@ def _operation(ctx: ProfileContext, m: int, n: int, k: int, dtype: str):
         one = torch.ones((), device=ctx.device)
         return lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
     a = torch.randn(m, k, device=ctx.device, dtype=ctx.torch_dtype(dtype))
+    if m <= STREAM_MAX_ROWS:  # cold: a different copy of the weight on every call
+        from executor.serving.model import _linear  # noqa: PLC0415 - the decoder's own GEMM
+
+        copies = max(1, -(-COLD_BYTES // (k * n * ELEMENT_BYTES[dtype])))
+        weights = itertools.cycle([torch.randn(n, k, device=ctx.device, dtype=ctx.torch_dtype(dtype))
+                                   for _ in range(copies)])
+        return lambda: _linear(a, next(weights))
     b = torch.randn(k, n, device=ctx.device, dtype=ctx.torch_dtype(dtype))
     return lambda: torch.mm(a, b)
 
@@ -146,15 +190,31 @@ def features(df: pd.DataFrame) -> pd.DataFrame:
                          "launch": 1.0}, index=df.index)
 
 
+def stream_features(df: pd.DataFrame) -> pd.DataFrame:
+    weight_bytes = df["n"] * df["k"] * df["dtype"].map(ELEMENT_BYTES)
+    return pd.DataFrame({"weight_bytes": weight_bytes.astype(float), "flops": df["flops"].astype(float),
+                         "launch": 1.0}, index=df.index)
+
+
 def fit(df: pd.DataFrame, device_meta: dict) -> dict:
     out: dict = {}
     errors = []
-    for dtype, part in df.groupby("dtype", sort=False):
+    stream = df["m"] <= STREAM_MAX_ROWS
+    for dtype, part in df[~stream].groupby("dtype", sort=False):
         lf = fit_linear(features(part), part["median_s"], shape_groups(part, ["m", "n", "k"]))
         a = lf.coef["flops"]
         out[str(dtype)] = {"flops_per_s": 1 / a if a > 0 else None,
                            "half_dim": lf.coef["flops_per_min_dim"] / a if a > 0 else None,
                            "overhead_s": lf.coef["launch"], **lf.summary()}
+        errors.append(lf.cv_errors)
+    for dtype, part in df[stream].groupby("dtype", sort=False):
+        if str(dtype) not in out or len(part) < 3:
+            continue
+        lf = fit_linear(stream_features(part), part["median_s"], shape_groups(part, ["m", "n", "k"]))
+        c = lf.coef
+        out[str(dtype)]["stream"] = {"bytes_per_s": 1 / c["weight_bytes"] if c["weight_bytes"] > 0 else None,
+                                     "flops_per_s": 1 / c["flops"] if c["flops"] > 0 else None,
+                                     "overhead_s": c["launch"], **lf.summary()}
         errors.append(lf.cv_errors)
     pooled = np.concatenate(errors) if errors else np.array([])
     return {**out, "cv_median_abs_error": float(np.median(pooled)) if len(pooled) else None, "samples": len(df)}

@@ -20,9 +20,12 @@ def gemm_s(device: DeviceSpec, flops, min_dim, calls: float = 0.0):
     return flops / (device.peak_flops * gemm_efficiency(device, min_dim)) + gemm_calls_s(device, calls)
 
 
-def gemm_calls_s(device: DeviceSpec, calls):
-    """Host time of `calls` GEMM calls that no asynchronous launch hides (CPU dispatch)."""
-    return calls * device.efficiency.gemm_overhead_us * 1e-6
+def gemm_calls_s(device: DeviceSpec, calls, streaming: bool = False):
+    """Host time of `calls` GEMM calls that no asynchronous launch hides (CPU dispatch);
+    `streaming`: few-row GEMMs streaming their weights (decode), which may cost otherwise."""
+    e = device.efficiency
+    per_call = e.weight_stream_overhead_us if streaming and e.weight_stream_overhead_us is not None else e.gemm_overhead_us
+    return calls * per_call * 1e-6
 
 
 def attention_s(device: DeviceSpec, flops, decode_flops=0.0, seq=None):

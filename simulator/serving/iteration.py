@@ -64,6 +64,8 @@ class IterationModel:
         self.layers_per_stage = model.num_layers / layout.pp
         eff = self.device.efficiency
         self.hbm = self.device.hbm_bandwidth_bytes_per_s * eff.memory_bound
+        self.weight_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.weight_stream or eff.memory_bound)
+        self.kv_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.kv_read or eff.memory_bound)
         self.overhead = EngineOverhead.of(engine, eff.step_overhead_us)
 
     # --- per device memory ------------------------------------------------------------------
@@ -82,11 +84,12 @@ class IterationModel:
         flops = tokens * self.flops_per_token
         min_dim = min(tokens, m.hidden_size / t)
         compute = gemm_s(dev, flops, min_dim)
-        weights = (self.weight_bytes + 4.0 * tokens * m.hidden_size) / self.hbm
-        attention = attention_s(dev, attn_flops, decode_attn_flops) + kv_read_bytes / self.hbm
+        weights = self.weight_bytes / self.weight_hbm + 4.0 * tokens * m.hidden_size / self.hbm
+        attention = attention_s(dev, attn_flops, decode_attn_flops) + kv_read_bytes / self.kv_hbm
         elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
         tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
-        return max(compute, weights) + gemm_calls_s(dev, m.gemms_per_layer) + attention + elementwise + float(tp)
+        calls = gemm_calls_s(dev, m.gemms_per_layer, streaming=weights > compute)
+        return max(compute, weights) + calls + attention + elementwise + float(tp)
 
     def _lm_head_s(self, sequences: int) -> float:
         m, dev, t = self.model, self.device, self.layout.tp
@@ -94,7 +97,8 @@ class IterationModel:
             return 0.0
         flops = 2.0 * sequences * m.hidden_size * m.vocab_size / t
         compute = gemm_s(dev, flops, min(sequences, m.hidden_size))
-        return max(compute, 2.0 * m.hidden_size * m.vocab_size / t / self.hbm) + gemm_calls_s(dev, 1)
+        weights = 2.0 * m.hidden_size * m.vocab_size / t / self.weight_hbm
+        return max(compute, weights) + gemm_calls_s(dev, 1, streaming=weights > compute)
 
     def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, float, int]:
         """(one stage's layers time, the last stage's LM head time, tokens) for one micro-batch."""

@@ -42,11 +42,19 @@ class Efficiency(Spec):
     attention_half_seq: float = Field(
         default=0.0, ge=0, description="sequence length at which the attention efficiency halves "
         "(a blocked causal kernel's diagonal blocks); 0: none")
+    kv_read: float | None = Field(
+        default=None, gt=0, le=1, description="achieved / peak memory bandwidth of attention reading the KV "
+        "cache; default: memory_bound")
     attention_decode: float | None = Field(
         default=None, gt=0, le=1, description="one-query decode attention (a matrix-vector product per head); "
         "default: `attention`")
     memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
     kernel_overhead_us: float = Field(ge=0)
+    weight_stream: float | None = Field(
+        default=None, gt=0, le=1, description="achieved / peak memory bandwidth streaming weights through "
+        "few-row (decode) GEMMs; default: memory_bound")
+    weight_stream_overhead_us: float | None = Field(
+        default=None, ge=0, description="host time per few-row (decode) GEMM call; default: gemm_overhead_us")
     gemm_overhead_us: float = Field(
         default=0.0, ge=0, description="host time per GEMM call not hidden by asynchronous launch (CPU dispatch)"
     )

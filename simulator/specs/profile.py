@@ -21,13 +21,18 @@ One row per measured shape, SI units (seconds, bytes, FLOPs); `timing` is median
 p90_s and reps. The key columns of each table (TABLES) identify a shape.
 
 The fits (see `profiler/fit.py`) are physical quantities, not efficiencies:
-- `gemm`: {dtype: {flops_per_s, half_dim, overhead_s}}; time = flops (1 + half_dim / d) /
-  flops_per_s + overhead_s, d the smallest GEMM dimension (`Efficiency`'s saturation form);
-- `attention`: {dtype: {flops_per_s, bytes_per_s, overhead_s}};
-- `memory`: {bytes_per_s, overhead_s} over norms, softmax, element-wise, embedding, optimizer;
+- `gemm`: {dtype: {flops_per_s, half_dim, overhead_s, stream: {bytes_per_s, ...}}}; time =
+  flops (1 + half_dim / d) / flops_per_s + overhead_s, d the smallest GEMM dimension
+  (`Efficiency`'s saturation form); `stream`: few-row (decode) GEMMs over weights larger than
+  the caches, bound by streaming them;
+- `attention`: {dtype: {flops_per_s, bytes_per_s, overhead_s, decode_flops_per_s, diagonal_keys}};
+- `memory`: {bytes_per_s, overhead_s, by_dtype, by_op: {op: {..., by_dtype}}} over norms,
+  softmax, element-wise, embedding, optimizer;
 - `copies`: {"<direction>[_pinned]": {bytes_per_s, overhead_s}};
 - `collectives`: {backend: {collective: {ranks: {alpha_s, bus_bytes_per_s}}}};
-- `decode`: {intercept_s, per_sequence_s, per_context_token_s} of the real decoder's steps.
+- `decode`: {intercept_s, per_token_s, per_context_token_s, per_attention_pair_s,
+  step_overhead_s} of the real decoder's steps (`step_overhead_s`: its `host` row, the Python
+  and dispatch time of a step whose kernels do almost no work).
 `apply_profile` turns them into a device's `Efficiency` by dividing by its datasheet peaks,
 and records which cost came from where (`DeviceSpec.cost_sources`).
 """
@@ -221,6 +226,10 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
                                 device.peak_flops, "dense 16-bit peak FLOP/s")
         eff["gemm_half_dim"] = float(g.get("half_dim", 0.0))
         eff["gemm_overhead_us"] = float(g.get("overhead_s", 0.0)) * 1e6
+        if isinstance(g.get("stream"), dict) and g["stream"].get("bytes_per_s"):
+            eff["weight_stream"] = _rate(profile, "gemm", f"{dtype}.stream.bytes_per_s", g["stream"]["bytes_per_s"],
+                                         device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
+            eff["weight_stream_overhead_us"] = float(g["stream"].get("overhead_s", 0.0)) * 1e6
         sources["gemm"] = profile.label
     if (found := _dtype_fit(profile, "attention", dtypes)) is not None:
         # The profile counts the FLOPs a causal kernel computes (the visible half of the s x s
@@ -231,6 +240,9 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         rate = a.get("flops_per_s")
         eff["attention"] = _rate(profile, "attention", f"{dtype}.flops_per_s", 2 * rate if rate else rate,
                                  device.peak_flops, "dense 16-bit peak FLOP/s (the rate doubled: causal half)")
+        if a.get("bytes_per_s"):
+            eff["kv_read"] = _rate(profile, "attention", f"{dtype}.bytes_per_s", a["bytes_per_s"],
+                                   device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
         if a.get("diagonal_keys"):  # extra keys per query row (per token): efficiency halves at twice that
             eff["attention_half_seq"] = 2.0 * float(a["diagonal_keys"])
         if a.get("decode_flops_per_s"):
