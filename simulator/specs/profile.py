@@ -136,6 +136,11 @@ class HardwareProfile:
         return str(self.device["date"])[:10]
 
     @property
+    def ref(self) -> str:
+        """How to name this profile again: its catalog name, or its directory."""
+        return self.root.name if self.root.parent == PROFILES_DIR.resolve() else str(self.root)
+
+    @property
     def label(self) -> str:
         """How reports name this source: 'measured <date> (<profile dir name>)'."""
         return f"measured {self.date} ({self.root.name})"
@@ -273,7 +278,7 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         "cost_sources": {**device.cost_sources, **sources},
         "measured_on": profile.date if sources else device.measured_on,
     })
-    return cluster.model_copy(update={"device": new_device, "profile": str(profile.root), **cluster_update})
+    return cluster.model_copy(update={"device": new_device, "profile": profile.ref, **cluster_update})
 
 
 LAYER_ELEMENTWISE_OPS = ("layer_norm", "rms_norm", "gelu", "silu", "add", "mul")
