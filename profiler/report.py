@@ -146,3 +146,35 @@ def _panel_decode(ax, df: pd.DataFrame, sheet: DeviceSpec | None, fit: dict) -> 
 
 PANELS = {"gemm": _panel_gemm, "attention": _panel_attention, "memory": _panel_memory, "copies": _panel_copies,
           "collectives": _panel_collectives, "decode": _panel_decode}
+
+
+def plot_fidelity(result: dict[str, Any]):
+    """Predicted vs measured (benchmarks/bench_profile_fidelity.py's JSON): with the measured
+    profile and with the datasheet alone, for transformer layers and decode steps."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plotting only
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, part, title in ((axes[0], "layers", "transformer layer fwd+bwd"), (axes[1], "decode", "SmolLM2 decode step")):
+        rows = result[part]
+        measured = np.array([r["measured_s"] for r in rows]) * 1e3
+        for source, marker in (("profile", "o"), ("datasheet", "x")):
+            ax.scatter(measured, np.array([r[f"{source}_s"] for r in rows]) * 1e3, marker=marker, label=source)
+        lim = [min(measured.min(), 1.0) * 0.8, measured.max() * 1.5]
+        ax.plot(lim, lim, "k--", lw=1)
+        ax.fill_between(lim, [x * 0.85 for x in lim], [x * 1.15 for x in lim], color="k", alpha=0.08, label="±15%")
+        ax.set(xscale="log", yscale="log", xlabel="measured (ms)", ylabel="predicted (ms)", title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fits_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """fit_report's fits as a table: one row per op and part, error and samples."""
+    rows = []
+    for op, fit in report["fits"].items():
+        rows.append({"op": op, "part": "all", "cv_median_abs_error": fit.get("cv_median_abs_error"),
+                     "samples": fit.get("samples")})
+        for name, part in fit.get("parts", {}).items():
+            rows.append({"op": op, "part": name, "cv_median_abs_error": part.get("cv_median_abs_error"),
+                         "samples": part.get("samples")})
+    return pd.DataFrame(rows)
