@@ -29,7 +29,7 @@ from profiler.timers import Timer  # noqa: E402
 from simtune.cli import app  # noqa: E402
 from simulator.errors import SpecError  # noqa: E402
 from simulator.specs.profile import TABLES  # noqa: E402
-from simulator.speculation.model import measured_step_cost  # noqa: E402
+from simulator.speculation.measured import measured_step_cost  # noqa: E402
 from tuner.speculation import tune_speculation  # noqa: E402
 
 FAST = ProfileContext(quick=True, timer=Timer("cpu", warmup=1, reps=3, min_reps=1, budget_s=0.01))

@@ -38,7 +38,7 @@ from simulator.speculation import (
     max_batch_in_kv,
     policy_table,
 )
-from simulator.speculation.model import measured_acceptance, measured_step_cost, read_measurement
+from simulator.speculation.measured import measured_acceptance, measured_step_cost, read_measurement
 from tuner.training.space import tp_allowed
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)

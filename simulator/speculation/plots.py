@@ -13,13 +13,8 @@ import numpy as np
 import pandas as pd
 
 from simulator.specs.serving import AcceptanceSpec
-from simulator.speculation.model import (
-    StepCost,
-    compare_with_measurement,
-    policy_table,
-    policy_table_of_measurement,
-    step_s,
-)
+from simulator.speculation.measured import compare_with_measurement, policy_table_of_measurement
+from simulator.speculation.model import StepCost, policy_table, step_s
 
 
 def measured_table(results: dict[str, Any], value: str = "speedup") -> pd.DataFrame:
