@@ -65,7 +65,7 @@ def _layout(layout: dict[str, int]) -> str:
 CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
     "devices": (load_device, [
         Column("full_name", "device", lambda d: d.name, numeric=False),
-        Column("peak_bf16_tflops", "bf16 TFLOP/s", lambda d: d.peak_flops / 1e12, "{:,.0f}".format),
+        Column("peak_bf16_tflops", "bf16 TFLOP/s", lambda d: d.peak_flops / 1e12, "{:,.4g}".format),
         Column("memory_GiB", "memory GiB", lambda d: d.memory_GiB, "{:g}".format),
         Column("hbm_bandwidth_GBps", "HBM GB/s", lambda d: d.hbm_bandwidth_GBps, "{:,.0f}".format),
         Column("source", "source", _device_source, numeric=False),
@@ -75,10 +75,11 @@ CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
         Column("devices_per_node", "per node", lambda c: c.devices_per_node),
         Column("device", "device", lambda c: c.device.name, numeric=False),
         Column("intra_node_bandwidth_GBps", "intra GB/s", lambda c: c.intra_node_bandwidth_GBps,
-               "{:g}".format),
+               "{:.4g}".format),
         Column("inter_node_bandwidth_GBps", "inter GB/s", lambda c: c.inter_node_bandwidth_GBps,
-               "{:g}".format),
+               "{:.4g}".format),
         Column("intra_node_link", "link", lambda c: c.intra_node_link, numeric=False),
+        Column("profile", "profile", lambda c: c.profile or "-", numeric=False),
     ]),
     "models": (load_model, [
         Column("num_layers", "layers", lambda m: m.num_layers),
