@@ -135,6 +135,9 @@ class ClusterSpec(Spec):
     host_optimizer_params_per_s: float = Field(
         default=1.0e9, gt=0, description="CPU Adam throughput per device's host share"
     )
+    host_offload: bool = Field(
+        default=True, description="devices can offload to a separate host memory over a host link; false for "
+        "CPU ranks, whose memory is the host's")
     profile: str | None = Field(
         default=None, description="measured profile (catalog name or directory) whose costs replace the datasheet's"
     )

@@ -215,6 +215,12 @@ def validate_plan(plan: TrainingPlan, model: TransformerSpec, cluster: ClusterSp
         raise SpecError("plan.tp", plan.tp, f"must divide ffn_hidden_size = {model.ffn_hidden_size}")
     if plan.pp > model.num_layers:
         raise SpecError("plan.pp", plan.pp, f"must be <= num_layers = {model.num_layers} of {model.name}")
+    if not cluster.host_offload:
+        for o in plan.stage_offload():
+            moved = {k: v for k, v in o.model_dump().items() if v}
+            if moved:
+                raise SpecError("plan.offload", moved, f"{cluster.name} has no separate host memory to offload to "
+                                "(its devices are CPU ranks); all fractions must be 0")
     if plan.schedule == "interleaved" and plan.pp * plan.virtual_stages > model.num_layers:
         raise SpecError(
             "plan.virtual_stages", plan.virtual_stages,

@@ -54,7 +54,7 @@ class LayoutEvaluator:
         self.model, self.cluster, self.layout, self.counters = model, cluster, layout, counters
         self.stage_model = StageModel(model, cluster, layout.tp, layout.dp, layout.micro_batch_size, seq_length,
                                       dp_shard=layout.dp_shard, num_microbatches=layout.num_microbatches)
-        self.grid = grid if grid is not None else layout_grid(layout)
+        self.grid = grid if grid is not None else layout_grid(layout, cluster.host_offload)
         self.fixed = {"sq": float(layout.sequence_parallel), "sel": float(layout.selective),
                       "flash": float(flash_attention), "gb": float(GRAD_BYTES[gradient_dtype])}
         self.capacity = cluster.device.memory_bytes

@@ -137,12 +137,14 @@ def option_grid(dp: int, offload_levels: tuple[float, ...] = OFFLOAD_LEVELS,
             "o_w": ow, "o_g": og, "o_o": oo, "o_a": oa, "kf": kf, "ku": ku}
 
 
-def layout_grid(layout: Layout) -> dict[str, np.ndarray]:
+def layout_grid(layout: Layout, host_offload: bool = True) -> dict[str, np.ndarray]:
     """The per-stage option grid of a layout: ZeRO 3 with FSDP's schedules for a sharded
-    layout, ZeRO 0-2 for the other pp 1 layouts, every ZeRO stage for pipelined ones."""
+    layout, ZeRO 0-2 for the other pp 1 layouts, every ZeRO stage for pipelined ones; no
+    offloading where the devices have no separate host memory (CPU ranks)."""
+    levels = OFFLOAD_LEVELS if host_offload else (0.0,)
     if layout.fsdp:
-        return option_grid(layout.dp, zero_stages=(3,), fsdp_schedules=FSDP_SCHEDULES)
-    return option_grid(layout.dp, zero_stages=(0, 1, 2) if layout.pp == 1 else (0, 1, 2, 3))
+        return option_grid(layout.dp, levels, zero_stages=(3,), fsdp_schedules=FSDP_SCHEDULES)
+    return option_grid(layout.dp, levels, zero_stages=(0, 1, 2) if layout.pp == 1 else (0, 1, 2, 3))
 
 
 def inflight_microbatches(stage: int, pp: int, num_microbatches: int, virtual_stages: int) -> float:
