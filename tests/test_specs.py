@@ -222,3 +222,18 @@ def test_specs_are_frozen():
     model = load_model("gpt-debug")
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         model.num_layers = 8
+
+
+def test_cpu_rank_clusters_refuse_offloading_and_the_tuner_does_not_offer_it():
+    from simulator.specs.catalog import load_cluster, load_model
+    from simulator.specs.plan import TrainingPlan, validate_plan
+    from tuner.training.space import layout_grid, layouts
+
+    cluster, model = load_cluster("2xcpu"), load_model("gpt-debug")
+    plan = TrainingPlan.parse({"tp": 1, "pp": 1, "dp": 2, "micro_batch_size": 1, "global_batch_size": 4,
+                               "offload": {"optimizer": 1.0}})
+    with pytest.raises(SpecError, match=r"plan.offload = \{'optimizer': 1.0\}: 2xcpu has no separate host memory"):
+        validate_plan(plan, model, cluster)
+    for lay in layouts(model, cluster, 4):
+        grid = layout_grid(lay, cluster.host_offload)
+        assert all(not grid[k].any() for k in ("o_w", "o_g", "o_o", "o_a"))
