@@ -187,6 +187,8 @@ def build_pipeline(spec: TransformerSpec, plan: TrainingPlan, pp_group_or_mesh: 
     pp, n_stages = plan.pp, plan.pp * plan.virtual_stages
     layer_ids = stage_layer_ids(spec, plan)
     mb, seq = plan.micro_batch_size, plan.seq(spec)
+    if plan.sequence_parallel and seq % plan.tp:
+        raise ValueError(f"sequence_parallel: tp = {plan.tp} must divide the sequence length {seq}")
     between = seq // plan.tp if plan.sequence_parallel else seq  # Megatron sends the local shard
     hidden = torch.empty(mb, between, spec.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     stages, modules = [], []
