@@ -66,7 +66,7 @@ class Block(nn.Module):
         self.gate = nn.Linear(h, f, bias=bias) if self.swiglu else None
         self.down = nn.Linear(f, h, bias=bias)
         self.act = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}[spec.activation]
-        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         b, s, _ = x.shape
@@ -76,14 +76,15 @@ class Block(nn.Module):
         b, s, h = x.shape
         q, k, v = self._heads(self.q(x), self.heads), self._heads(self.k(x), self.kv_heads), self._heads(self.v(x), self.kv_heads)
         if self.rope:
-            if s not in self._rope_cache:
-                self._rope_cache[s] = rope_tables(s, self.head_dim)
-            cos, sin = self._rope_cache[s]
+            if (s, x.device) not in self._rope_cache:
+                self._rope_cache[s, x.device] = tuple(t.to(x.device) for t in rope_tables(s, self.head_dim))
+            cos, sin = self._rope_cache[s, x.device]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # no dropout on the attention probabilities: it would force SDPA off its fused (flash)
         # kernel onto the materialized s x s path, on CPUs as on GPUs
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.o(out.transpose(1, 2).reshape(b, s, h))
+        # -1, not h: under tensor parallelism this rank holds only its heads
+        return self.o(out.transpose(1, 2).reshape(b, s, -1))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         up = self.up(x)

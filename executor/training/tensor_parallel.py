@@ -41,16 +41,14 @@ draw the same masks, consuming the generator identically); with sequence paralle
 masks its own shard.
 
 Only kv_heads divisible by t is supported (Megatron replicates K/V heads when t exceeds them).
-`LocalHeadsBlock` repeats `Block.attention` only to reshape to the local width; were
-`Block.attention` to reshape with -1, setting the local head counts would be enough.
+A sharded block is a `LocalHeadsBlock`: its head counts are the local ones, which is all
+`Block.attention` needs (it reshapes to the width the heads give).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -63,26 +61,13 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from executor.training.model import Block, apply_rope, rope_tables
+from executor.training.model import Block
 
 
 class LocalHeadsBlock(Block):
-    """A `Block` whose Q, K, V projections return only this rank's heads.
-
-    `Block.attention` reshapes the attention output to the input's (full) width; here it
-    takes the local width instead. Everything else is Block's.
-    """
-
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        b, s = x.shape[:2]
-        q, k, v = self._heads(self.q(x), self.heads), self._heads(self.k(x), self.kv_heads), self._heads(self.v(x), self.kv_heads)
-        if self.rope:
-            if s not in self._rope_cache:
-                self._rope_cache[s] = rope_tables(s, self.head_dim)
-            cos, sin = self._rope_cache[s]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.o(out.transpose(1, 2).reshape(b, s, -1))
+    """A `Block` whose Q, K, V projections return only this rank's heads: `heads` and
+    `kv_heads` count the local heads (`Block.attention` reshapes to whatever width they give),
+    and the class marks a block already sharded."""
 
 
 def check_tensor_parallel(block: Block, tp: int) -> None:
