@@ -1,5 +1,5 @@
 """simtune's command line: `catalog`, `profile`, `simulate train|serve`, `tune train|serve|spec`,
-`validate train|serve`.
+`validate train|serve`, `run train`.
 
 Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
 file of the same schema. Human output is rich tables on stdout. With `--json` a command prints
@@ -7,7 +7,7 @@ exactly one JSON object on stdout and nothing else; notes and errors always go t
 Input errors (`SpecError`, `InfeasiblePlan`, a missing file) print `error: ...` and exit 2,
 like click's own usage errors, so scripts can tell them from a failed `--strict` check (1).
 
-One module per workload (`train`, `serve`, `spec`, `validate`, `catalog`, `profile`), each a thin layer
+One module per workload (`train`, `serve`, `spec`, `validate`, `catalog`, `profile`, `run`), each a thin layer
 (parse, load specs, call one package function, render) over the shared `render` module.
 Importing a verb module registers its commands on the groups of `apps`, so the import order
 below is the order `--help` lists them in.
@@ -23,8 +23,8 @@ import typer
 from simtune.cli import train  # noqa: F401
 
 # isort: split
-from simtune.cli import serve, spec, validate  # noqa: F401
-from simtune.cli.apps import simulate_app, tune_app, validate_app
+from simtune.cli import run, serve, spec, validate  # noqa: F401
+from simtune.cli.apps import run_app, simulate_app, tune_app, validate_app
 from simtune.cli.catalog import catalog
 from simtune.cli.profile import profile
 from simtune.cli.render import fmt_seconds, to_jsonable
@@ -38,6 +38,7 @@ app = typer.Typer(
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(tune_app, name="tune")
 app.add_typer(validate_app, name="validate")
+app.add_typer(run_app, name="run")
 app.command()(catalog)
 app.command()(profile)
 
