@@ -8,10 +8,12 @@
                       -> warm-up steps, then timed steps (profiler.timers.Timer) -> its numbers
       -> TrainingRunReport (+ the simulator's prediction and the error with compare/profile)
 
-Every rank builds the same model from the same seed, and trains on the same synthetic batch
-of each step (arithmetic token sequences, so the loss falls and a wrong gradient shows),
-taking its data-parallel slice of it; a single process with the whole batch therefore
-computes the same losses, which is what the tests compare against.
+Every rank draws the same weights from the seed, each parameter from (seed, its name)
+(`pipeline.init_weights`, so the model is the same under any layout, pipelined or not), and
+trains on the same synthetic batch of each step (arithmetic token sequences, so the loss
+falls and a wrong gradient shows), taking its data-parallel slice of it; a single process
+with the whole batch therefore computes the same losses, which is what the tests compare
+against.
 
 Measured numbers:
 - `step_time_s`: the median over the timed steps of the slowest rank (each rank's steps are
@@ -315,7 +317,12 @@ def train_rank(rank: int, world_size: int, job: RankJob) -> dict[str, Any]:
             parallelize(m, plan, degrees, mesh, stage=where.pp, checkpointed=k, in_place=True)
         modules, forward_backward = list(runner.modules), runner.step
     else:
-        decoder = Decoder(spec).to(device=device, dtype=DTYPES[job.dtype])
+        # the same per-name draw as every pipeline layout
+        from executor.training.pipeline import init_weights
+
+        decoder = Decoder(spec).to(device)
+        init_weights(decoder, job.seed, spec.tied_embeddings)
+        decoder.to(DTYPES[job.dtype])
         model = parallelize(decoder, plan, degrees, mesh, stage=0, checkpointed=stage_checkpoints(plan, spec)[0][0])
         modules = [decoder]
 
