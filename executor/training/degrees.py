@@ -11,8 +11,8 @@ pipeline stage is a contiguous block of ranks. A dimension of size 1 is left out
 data-parallel rank (CPU offload of a single device still goes through `fully_shard`).
 
 "dp_shard" is the group ZeRO shards model states over (all of dp unless the plan asks for
-HSDP with `dp_shard`), "dp_replicate" the HSDP replicas. DDP and ZeRO-1 (which need no
-shard group) run over the whole data-parallel group, both dimensions together.
+HSDP with `dp_shard`), "dp_replicate" the HSDP replicas. DDP and ZeRO-1 run over "dp_shard",
+which is then the whole data-parallel group (HSDP needs ZeRO-3 on every stage).
 """
 
 from __future__ import annotations

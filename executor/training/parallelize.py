@@ -55,7 +55,7 @@ from simulator.errors import SpecError
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, TrainingPlan
 
-RECOMPUTE_ATTR = "simtune_recompute"  # set on each checkpoint wrapper: "full", "selective", "selective_op"
+RECOMPUTE_ATTR = "simtune_recompute"  # on each recomputing block (or its wrapper): full | selective | selective_op
 OFFLOAD_KINDS = ("weights", "gradients", "optimizer", "activations")
 EXTENSIONS = {"tensor_parallel": "plan.tp", "pipeline": "plan.pp"}
 
@@ -241,7 +241,8 @@ def apply_data_parallel(module: nn.Module, zero: int, offload: Offload, plan: Tr
         replicate(module, mesh=dp_mesh)
         return module
     device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
-    return DistributedDataParallel(module, process_group=dp_mesh.get_group(), device_ids=device_ids)
+    return DistributedDataParallel(module, process_group=dp_mesh.get_group(), device_ids=device_ids,
+                                   gradient_as_bucket_view=True)  # no second copy of the gradients
 
 
 @contextmanager
