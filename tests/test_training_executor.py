@@ -19,14 +19,10 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
+from executor.training.checkpointing import apply_activation_checkpointing, recompute_kinds
 from executor.training.degrees import ParallelDegrees
 from executor.training.model import Decoder
-from executor.training.parallelize import (
-    apply_activation_checkpointing,
-    check_runnable,
-    parallel_extension,
-    recompute_kinds,
-)
+from executor.training.parallelize import check_runnable, parallel_extension
 from executor.training.pipeline import init_weights
 from executor.training.run import (
     FAIL_RANK_ENV,

@@ -28,34 +28,25 @@ instead of the DDP wrapper. Tensor-parallel (DTensor) parameters take the same p
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from functools import partial
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-)
 
+from executor.training.checkpointing import (
+    apply_activation_checkpointing,
+    around_forward,
+)
 from executor.training.degrees import ParallelDegrees
+from executor.training.optimizer import fsdp_offload
 from simulator.errors import SpecError
-from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, TrainingPlan
 
-RECOMPUTE_ATTR = "simtune_recompute"  # on each recomputing block (or its wrapper): full | selective | selective_op
 OFFLOAD_KINDS = ("weights", "gradients", "optimizer", "activations")
 EXTENSIONS = {"tensor_parallel": "plan.tp", "pipeline": "plan.pp"}
 
@@ -89,11 +80,6 @@ def _offload_field(plan: TrainingPlan, stage: int, kind: str) -> str:
     return f"plan.stages[{stage}].offload.{kind}" if own else f"plan.offload.{kind}"
 
 
-def fsdp_offload(offload: Offload) -> bool:
-    """Weights, gradients and optimizer states all in host memory: FSDP2's CPUOffloadPolicy."""
-    return offload.weights == offload.gradients == offload.optimizer == 1.0
-
-
 def check_runnable(plan: TrainingPlan, degrees: ParallelDegrees) -> None:
     """Raise SpecError for a plan the runner would have to approximate."""
     if plan.precision != "bf16":
@@ -118,104 +104,11 @@ def check_runnable(plan: TrainingPlan, degrees: ParallelDegrees) -> None:
             raise SpecError(field, zero, "HSDP (dp_shard < dp) needs zero_stage 3 on every stage")
 
 
-def stage_checkpoints(plan: TrainingPlan, model: TransformerSpec) -> list[list[int]]:
-    """Checkpointed layers of each chunk of each stage: the stage's count split over its
-    virtual stages as the simulator splits it (`TrainingCostModel._chunks`)."""
-    v = plan.virtual_stages
-    return [[k // v + (c < k % v) for c in range(v)] for k in plan.stage_checkpointed(model)]
-
-
-# --- 1-3: tensor parallel, activation checkpointing, activation offload ----------------------
-
-_ATTENTION_CORE = {getattr(torch.ops.aten, name).default for name in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-) if hasattr(torch.ops.aten, name)}
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-
-class _CheckpointAttentionCore(TorchFunctionMode):
-    """Megatron-LM's selective recompute: inside a block's forward, every
-    `scaled_dot_product_attention` runs under a non-reentrant checkpoint, so the attention
-    core keeps only its inputs and runs again in backward; the rest of the block is untouched.
-    (A function mode rather than selective activation checkpointing of the whole block: SAC
-    replays the block op by op and breaks on the rotary table a block builds on first use.)"""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return checkpoint(func, *args, use_reentrant=False, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _torchtitan_op_policy(counts: dict[str, int], ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    """torchtitan's per-op policy: keep attention and every other matmul output, re-run the rest."""
-    if op in _MATMULS:
-        key = "recompute" if ctx.is_recompute else "forward"
-        counts[key] += 1
-        return CheckpointPolicy.MUST_SAVE if counts[key] % 2 else CheckpointPolicy.PREFER_RECOMPUTE
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_CORE else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _op_policy_context():
-    return create_selective_checkpoint_contexts(partial(_torchtitan_op_policy, defaultdict(int)))
-
-
-def _around_forward(module: nn.Module, context: Callable[[], AbstractContextManager]) -> None:
-    """Run every forward of `module` inside a fresh `context()` (entered and left by hooks, so
-    the module keeps its class and parameter names)."""
-    open_contexts = []
-
-    def enter(mod: nn.Module, args: Any) -> None:
-        open_contexts.append(context())
-        open_contexts[-1].__enter__()
-
-    def leave(mod: nn.Module, args: Any, output: Any) -> None:
-        open_contexts.pop().__exit__(None, None, None)
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
-
-
-def apply_activation_checkpointing(blocks: nn.ModuleList | nn.ModuleDict, checkpointed: int,
-                                   recompute: str) -> None:
-    """Checkpoint the first `checkpointed` blocks whole; with selective recompute, make the
-    others recompute only their attention core (or torchtitan's op set, `selective_op`).
-    `blocks` is a Decoder's ModuleList or a pipeline stage's ModuleDict, in layer order."""
-    if not 0 <= checkpointed <= len(blocks):
-        raise ValueError(f"checkpointed = {checkpointed}: this chunk has {len(blocks)} layers")
-    for i, (name, block) in enumerate(list(blocks.named_children())):
-        kind = "full" if i < checkpointed else recompute if recompute.startswith("selective") else "none"
-        if kind == "full":
-            block = checkpoint_wrapper(block)
-        elif kind == "selective_op":
-            block = checkpoint_wrapper(block, context_fn=_op_policy_context)
-        elif kind == "selective":
-            _around_forward(block, _CheckpointAttentionCore)
-        else:
-            continue
-        setattr(block, RECOMPUTE_ATTR, kind)
-        blocks.register_module(name, block)
-
-
-def recompute_kinds(module: nn.Module) -> list[str]:
-    """How each block of `module` (a Decoder, a stage chunk, their DDP wrapper, or just their
-    blocks) recomputes."""
-    inner = getattr(module, "module", module)
-    blocks = getattr(inner, "blocks", inner)
-    return [getattr(b, RECOMPUTE_ATTR, "none") for b in blocks.children()]
-
-
-def checkpointed_layers(module: nn.Module) -> int:
-    """Blocks of `module` checkpointed whole: what the plan's `checkpointed_layers` counts."""
-    return recompute_kinds(module).count("full")
-
-
 def apply_activation_offload(module: nn.Module, fraction: float, device_type: str) -> None:
     """Keep the tensors `module`'s backward needs in host memory (a no-op copy on a CPU device)."""
     if fraction:
         pin = device_type == "cuda"
-        _around_forward(module, lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin, device_type=device_type))
+        around_forward(module, lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin, device_type=device_type))
 
 
 # --- 4: data parallel ----------------------------------------------------------------------
@@ -275,76 +168,3 @@ def parallelize(module: nn.Module, plan: TrainingPlan, degrees: ParallelDegrees,
 
 
 # --- the optimizer ---------------------------------------------------------------------------
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class HostAdamW(torch.optim.Optimizer):
-    """AdamW whose fp32 master weights and moments live in host memory (ZeRO-Offload's split):
-    each step copies the gradients to the host, steps there, and copies the weights back.
-    With FSDP2 it steps the local shards. Used where the plan offloads only the optimizer."""
-
-    def __init__(self, params: Any, lr: float = 1e-3, **kwargs: Any):
-        super().__init__(params, {"lr": lr, **kwargs})
-        self.master = {p: _local(p).detach().to("cpu", torch.float32, copy=True)
-                       for group in self.param_groups for p in group["params"]}
-        self.host = torch.optim.AdamW(
-            [{**{k: v for k, v in g.items() if k != "params"}, "params": [self.master[p] for p in g["params"]]}
-             for g in self.param_groups])
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for p, master in self.master.items():
-            master.grad = None if p.grad is None else _local(p.grad).to("cpu", torch.float32)
-        self.host.step()
-        for p, master in self.master.items():
-            _local(p).copy_(master, non_blocking=True)
-
-
-class ShardedOptimizer(torch.optim.Optimizer):
-    """ZeRO-1 for DTensor parameters (tensor parallel, or `replicate` in a pipeline), which
-    `ZeroRedundancyOptimizer` cannot broadcast: each data-parallel rank owns whole parameters
-    (greedy by size, as ZeroRedundancyOptimizer partitions), keeps optimizer states only for
-    them, steps them, and broadcasts their local tensors to its peers after the step."""
-
-    def __init__(self, params: Any, optimizer_class: type, group: Any, **defaults: Any):
-        import torch.distributed as dist
-
-        super().__init__(list(params), defaults)
-        self.group, self.params = group, self.param_groups[0]["params"]
-        loads = [0] * dist.get_world_size(group)
-        self.owner: dict[torch.Tensor, int] = {}
-        for p in sorted(self.params, key=lambda p: -p.numel()):  # stable: the same on every rank
-            self.owner[p] = loads.index(min(loads))
-            loads[self.owner[p]] += p.numel()
-        mine = [p for p in self.params if self.owner[p] == dist.get_rank(group)]
-        self.local = optimizer_class(mine, **defaults) if mine else None
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        import torch.distributed as dist
-
-        if self.local is not None:
-            self.local.step()
-        for p in self.params:
-            dist.broadcast(_local(p), src=dist.get_global_rank(self.group, self.owner[p]), group=self.group)
-
-
-def build_optimizer(modules: Sequence[nn.Module], plan: TrainingPlan, stage: int,
-                    degrees: ParallelDegrees, mesh: DeviceMesh, lr: float) -> torch.optim.Optimizer:
-    """AdamW over the local modules: sharded over data parallel for ZeRO-1 (ZeroRedundancyOptimizer
-    over DDP; `ShardedOptimizer` over DTensors), on the host where the plan offloads the
-    optimizer alone (FSDP2's offload steps the host shards directly)."""
-    params = list(dict.fromkeys(p for m in modules for p in m.parameters()))
-    offload, zero = plan.stage_offload()[stage], plan.stage_zero()[stage]
-    cls = HostAdamW if offload.optimizer and not fsdp_offload(offload) else torch.optim.AdamW
-    if zero == 1 and degrees.dp > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        group = degrees.dp_mesh(mesh).get_group()
-        if any(isinstance(p, DTensor) for p in params):
-            return ShardedOptimizer(params, cls, group, lr=lr)
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, lr=lr, process_group=group)
-    return cls(params, lr=lr)

@@ -46,18 +46,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from executor.training.checkpointing import (
+    apply_activation_checkpointing,
+    checkpointed_layers,
+    stage_checkpoints,
+)
 from executor.training.degrees import ParallelDegrees
 from executor.training.model import Decoder
+from executor.training.optimizer import build_optimizer
 from executor.training.parallelize import (
-    apply_activation_checkpointing,
-    build_optimizer,
     check_runnable,
-    checkpointed_layers,
     gradient_accumulation,
     parallel_extension,
     parallelize,
     require_extensions,
-    stage_checkpoints,
 )
 from profiler.ranks import run_ranks
 from profiler.timers import Timer
