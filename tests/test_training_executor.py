@@ -24,14 +24,8 @@ from executor.training.degrees import ParallelDegrees
 from executor.training.model import Decoder
 from executor.training.parallelize import check_runnable, parallel_extension
 from executor.training.pipeline import init_weights
-from executor.training.run import (
-    FAIL_RANK_ENV,
-    LEARNING_RATE,
-    loss_of,
-    run_spec,
-    run_training,
-    synthetic_batch,
-)
+from executor.training.rank import FAIL_RANK_ENV, LEARNING_RATE, loss_of, synthetic_batch
+from executor.training.run import run_spec, run_training
 from profiler.ranks import RankError
 from simtune.cli import app
 from simulator.errors import SpecError
