@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import socket
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from simulator.files import write_text_atomic
 from simulator.specs.profile import FORMAT, META_FILE, TABLES, VERSION, ProfileError, read_meta
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shared profile unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def machine_meta(device: str, threads: int) -> dict[str, Any]:
@@ -112,7 +98,7 @@ class ProfileStore:
         return Table(self, op)
 
     def save_meta(self) -> None:
-        write_atomic(self.root / META_FILE, json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
+        write_text_atomic(self.root / META_FILE, json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
 
 
 class Table:
@@ -153,6 +139,6 @@ class Table:
         return [c for r in self.rows for c in r if c not in self.spec.columns]
 
     def save(self) -> None:
-        write_atomic(self.path, self.frame().to_csv(index=False))
+        write_text_atomic(self.path, self.frame().to_csv(index=False))
         self.store.meta["tables"][self.op] = {"file": self.spec.file, "rows": len(self.rows)}
         self.store.save_meta()

@@ -9,14 +9,13 @@ set and no temporary files.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 from executor.launch import deepspeed, megatron, slurm, torchrun, torchtitan
 from executor.launch.base import Approximations, LaunchFile, engine_names
+from simulator.files import write_text_atomic
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan, validate_plan
@@ -88,15 +87,5 @@ def write_files(files: list[LaunchFile], out_dir: str | Path) -> list[LaunchFile
 
 
 def write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write `text` to `path` with `mode` through a temporary file beside it and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` with `mode`, atomically (`simulator.files.write_text_atomic`)."""
+    write_text_atomic(path, text, mode)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from simulator.engine.pipeline_api import TraceEvent
+from simulator.files import write_text_atomic
 
 STREAM_TIDS = {"compute": 0, "p2p": 1, "dp": 2}
 
@@ -56,12 +56,5 @@ def write_chrome_trace(events: list[TraceEvent], path: str | os.PathLike,
     """Write the trace to `path` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     trace = chrome_trace_dict(events, process_name, process_label)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(trace, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(trace))
     return path
