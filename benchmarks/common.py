@@ -14,13 +14,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import sympy
+
+import simulator.files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -69,16 +70,7 @@ def print_findings(flags: list[str]) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename it over `path` (readable by all)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    simulator.files.write_text_atomic(path, text)
 
 
 def md_escape(text: str) -> str:
