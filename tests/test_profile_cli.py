@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from profiler_stubs import cut_sweeps
 from typer.testing import CliRunner
 
-import profiler.run
 from profiler import gemm
 from simtune.cli import app
 from simulator.costs.timing import attention_s
@@ -26,18 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def tiny(monkeypatch):
     """Each family's sweep cut to its first shapes (the command path is unchanged)."""
-    original = profiler.run.op_module
-
-    def short(op):
-        module = original(op)
-
-        class Short:
-            sweep = staticmethod(lambda ctx: module.sweep(ctx)[:4])
-            measure, fit = staticmethod(module.measure), staticmethod(module.fit)
-
-        return Short
-
-    monkeypatch.setattr(profiler.run, "op_module", short)
+    cut_sweeps(monkeypatch, 4)
 
 
 def run(*args):

@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from profiler_stubs import cut_sweeps
 from typer.testing import CliRunner
 
 from simtune.cli import app
@@ -52,18 +53,7 @@ def tiny_sweeps(monkeypatch):
     """Cut every profiler sweep to its first shapes (a measuring command then takes seconds)."""
     import profiler.run
 
-    original = profiler.run.op_module
-
-    def short(op):
-        module = original(op)
-
-        class Short:
-            sweep = staticmethod(lambda ctx: module.sweep(ctx)[:SHAPES_PER_OP])
-            measure, fit = staticmethod(module.measure), staticmethod(module.fit)
-
-        return Short
-
-    monkeypatch.setattr(profiler.run, "op_module", short)
+    cut_sweeps(monkeypatch, SHAPES_PER_OP)
     monkeypatch.setattr(profiler.run, "MIN_ROWS_TO_FIT", 2)
 
 
