@@ -19,7 +19,7 @@ import torch
 from profiler.context import ProfileContext
 from profiler.store import ProfileStore
 from simulator.errors import SpecError
-from simulator.specs.profile import OPS, read_meta
+from simulator.specs.profile import OPS, load_profile, read_meta
 
 MIN_ROWS_TO_FIT = 3
 
@@ -98,8 +98,6 @@ def run_profile(out: Path | str, device: str = "cpu", ops: Sequence[str] = OPS, 
 
 def fit_tables(root: Path | str) -> dict[str, dict[str, Any]]:
     """Fit every measured table of a profile directory (families with too few rows are skipped)."""
-    from simulator.specs.profile import load_profile  # noqa: PLC0415 - after the directory is checked
-
     root = Path(root)
     meta = read_meta(root)
     profile = load_profile(root)
