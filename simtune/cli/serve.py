@@ -9,6 +9,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +43,31 @@ from simtune.cli.render import (
 from simulator.specs.catalog import load_cluster, load_deployment, load_model, load_workload
 
 # --- simulate serve ------------------------------------------------------------------------
+
+
+class ServingProgress:
+    """The `progress(simulated_s, done, total)` callback of `simulate_serving` as a transient bar
+    on stderr: requests done, simulated time, and the time left. Drawn only on a terminal and
+    never with --json (`enabled=False`), so stdout stays one JSON object."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.bar = Progress(SpinnerColumn(), "{task.description}", BarColumn(), MofNCompleteColumn(),
+                            "requests", TextColumn("simulated {task.fields[simulated]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+        self.live = enabled and err.is_terminal
+        self.task = self.bar.add_task("serving", total=None, simulated="0 s")
+
+    def __enter__(self) -> ServingProgress:
+        if self.live:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar.live.is_started:
+            self.bar.stop()
+
+    def __call__(self, simulated_s: float, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total, simulated=fmt_seconds(simulated_s))
 
 
 def _deployment_summary(d: Any) -> str:
@@ -89,13 +123,18 @@ def simulate_serve(
     as_json: JsonFlag = False,
     trace: Annotated[Path | None, typer.Option(help="Write a Chrome trace (JSON) here.")] = None,
     profile: ProfileOption = None,
+    exact_steps: Annotated[bool, typer.Option(
+        "--exact-steps", help="Simulate every engine step as its own event (no fast-forward through "
+        "runs of identical decode steps); same results, slower: for debugging.")] = False,
 ) -> None:
     """Predict serving a workload: throughput, TTFT/TPOT percentiles, KV use, transitions."""
     from simulator.serving.simulate import simulate_serving
 
     model_spec, cluster_spec = load_model(model), load_cluster(cluster, profile)
     dep_spec, wl_spec = load_deployment(deployment), load_workload(workload)
-    report = simulate_serving(model_spec, cluster_spec, dep_spec, wl_spec, trace_path=trace)
+    with ServingProgress(enabled=not as_json) as progress:
+        report = simulate_serving(model_spec, cluster_spec, dep_spec, wl_spec, trace_path=trace,
+                                  exact_steps=exact_steps, progress=progress if progress.live else None)
     if trace is not None:
         err.print(f"trace written to {escape(str(trace))} (open it in https://ui.perfetto.dev)")
     if as_json:

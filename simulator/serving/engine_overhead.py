@@ -60,4 +60,11 @@ class EngineOverhead:
                 "context_tokens": self.per_context_token_s * tokens}
 
     def seconds(self, works: Sequence[Work]) -> float:
-        return sum(self.breakdown(works).values())
+        if not works:
+            return 0.0
+        return self.seconds_of(len(works), sum(w.context + w.new_tokens for w in works))
+
+    def seconds_of(self, sequences: int, context_tokens):
+        """Seconds of a non-empty step of `sequences` holding `context_tokens` in all (an int,
+        or an array over the steps of a run): the sum of `breakdown`'s parts, in its order."""
+        return self.step_s + self.per_sequence_s * sequences + self.per_context_token_s * context_tokens

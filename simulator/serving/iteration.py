@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
@@ -42,6 +44,47 @@ class Work:
     context: int
     logits: int  # tokens whose logits are computed: 1 for decode or a prompt's last chunk,
     #              k + 1 when verifying k drafts, 0 for a chunk inside a prompt
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSums:
+    """What a micro-batch's step time depends on: integer sums over its works.
+
+    The context-dependent fields may be int arrays, one entry per step of a run of decode
+    steps; the arithmetic on them is the arithmetic of a single step, so a run's step times
+    have the bits of the steps computed one at a time. Integer sums are exact, so the order
+    of the works does not change them.
+    """
+
+    sequences: int
+    new_tokens: int
+    logits: int
+    context: int | np.ndarray           # sum of the contexts
+    attention_pairs: int | np.ndarray   # (query, key) pairs of causal attention: n * c + n (n + 1) / 2 per work
+    decode_pairs: int | np.ndarray      # those pairs of the one-token (decode) works
+
+    @classmethod
+    def of(cls, works: list[Work]) -> BatchSums:
+        return cls(len(works), sum(w.new_tokens for w in works), sum(w.logits for w in works),
+                   sum(w.context for w in works),
+                   sum(w.new_tokens * w.context + w.new_tokens * (w.new_tokens + 1) // 2 for w in works),
+                   sum(w.context + 1 for w in works if w.new_tokens == 1))
+
+    def __add__(self, other: BatchSums) -> BatchSums:
+        return BatchSums(*(getattr(self, f) + getattr(other, f) for f in self.__slots__))
+
+    @classmethod
+    def decode(cls, sequences: int, context, new_tokens: int = 1, logits: int = 1) -> BatchSums:
+        """`sequences` works of `new_tokens` each (k + 1 when verifying k drafts) whose contexts
+        sum to `context` (an int, or an array over steps)."""
+        pairs = new_tokens * context + sequences * (new_tokens * (new_tokens + 1) // 2)
+        return cls(sequences, sequences * new_tokens, sequences * logits, context, pairs,
+                   pairs if new_tokens == 1 else 0 * pairs)
+
+
+def _max(a, b):
+    """max of two floats, or elementwise of arrays of step times."""
+    return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
 
 
 class IterationModel:
@@ -67,6 +110,8 @@ class IterationModel:
         self.weight_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.weight_stream or eff.memory_bound)
         self.kv_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.kv_read or eff.memory_bound)
         self.overhead = EngineOverhead.of(engine, eff.step_overhead_us)
+        self._parts: dict[int, tuple[float, float, float]] = {}
+        self._heads: dict[int, float] = {}
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -80,18 +125,34 @@ class IterationModel:
 
     # --- time ---------------------------------------------------------------------------------
     def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float, decode_attn_flops: float = 0.0) -> float:
-        m, dev, t = self.model, self.device, self.layout.tp
-        flops = tokens * self.flops_per_token
-        min_dim = min(tokens, m.hidden_size / t)
-        compute = gemm_s(dev, flops, min_dim)
-        weights = self.weight_bytes / self.weight_hbm + 4.0 * tokens * m.hidden_size / self.hbm
-        attention = attention_s(dev, attn_flops, decode_attn_flops) + kv_read_bytes / self.kv_hbm
-        elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
-        tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
-        calls = gemm_calls_s(dev, m.gemms_per_layer, streaming=weights > compute)
-        return max(compute, weights) + calls + attention + elementwise + float(tp)
+        gemms, elementwise, tp = self._token_parts(tokens)
+        attention = attention_s(self.device, attn_flops, decode_attn_flops) + kv_read_bytes / self.kv_hbm
+        return gemms + attention + elementwise + tp
+
+    def _token_parts(self, tokens: int) -> tuple[float, float, float]:
+        """The parts of a layer's time that depend only on the step's new tokens: GEMMs (with
+        their calls), element-wise kernels, TP all-reduces. Kept per token count: a serving run
+        asks for the same few counts again and again."""
+        parts = self._parts.get(tokens)
+        if parts is None:
+            m, dev, t = self.model, self.device, self.layout.tp
+            flops = tokens * self.flops_per_token
+            min_dim = min(tokens, m.hidden_size / t)
+            compute = gemm_s(dev, flops, min_dim)
+            weights = self.weight_bytes / self.weight_hbm + 4.0 * tokens * m.hidden_size / self.hbm
+            elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
+            tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
+            calls = gemm_calls_s(dev, m.gemms_per_layer, streaming=weights > compute)
+            parts = self._parts[tokens] = (max(compute, weights) + calls, elementwise, float(tp))
+        return parts
 
     def _lm_head_s(self, sequences: int) -> float:
+        head = self._heads.get(sequences)
+        if head is None:
+            head = self._heads[sequences] = self._lm_head_uncached_s(sequences)
+        return head
+
+    def _lm_head_uncached_s(self, sequences: int) -> float:
         m, dev, t = self.model, self.device, self.layout.tp
         if sequences == 0:
             return 0.0
@@ -100,17 +161,14 @@ class IterationModel:
         weights = 2.0 * m.hidden_size * m.vocab_size / t / self.weight_hbm
         return max(compute, weights) + gemm_calls_s(dev, 1, streaming=weights > compute)
 
-    def _micro_batch_stage_s(self, works: list[Work]) -> tuple[float, float, int]:
-        """(one stage's layers time, the last stage's LM head time, tokens) for one micro-batch."""
-        h, t = self.model.hidden_size, self.layout.tp
-        tokens = sum(w.new_tokens for w in works)
+    def _micro_batch_stage_s(self, b: BatchSums):
+        """(one stage's layers time, the last stage's LM head time) for one micro-batch."""
         # causal attention: each new token attends to the context and the new tokens before it
-        flops = [4.0 * (h / t) * w.new_tokens * (w.context + (w.new_tokens + 1) / 2) for w in works]
-        decode = sum(f for f, w in zip(flops, works) if w.new_tokens == 1)
-        kv = self.kv_bytes_per_token * sum(w.context + w.new_tokens for w in works)
-        layer = self._layer_s(tokens, sum(flops) - decode, kv, decode)
-        logits = sum(w.logits for w in works)
-        return self.layers_per_stage * layer, self._lm_head_s(logits), tokens
+        scale = 4.0 * (self.model.hidden_size / self.layout.tp)
+        decode = scale * b.decode_pairs
+        kv = self.kv_bytes_per_token * (b.context + b.new_tokens)
+        layer = self._layer_s(b.new_tokens, scale * (b.attention_pairs - b.decode_pairs), kv, decode)
+        return self.layers_per_stage * layer, self._lm_head_s(b.logits)
 
     def step_s(self, works: list[Work]) -> float:
         """Time of one engine step over `works` (every sequence advances once)."""
@@ -118,17 +176,24 @@ class IterationModel:
             return 0.0
         pp = self.layout.pp
         groups = [works[i::pp] for i in range(pp)] if pp > 1 else [works]
+        return float(self.batch_step_s([BatchSums.of(g) for g in groups if g]))
+
+    def batch_step_s(self, groups: list[BatchSums]):
+        """Time of a step whose pp micro-batches (the non-empty ones) have these sums; with
+        array sums, of every step of a run at once (`decode_run_sums`), to the same bits."""
+        pp = self.layout.pp
         # the last stage is busy for every micro-batch; with fewer micro-batches than stages,
         # the slowest one's trip through all pp stages is longer than that
         busy, trip, max_tokens = 0.0, 0.0, 0
         for group in groups:
-            if group:
-                layers_s, head_s, tokens = self._micro_batch_stage_s(group)
-                busy += layers_s + head_s
-                trip = max(trip, pp * layers_s + head_s)
-                max_tokens = max(max_tokens, tokens)
-        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link))
-        return max(busy, trip) + handoff + self.overhead.seconds(works)
+            layers_s, head_s = self._micro_batch_stage_s(group)
+            busy = busy + (layers_s + head_s)
+            trip = _max(trip, pp * layers_s + head_s)
+            max_tokens = max(max_tokens, group.new_tokens)
+        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
+        sequences = sum(g.sequences for g in groups)
+        context_tokens = sum(g.context + g.new_tokens for g in groups)
+        return _max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

@@ -150,7 +150,11 @@ class BlockManager:
 
     def append(self, seq_id: SeqId, new_tokens: int = 1) -> None:
         """Grow a sequence by `new_tokens`; new blocks only once its last block is full."""
-        need = self._growth(seq_id, new_tokens)
+        tokens = self._tokens.get(seq_id)
+        if tokens is None or new_tokens < 0 or seq_id in self._on_cpu:
+            need = self._growth(seq_id, new_tokens)  # raises the error that names the misuse
+        else:  # the same arithmetic as _growth, without its checks: this runs once per new block
+            need = -(-(tokens + new_tokens) // self.block_size) - self._blocks[seq_id]
         if need > self.num_gpu_blocks - self._used_gpu:
             raise OutOfBlocks(seq_id, "append", need, self.num_free_gpu_blocks)
         self._tokens[seq_id] += new_tokens

@@ -154,6 +154,20 @@ class StaticScheduler:
         return Step("mixed" if decodes and len(seqs) > len(decodes) else ("decode" if decodes else "prefill"),
                     seqs, works, chunks)
 
+    def _commit_prompt(self, seq: Seq, chunk: int, now: float) -> bool:
+        """Cache a prompt chunk; when it completes the prompt, the sequence emits its first
+        token and starts decoding (unless that token was its last). Whether it completed."""
+        seq.prefilled += chunk
+        if seq.prefilled < seq.prompt_len:
+            return False
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        seq.decoding = True
+        seq.emit(now)
+        if not seq.done:
+            self.running.append(seq)
+        return True
+
     def take_swapped_tokens(self) -> int:
         moved, self.swapped_tokens = self.swapped_tokens, 0
         return moved
@@ -172,16 +186,8 @@ class StaticScheduler:
                 seq.emit(now, tokens)
             elif seq.decoding:
                 seq.emit(now)
-            else:  # a prompt, or a chunk of one
-                seq.prefilled += chunk
-                if seq.prefilled < seq.prompt_len:
-                    continue
-                if seq in self.prefilling:
-                    self.prefilling.remove(seq)
-                seq.decoding = True
-                seq.emit(now)
-                if not seq.done:
-                    self.running.append(seq)
+            elif not self._commit_prompt(seq, chunk, now):
+                continue
             if seq.done:
                 if seq in self.running:
                     self.running.remove(seq)

@@ -2,12 +2,16 @@
 
 Specs (model, cluster, deployment, workload) -> checks and KV capacity per layout ->
 requests -> a simpy run of DP replicas behind a router (join the replica with the fewest
-outstanding requests) -> report. Static deployments run `replica.Replica` with the vllm or
-sarathi scheduler; re-sharding deployments run `seesaw.SeesawReplica`.
+outstanding requests) -> report. Static deployments run the vllm or sarathi scheduler in
+`batch_scheduler.BatchReplica`, which fast-forwards through runs of identical decode steps
+(`batch.py`), or with `exact_steps=True` in `replica.Replica`, one event per engine step, with
+the same results; re-sharding deployments run `seesaw.SeesawReplica` (step by step).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ import simpy
 
 from simulator.engine.trace import write_chrome_trace
 from simulator.errors import SpecError
+from simulator.serving.batch import ServingEnvironment
+from simulator.serving.batch_scheduler import BatchReplica, BatchScheduler
 from simulator.serving.iteration import IterationModel
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.recorder import Recorder
@@ -37,6 +43,9 @@ from simulator.speculation import (
     draft_model_of,
     sample_rates,
 )
+
+Progress = Callable[[float, int, int], None]  # (simulated seconds, requests done, requests)
+PROGRESS_EVENTS = 2000  # simpy events between two progress calls
 
 
 def kv_capacity_tokens(model: TransformerSpec, cluster: ClusterSpec, dep: DeploymentSpec,
@@ -107,7 +116,7 @@ def _speculator(model, cluster, dep: DeploymentSpec, requests: list[Request], se
     return Speculator(spec, cost, context, np.random.default_rng(seed), dep.max_num_seqs)
 
 
-def _replicas(env, model, cluster, dep, caps, rec, requests, seed):
+def _replicas(env, model, cluster, dep, caps, rec, requests, seed, next_arrival_s):
     prefill = IterationModel(model, cluster, dep.prefill, dep.engine)
     if dep.scheduler == "seesaw":
         decode = IterationModel(model, cluster, dep.decode, dep.engine)
@@ -117,43 +126,92 @@ def _replicas(env, model, cluster, dep, caps, rec, requests, seed):
     for i in range(dep.dp):
         cpu_blocks = int(dep.cpu_kv_buffer_GB * GB // (prefill.kv_bytes_per_token_per_device() * dep.block_size))
         kv = BlockManager(caps["prefill"] // dep.block_size, dep.block_size, cpu_blocks)
-        scheduler = StaticScheduler(dep, kv, _speculator(model, cluster, dep, requests, seed + 1 + i))
-        out.append(Replica(env, i, scheduler, prefill, rec, cluster.host_link_bytes_per_s()))
+        speculator = _speculator(model, cluster, dep, requests, seed + 1 + i)
+        if next_arrival_s is None:
+            replica = Replica(env, i, StaticScheduler(dep, kv, speculator), prefill, rec, cluster.host_link_bytes_per_s())
+        else:
+            replica = BatchReplica(env, i, BatchScheduler(dep, kv, speculator), prefill, rec,
+                                   cluster.host_link_bytes_per_s(), next_arrival_s)
+        out.append(replica)
     return out
 
 
+class Arrivals:
+    """The request stream: hands each request to the replica with the fewest outstanding at
+    its arrival time, and says when the next one arrives (fast-forward stops before it)."""
+
+    def __init__(self, env: simpy.Environment, seqs: list[Seq]):
+        self.env, self.seqs, self.replicas = env, seqs, []
+        self.submitted = 0
+        self.next_s = 0.0
+
+    def run(self):
+        env = self.env
+        for seq in self.seqs:
+            if seq.req.arrival_s > env.now:
+                delay = seq.req.arrival_s - env.now
+                self.next_s = env.now + delay  # the time simpy schedules the timeout at
+                yield env.timeout(delay)
+            min(self.replicas, key=lambda r: r.outstanding).submit(seq)
+            self.submitted += 1
+        self.next_s = math.inf
+
+    def done(self) -> int:
+        """Requests finished so far."""
+        return self.submitted - sum(r.outstanding for r in self.replicas)
+
+
+def _run(env: simpy.Environment, arrivals: Arrivals, progress: Progress | None) -> None:
+    """Run the simulation to its end, calling `progress(simulated_s, done, total)` every
+    PROGRESS_EVENTS events and at the end."""
+    if progress is None:
+        env.run()
+        return
+    total, n = len(arrivals.seqs), 0
+    while env.peek() != math.inf:
+        env.step()
+        n += 1
+        if n % PROGRESS_EVENTS == 0:
+            progress(env.now, arrivals.done(), total)
+    progress(env.now, arrivals.done(), total)
+
+
 def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
-                     trace_path: str | Path | None = None) -> ServingReport:
-    """Serve `workload` with `deployment`. Each argument: spec, catalog name, path or mapping."""
+                     trace_path: str | Path | None = None, exact_steps: bool = False,
+                     progress: Progress | None = None) -> ServingReport:
+    """Serve `workload` with `deployment`. Each argument: spec, catalog name, path or mapping.
+
+    Static deployments fast-forward through runs of identical decode steps
+    (`batch_scheduler.py`); `exact_steps=True` runs every engine step as its own event
+    instead, with the same results. `progress(simulated_s, requests_done, requests)` is
+    called now and then while the simulation runs.
+    """
     model, cluster = load_model(model), load_cluster(cluster)
     dep, wl = load_deployment(deployment), load_workload(workload)
     requests = generate_requests(wl)
     caps = check_deployment(model, cluster, dep, requests)
-    env, rec = simpy.Environment(), Recorder(trace=trace_path is not None)
-    replicas = _replicas(env, model, cluster, dep, caps, rec, requests, wl.seed)
+    env, rec = ServingEnvironment(), Recorder(trace=trace_path is not None)
     seqs = [Seq(r) for r in requests]
+    arrivals = Arrivals(env, seqs)
+    replicas = _replicas(env, model, cluster, dep, caps, rec, requests, wl.seed,
+                         None if exact_steps else (lambda: arrivals.next_s))
+    arrivals.replicas = replicas
     if dep.speculation is not None:  # each request's acceptance rate, drawn once
         rates = sample_rates(dep.speculation.acceptance, len(seqs), np.random.default_rng(wl.seed))
         for seq, rate in zip(seqs, rates):
             seq.acceptance = float(rate)
 
-    def arrivals():
-        for seq in seqs:
-            if seq.req.arrival_s > env.now:
-                yield env.timeout(seq.req.arrival_s - env.now)
-            min(replicas, key=lambda r: r.outstanding).submit(seq)
-
-    env.process(arrivals())
-    env.run()
+    env.process(arrivals.run())
+    _run(env, arrivals, progress)
     unfinished = [s.id for s in seqs if s.finish_s is None]
     if unfinished:  # a scheduler bug: every request must complete
         raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[:5]})")
     stats = rec.stats()
-    stats["preemptions"] = sum(r.sched.preemptions for r in replicas if isinstance(r, Replica))
+    stats["preemptions"] = sum(r.sched.preemptions for r in replicas if not isinstance(r, SeesawReplica))
     if dep.speculation is not None:
         stats["speculation"] = _merge_speculation([r.sched.speculator.stats() for r in replicas])
     if trace_path is not None:
-        write_chrome_trace(rec.events, trace_path, f"{model.name} on {cluster.name}", process_label="replica")
+        write_chrome_trace(rec.trace_events(), trace_path, f"{model.name} on {cluster.name}", process_label="replica")
     return build_report(model, cluster, dep, wl, seqs, stats)
 
 

@@ -331,19 +331,26 @@ class Speculator:
             self.table = policy_table(self.cost, self.spec.acceptance, sizes, self.spec.k_max, self.context)
 
     def k_for(self, seqs: Sequence) -> int:
+        return self.k_for_batch(len(seqs), lambda: ([s.context for s in seqs], [s.spec_accepted for s in seqs],
+                                                    [s.spec_rejections for s in seqs]))
+
+    def k_for_batch(self, batch: int, records) -> int:
+        """k for a batch of `batch` sequences; `records()` gives their contexts, accepted
+        drafts and rejections (lists or int arrays), asked for only by the goodput policy."""
         if self.spec.policy == "fixed":
             return self.spec.k
         if self.spec.policy == "adaptive":
-            return self.table.k_for(len(seqs))
-        context = float(np.mean([s.context for s in seqs]))
-        return goodput_k(self.cost, [self._estimate(s) for s in seqs], context, self.spec.k_max)
+            return self.table.k_for(batch)
+        contexts, accepted, rejections = (np.asarray(x) for x in records())
+        context = float(np.mean(contexts))
+        return goodput_k(self.cost, self._estimate(accepted, rejections), context, self.spec.k_max)
 
-    def _estimate(self, seq) -> float:
-        """Acceptance estimate of one sequence: its own record, starting from the prior mean
+    def _estimate(self, accepted: np.ndarray, rejections: np.ndarray) -> np.ndarray:
+        """Acceptance estimate of each sequence: its own record, starting from the prior mean
         with the weight of two observations (SmartSpec tracks a moving acceptance rate)."""
         prior, weight = self.spec.acceptance.average, 2.0
-        rate = (seq.spec_accepted + prior * weight) / (seq.spec_accepted + seq.spec_rejections + weight)
-        return min(max(rate, 1e-3), 1 - 1e-3)
+        rate = (accepted + prior * weight) / (accepted + rejections + weight)
+        return np.minimum(np.maximum(rate, 1e-3), 1 - 1e-3)
 
     def draft_s(self, works: list[Work], k: int) -> float:
         """k draft steps over the batch at its actual contexts."""
@@ -361,9 +368,15 @@ class Speculator:
         self.rejections += m < k
         return m + 1
 
-    def record_step(self, k: int) -> None:
-        self.steps += 1
-        self.k_histogram[k] = self.k_histogram.get(k, 0) + 1
+    def record_step(self, k: int, steps: int = 1) -> None:
+        self.steps += steps
+        self.k_histogram[k] = self.k_histogram.get(k, 0) + steps
+
+    def record_draws(self, k: int, accepted: np.ndarray) -> None:
+        """The counters `committed` keeps, for drafts of k tokens of which `accepted` were."""
+        self.drafted += k * accepted.size
+        self.accepted += int(accepted.sum())
+        self.rejections += int((accepted < k).sum())
 
     def stats(self) -> dict[str, Any]:
         return {"policy": self.spec.policy, "draft": self.spec.draft, "decode_steps": self.steps,
