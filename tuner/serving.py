@@ -124,7 +124,10 @@ def _sample(wl: WorkloadSpec, cands: list[DeploymentSpec], screen_requests: int)
 
 
 def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: int = 300,
-                 finalists: int = 3, progress: Progress | None = None) -> ServingTuneResult:
+                 finalists: int = 3, progress: Progress | None = None,
+                 exact_steps: bool = False) -> ServingTuneResult:
+    """The best static and re-sharding deployments; `exact_steps` simulates every engine step
+    as its own event (`simulate_serving`'s switch: same results, slower)."""
     model, cluster, wl = load_model(model), load_cluster(cluster), load_workload(workload)
     start = time.perf_counter()
     cands = candidates(model, cluster)
@@ -132,7 +135,7 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
     screened, pruned = [], []
     for n, dep in enumerate(cands):
         try:
-            screened.append((simulate_serving(model, cluster, dep, sample).output_tokens_per_s, dep))
+            screened.append((simulate_serving(model, cluster, dep, sample, exact_steps=exact_steps).output_tokens_per_s, dep))
         except (SpecError, InfeasiblePlan) as err:
             pruned.append({"deployment": _describe(dep), "reason": str(err)})
         if progress:
@@ -142,7 +145,7 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
                 "resharding": [d for _, d in screened if d.resharding]}
     best: dict[str, Evaluated | None] = {}
     for family, deps in families.items():
-        runs = [Evaluated(d, simulate_serving(model, cluster, d, wl)) for d in deps[:finalists]]
+        runs = [Evaluated(d, simulate_serving(model, cluster, d, wl, exact_steps=exact_steps)) for d in deps[:finalists]]
         best[family] = max(runs, key=lambda e: e.report.output_tokens_per_s, default=None)
         if progress:
             progress(f"re-simulating {family}", 1, 1)
