@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean check-launch
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,21 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/simtune tune train --model gpt3-13b --cluster 2x8xa100-40gb --global-batch-size 512 \
-		--emit megatron,torchtitan,deepspeed,torchrun,slurm --out demo-launch
+		--emit megatron,deepspeed --out demo-launch
 	$(BIN)/simtune simulate train --model gpt3-13b --cluster 2x8xa100-40gb --plan demo-launch/plan.yaml
 	$(BIN)/simtune validate train
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The launch files, parsed by the engines' own parsers (torchtitan 0.3 and 0.2.2, DeepSpeed,
+# Megatron-LM's arguments, torchrun, vLLM): installs them once into $(LAUNCH_ENVS) (~4 GB).
+LAUNCH_ENVS := .launch-envs
+$(LAUNCH_ENVS)/.installed: tests/engines/setup.sh tests/engines/requirements.txt
+	PYTHON=$(PYTHON) bash tests/engines/setup.sh $(LAUNCH_ENVS)
+
+check-launch: $(STAMP) $(LAUNCH_ENVS)/.installed
+	SIMTUNE_LAUNCH_ENVS=$(LAUNCH_ENVS) $(BIN)/python -m pytest tests/engines/check_launch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -26,6 +26,14 @@ from simulator.specs.plan import TrainingPlan
 OFFLOAD_KINDS = ("weights", "gradients", "optimizer", "activations")
 
 
+class EngineRefusal(SpecError):
+    """The engine cannot run this model or plan at all: nothing is written rather than a file
+    that runs something else. The message names the engine, what it lacks, and what can run it."""
+
+    def __init__(self, engine: str, reason: str):
+        super().__init__("emit", engine, reason)
+
+
 @dataclass(frozen=True)
 class LaunchFile:
     """One file a writer produced: relative to the output folder until `emit` writes it."""

@@ -6,6 +6,9 @@ Megatron-DeepSpeed's mpu and from `deepspeed.pipe.PipelineModule` in the trainin
 nor which layers recompute; it can offload a fraction of the optimizer only under ZeRO-3
 (`offload_optimizer.ratio`), and parameters only under ZeRO-3 and all or nothing.
 
+With pipeline parallelism DeepSpeed's pipeline engine accepts only ZeRO stages 0 and 1: a
+plan with ZeRO-2/3 on any stage is written as ZeRO-1 and the extra memory is recorded.
+
 Sharded data parallel: ZeRO-3 is `zero_optimization.stage` 3. DeepSpeed has no HSDP; the
 plan's `dp_shard` is written as ZeRO++'s hierarchical partitioning (`zero_hpz_partition_size`),
 which is a different thing: it keeps a second copy of the 16-bit weights sharded over groups
@@ -32,7 +35,10 @@ REDUCE_BUCKET_BYTES = 500_000_000  # DeepSpeed's default, written so the file is
 
 def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> list[LaunchFile]:
     approx = Approximations("DeepSpeed")
-    zero = approx.one_value(plan.stage_zero(), "ZeRO stages", "stage {value}")
+    zero = _zero_stage(plan, approx)
+    # DeepSpeedConfig checks train_batch_size = micro-batch x accumulation x data-parallel
+    # size, the last from the model-parallel unit (mpu): world / (tp x pp) = dp
+    assert plan.global_batch_size == plan.micro_batch_size * plan.num_microbatches * plan.dp
     config = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -50,13 +56,34 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
                    + " needs Transformer Engine layers in the model code; the config trains in bf16")
     _parallel_notes(model, plan, zero, approx)
     notes = header("DeepSpeed (deepspeed_config.json)", model, cluster, plan, approx, prefix="")
-    notes += ("JSON has no comments: these notes stand in for them.\n"
-              "Pass the config with --deepspeed_config deepspeed_config.json.\n")
+    notes += (
+        "JSON has no comments: these notes stand in for them.\n"
+        "Pass the config with --deepspeed_config deepspeed_config.json. DeepSpeed checks\n"
+        f"train_batch_size {plan.global_batch_size} = micro-batch {plan.micro_batch_size} x "
+        f"accumulation {plan.num_microbatches} x data-parallel size {plan.dp}, the last\n"
+        "from the model-parallel unit (mpu) passed to deepspeed.initialize: with Megatron-DeepSpeed,\n"
+        f"--tensor-model-parallel-size {plan.tp} --pipeline-model-parallel-size {plan.pp} on "
+        f"{cluster.num_devices} ranks gives data-parallel size {plan.dp}.\n")
     return [
         LaunchFile(ENGINE, Path("deepspeed_config.json"), json.dumps(config, indent=2) + "\n",
                    list(approx)),
         LaunchFile(ENGINE, Path("deepspeed_config.notes.txt"), notes),
     ]
+
+
+def _zero_stage(plan: TrainingPlan, approx: Approximations) -> int:
+    """One ZeRO stage for every rank; at most 1 with pipeline parallelism, which DeepSpeed's
+    pipeline engine requires (runtime/pipe/engine.py asserts stage < 2)."""
+    stages = plan.stage_zero()
+    if plan.pp == 1 or max(stages) <= 1:
+        return approx.one_value(stages, "ZeRO stages", "stage {value}")
+    approx.add(
+        f"DeepSpeed's pipeline engine runs only ZeRO stages 0 and 1: the plan's ZeRO stages per "
+        f"pipeline stage {stages} written as stage 1, so gradients"
+        + (" and weights" if max(stages) == 3 else "")
+        + f" stay whole on each of the {plan.dp} data-parallel ranks instead of 1/{plan.dp} "
+        "(more memory per rank than the plan)")
+    return 1
 
 
 def _zero(plan: TrainingPlan, zero: int, approx: Approximations) -> dict:
@@ -165,9 +192,6 @@ def _parallel_notes(
     if plan.schedule != "1f1b":
         approx.add(f"DeepSpeed's pipeline engine runs its own 1F1B schedule: "
                    f"schedule {plan.schedule} cannot be chosen")
-    if zero >= 2:
-        approx.add(f"DeepSpeed's pipeline engine rejects ZeRO stages 2 and 3: stage {zero} is "
-                   "written as the plan asks but needs pp 1 or stage <= 1 to run")
     layers = plan.stage_layers(model)
     if len(set(layers)) > 1:
         approx.add(f"DeepSpeed's PipelineModule balances layers by its partition_method: "

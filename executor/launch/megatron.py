@@ -15,11 +15,10 @@ anything but the optimizer.
 from __future__ import annotations
 
 import math
-import shlex
 from pathlib import Path
 
 from executor.launch.base import Approximations, LaunchFile, header, stage_offload
-from executor.launch.torchrun import SHELL_PROLOGUE, torchrun_command
+from executor.launch.torchrun import SHELL_PROLOGUE, array, expand, torchrun_command
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
@@ -47,9 +46,9 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
         # Megatron-FSDP overlaps its collectives on more than one hardware queue
         + ("unset CUDA_DEVICE_MAX_CONNECTIONS\n\n" if _megatron_fsdp(plan)
            else "export CUDA_DEVICE_MAX_CONNECTIONS=1\n\n")
-        + "".join(_array(name, args) for name, args in arrays.items())
-        + "ARGS=(" + " ".join(f'"${{{name}[@]}}"' for name in arrays) + ")\n\n"
-        + torchrun_command(cluster, '"$MEGATRON_LM/pretrain_gpt.py" "${ARGS[@]}"')
+        + "".join(array(name, args) for name, args in arrays.items())
+        + "ARGS=(" + " ".join(expand(name) for name in arrays) + ")\n\n"
+        + torchrun_command(cluster, '"$MEGATRON_LM/pretrain_gpt.py" ' + expand("ARGS"))
     )
     return [LaunchFile(ENGINE, Path("megatron_args.sh"), text, list(approx), executable=True)]
 
@@ -74,6 +73,16 @@ def _model_args(model: TransformerSpec, plan: TrainingPlan, approx: Approximatio
         args.append(["--disable-bias-linear"])
     if model.position_embedding == "rope":
         args.append(["--position-embedding-type", "rope"])
+        if model.rope_theta is None:
+            approx.add(f"{model.name}'s spec gives no rope_theta: Megatron-LM's default "
+                       "--rotary-base 10000 applies")
+        elif model.rope_theta != int(model.rope_theta):
+            approx.add(f"Megatron-LM's --rotary-base is an integer: rope_theta {model.rope_theta:g} "
+                       f"written as {int(model.rope_theta)}")
+        if model.rope_theta is not None:
+            args.append(["--rotary-base", int(model.rope_theta)])
+        if model.rope_scaling_factor:
+            args += [["--use-rope-scaling"], ["--rope-scaling-factor", f"{model.rope_scaling_factor:g}"]]
     elif model.position_embedding == "alibi":
         approx.add("Megatron-LM has no ALiBi: the model's positions run as learned absolute embeddings")
     if not model.tied_embeddings:
@@ -85,11 +94,14 @@ def _model_args(model: TransformerSpec, plan: TrainingPlan, approx: Approximatio
         args += [["--fp8-format", "hybrid"], ["--fp8-recipe", "tensorwise"]]
         if plan.fp8_all_gather:
             args.append(["--fp8-param-gather"])
+    # With --bf16 Megatron accumulates and all-reduces gradients in fp32 unless told otherwise
     if plan.gradient_dtype == "fp32":
         args.append(["--accumulate-allreduce-grads-in-fp32"])
-    elif plan.gradient_dtype == "fp16":
-        approx.add("Megatron-LM keeps gradients in the parameter dtype or fp32: "
-                   "fp16 gradients written as bf16 (--bf16)")
+    else:
+        args.append(["--grad-reduce-in-bf16"])
+        if plan.gradient_dtype == "fp16":
+            approx.add("Megatron-LM reduces gradients in fp32 or bf16: fp16 gradients written as "
+                       "bf16 (--grad-reduce-in-bf16)")
     if plan.flash_attention:
         args.append(["--use-flash-attn"])
     return [[str(x) for x in a] for a in args]
@@ -228,6 +240,3 @@ def _memory_args(
                        f"fraction {frac:g} not written ({kind} stay on the device)")
     return args, opt > 0
 
-
-def _array(name: str, args: Args) -> str:
-    return f"{name}=(\n" + "".join(f"    {shlex.join(a)}\n" for a in args) + ")\n"

@@ -11,7 +11,7 @@ written with its prefill layout and the decode layout is recorded as an approxim
 
 This module also holds what the engine writers share: the checks, the header naming model,
 cluster and deployment, and the shell script around one command. Each script is one
-`exec ENGINE "${ARGS[@]}" "$@"`, so extra arguments (`--port 8000`) pass straight through,
+`exec ENGINE "${ARGS[@]}" "$@"` (the array expanded in the form `set -u` accepts on any bash), so extra arguments (`--port 8000`) pass straight through,
 and each flag that needs explaining carries its comment inside the ARGS array.
 """
 
@@ -28,6 +28,7 @@ import yaml
 
 from executor.launch import write_files
 from executor.launch.base import Approximations, LaunchFile, comment_block, engine_names
+from executor.launch.torchrun import SHELL_PROLOGUE, expand
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import DeploymentSpec, Parallel, validate_deployment
@@ -35,7 +36,6 @@ from simulator.specs.serving import DeploymentSpec, Parallel, validate_deploymen
 __all__ = ["ENGINES", "emit_serving_configs", "render_serving", "validate_deployment"]
 
 ENGINES = ("vllm", "sglang")
-SHELL_PROLOGUE = "set -euo pipefail\n"
 WIDTH = 96  # comment text width, as in base.header
 
 
@@ -158,7 +158,7 @@ def serving_script(
         + "ARGS=(\n"
         + "".join((comment(a.note, "    ") if a.note else "") + f"    {a.line()}\n" for a in args)
         + ")\n"
-        + f'exec {program} "${{ARGS[@]}}" "$@"\n'
+        + f'exec {program} {expand("ARGS")} "$@"\n'
     )
 
 

@@ -1,17 +1,17 @@
 """Slurm: `job.slurm`, an SBATCH script that runs the torchrun command once per node.
 
 One task per node, each running torchrun over the node's devices; the first host of the
-allocation is the rendezvous endpoint. The plan goes along as `plan.yaml`, as for torchrun.
+allocation is the rendezvous endpoint. Each rank runs simtune's training executor on
+`plan.yaml`, as for torchrun (`torchrun.program`).
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 
 from executor.launch.base import Approximations, LaunchFile, header
-from executor.launch.torchrun import SHELL_PROLOGUE, spec_files, torchrun_command
+from executor.launch.torchrun import SHELL_PROLOGUE, program, runs, torchrun_command
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
@@ -21,9 +21,9 @@ CPUS_PER_DEVICE = 8  # the cluster spec does not say; a common share on GPU node
 
 
 def write(
-    model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan, script: str = "train.py"
+    model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan, script: str | None = None
 ) -> list[LaunchFile]:
-    args, files = spec_files(model, cluster, plan, ENGINE)
+    command, files = program(model, cluster, plan, ENGINE, script)
     approx = Approximations("Slurm")  # stays empty: the plan file carries every feature
     job = "simtune-" + re.sub(r"[^A-Za-z0-9._-]", "-", model.name)
     sbatch = {
@@ -37,7 +37,7 @@ def write(
     }
     text = (
         "#!/usr/bin/env bash\n"
-        + header(f"Slurm (srun + torchrun {script})", model, cluster, plan, approx)
+        + header(f"Slurm (srun + torchrun {runs(script)})", model, cluster, plan, approx)
         + "".join(f"#SBATCH --{k}" + ("" if v is None else f"={v}") + "\n" for k, v in sbatch.items())
         + f"# cpus-per-task assumes {CPUS_PER_DEVICE} cores per device: adjust to your nodes.\n\n"
         + SHELL_PROLOGUE
@@ -46,7 +46,7 @@ def write(
         + "export MASTER_ADDR\n"
         + 'export MASTER_PORT="${MASTER_PORT:-29500}"\n\n'
         + "srun "
-        + torchrun_command(cluster, shlex.join([script, *args]))
+        + torchrun_command(cluster, command)
     )
     job_file = LaunchFile(ENGINE, Path("job.slurm"), text, list(approx), executable=True)
     return [job_file, *files]

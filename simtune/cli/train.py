@@ -32,6 +32,8 @@ from simtune.cli.render import (
     print_json,
     print_written,
 )
+from simulator.errors import SpecError
+from simulator.files import write_text_atomic
 from simulator.specs.catalog import load_cluster, load_model, load_plan
 from simulator.training import TrainingReport, simulate_training
 from simulator.training.report import BREAKDOWN_KEYS
@@ -243,19 +245,27 @@ def _search_table(search: Any) -> Table:
 
 
 def emit_launch(model: Any, cluster: Any, plan: Any, engines: list[str], out_dir: Path) -> list[Any]:
-    """Each engine's launch files, and always plan.yaml (`simulate train --plan` reads it)."""
+    """Each engine's launch files, and always plan.yaml (`simulate train --plan` reads it).
+
+    An engine that refuses this plan is skipped while the others are written; its refusal is
+    then raised (exit code 2), so a script notices what is missing.
+    """
     from executor.launch import LaunchFile, emit_launch_configs
     from executor.launch.torchrun import spec_files
 
-    files = emit_launch_configs(model, cluster, plan, engines, out_dir)
+    refused: list[Any] = []
+    files = emit_launch_configs(model, cluster, plan, engines, out_dir, refused=refused)
     if not any(f.path.name == "plan.yaml" for f in files):
         # The same plan.yaml the torchrun and slurm writers put beside their scripts.
         plan_file = next(f for f in spec_files(model, cluster, plan, "simtune")[1]
                          if f.path.name == "plan.yaml")
         path = out_dir / plan_file.path
-        path.write_text(plan_file.text, encoding="utf-8")
+        write_text_atomic(path, plan_file.text)
         files.append(LaunchFile(plan_file.engine, path, plan_file.text))
     print_written(files)
+    if refused:
+        raise refused[0] if len(refused) == 1 else SpecError(
+            "emit", ",".join(r.value for r in refused), "; ".join(r.allowed for r in refused))
     return files
 
 
@@ -270,7 +280,7 @@ def tune_train(
     as_json: JsonFlag = False,
     emit: Annotated[str | None, typer.Option(
         metavar="ENGINES", help="Write launch files for these engines, comma-separated: "
-        "megatron, torchtitan, deepspeed, torchrun, slurm.")
+        "megatron, torchtitan (0.3), torchtitan@0.2 (TOML), deepspeed, torchrun, slurm.")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for --emit.")] = Path("simtune-launch"),
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the baselines.")] = False,
@@ -280,11 +290,12 @@ def tune_train(
 ) -> None:
     """Find the fastest training plan that fits, and compare it with Megatron-LM and Aceso."""
     # Imported here so that the other commands never pay for (or depend on) tuner and executor.
-    from executor.launch import ENGINES
+    from executor.launch import ENGINES, check_engines
     from tuner.training import tune_training
 
     engines = _engines(emit, ENGINES)
     model_spec, cluster_spec = load_model(model), load_cluster(cluster, profile)
+    check_engines(model_spec, engines)  # an engine that cannot run the model refuses before the search
     baselines = () if no_baselines else BASELINES
     with SearchProgress() as progress:
         result = tune_training(model_spec, cluster_spec, global_batch_size, seq_length,

@@ -29,6 +29,11 @@ class TransformerSpec(Spec):
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     bias: bool = True
     position_embedding: Literal["learned", "rope", "alibi"] = "learned"
+    # RoPE base frequency; None: not published here (engines then use RoFormer's 10000)
+    rope_theta: float | None = Field(default=None, gt=0)
+    # Llama-3.1-style RoPE frequency scaling (Dubey et al. 2024, arXiv 2407.21783): 8 for
+    # Llama 3.1, 32 for Llama 3.2; None: no scaling
+    rope_scaling_factor: float | None = Field(default=None, gt=1)
     tied_embeddings: bool = True
     dropout: bool = True
     source: str | None = None
@@ -43,6 +48,10 @@ class TransformerSpec(Spec):
             raise ValueError(
                 f"hidden_size: must be divisible by num_attention_heads = {self.num_attention_heads}"
             )
+        for name in ("rope_theta", "rope_scaling_factor"):
+            if getattr(self, name) is not None and self.position_embedding != "rope":
+                raise ValueError(f"{name}: only for position_embedding 'rope', not "
+                                 f"{self.position_embedding!r}")
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads: must divide num_attention_heads = {self.num_attention_heads}"
