@@ -269,3 +269,10 @@ def test_tune_train_unknown_engine_exits_2_before_searching(cli, tmp_path):
     assert result.exit_code == 2
     assert "nemo" in result.stderr and "torchtitan" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_tune_train_refuses_torchtitan_for_a_gpt_before_searching(cli, tmp_path):
+    result = cli("tune", "train", *TUNE_DEBUG, "--emit", "megatron,torchtitan", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "emit = 'torchtitan'" in result.stderr and "LayerNorm" in result.stderr
+    assert not (tmp_path / "x").exists()
