@@ -6,10 +6,15 @@ from simulator.specs.catalog import (
     load_deployment,
     load_device,
     load_engine,
+    load_gnn_model,
+    load_gnn_plan,
+    load_graph,
     load_model,
     load_plan,
     load_workload,
 )
+from simulator.specs.gnn import GNNModelSpec, GNNPlan
+from simulator.specs.graph import GraphFiles, GraphSpec
 from simulator.specs.hardware import ClusterSpec, CollectiveEfficiency, DeviceSpec, Efficiency
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import Offload, StagePlan, TrainingPlan
@@ -25,6 +30,10 @@ __all__ = [
     "CollectiveEfficiency",
     "DeviceSpec",
     "Efficiency",
+    "GNNModelSpec",
+    "GNNPlan",
+    "GraphFiles",
+    "GraphSpec",
     "Offload",
     "StagePlan",
     "TrainingPlan",
@@ -34,6 +43,9 @@ __all__ = [
     "load_deployment",
     "load_device",
     "load_engine",
+    "load_gnn_model",
+    "load_gnn_plan",
+    "load_graph",
     "load_model",
     "load_plan",
     "load_workload",

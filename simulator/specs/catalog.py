@@ -2,7 +2,9 @@
 
 Every spec argument accepts a catalog name (`llama-3-8b`, `8xh100`), a path to a YAML/JSON
 file of the same schema, a mapping, or an already-built spec. Clusters also accept the
-multi-node form `N x node`, e.g. `16x8xa100-80gb` is 16 nodes of the `8xa100-80gb` node.
+multi-node form `N x node`, e.g. `16x8xa100-80gb` is 16 nodes of the `8xa100-80gb` node and
+`16xm5n-24xlarge` 16 machines of the `m5n-24xlarge` node; `Nxcpu` (any N) is N one-core ranks on
+this machine, as the catalog's `1xcpu` and `2xcpu`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import yaml
 
 from simulator.errors import SpecError
 from simulator.specs.base import Spec
+from simulator.specs.gnn import GNNModelSpec, GNNPlan
+from simulator.specs.graph import GraphSpec
 from simulator.specs.hardware import ClusterSpec, DeviceSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
@@ -26,8 +30,10 @@ CATALOG_DIR = Path(__file__).parent / "catalog"
 KINDS = {
     "devices": DeviceSpec, "clusters": ClusterSpec, "models": TransformerSpec, "plans": TrainingPlan,
     "deployments": DeploymentSpec, "workloads": WorkloadSpec, "engines": EngineSpec,
+    "graphs": GraphSpec, "gnn_models": GNNModelSpec, "gnn_plans": GNNPlan,
 }
-_MULTI_NODE = re.compile(r"^(\d+)x(\d+x.+)$")
+_MULTI_NODE = re.compile(r"^(\d+)x(.+)$")
+_CPU_RANKS = re.compile(r"^(\d+)xcpu$")
 
 S = TypeVar("S", bound=Spec)
 
@@ -109,6 +115,27 @@ def load_workload(ref: Any) -> WorkloadSpec:
     return _load_any("workloads", ref, "workload")
 
 
+def load_graph(ref: Any) -> GraphSpec:
+    """A graph by catalog name, path or mapping. The files of a graph spec loaded from a path
+    are relative to that file's directory."""
+    graph = _load_any("graphs", ref, "graph")
+    if graph.files is not None and isinstance(ref, (str, Path)) and Path(ref).is_file():
+        base = Path(ref).resolve().parent
+        moved = {k: str(base / v) for k, v in graph.files.model_dump().items()
+                 if k in ("edges", "features", "labels", "train_mask") and v is not None
+                 and not Path(v).is_absolute()}
+        graph = graph.model_copy(update={"files": graph.files.model_copy(update=moved)})
+    return graph
+
+
+def load_gnn_model(ref: Any) -> GNNModelSpec:
+    return _load_any("gnn_models", ref, "gnn_model")
+
+
+def load_gnn_plan(ref: Any) -> GNNPlan:
+    return _load_any("gnn_plans", ref, "gnn_plan")
+
+
 def load_cluster(ref: Any, profile: str | Path | None = None) -> ClusterSpec:
     """A cluster by name, `NxNODE` multi-node name, path, or mapping.
 
@@ -133,6 +160,11 @@ def _load_cluster(ref: Any) -> ClusterSpec:
             if nodes < 1:
                 raise SpecError("cluster", ref, "needs at least one node")
             return node.model_copy(update={"name": ref, "num_nodes": nodes * node.num_nodes})
+        m = _CPU_RANKS.match(ref)
+        if m and int(m.group(1)) >= 1:  # N one-core ranks on one machine, like 1xcpu and 2xcpu
+            ranks = int(m.group(1))
+            one = _load_named("clusters", "1xcpu")
+            return one.model_copy(update={"name": ref, "devices_per_node": ranks})
     return _load_any("clusters", ref, "cluster")
 
 
