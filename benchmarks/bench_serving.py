@@ -1,9 +1,15 @@
 """Benchmark the serving simulator and tuner: how fast it simulates, and what re-sharding buys.
 
-(a) Simulator speed: simulated requests per wall-clock second of `simulate_serving` for
-    10,000 offline ShareGPT-like requests on Llama-2-70B served by one TP4 vLLM-style replica
-    ('vllm-tp4' on '4xa100-80gb'), median of 3 runs. Baseline measured in the same run: the
-    same with 1,000 requests (the ratio shows whether cost per request grows with the run).
+(a) Simulator speed, fast-forward against step by step (`exact_steps=True`) in the same run:
+    simulated requests per wall-clock second of `simulate_serving` for 10,000 and 100,000
+    offline requests of three workloads: ShareGPT-like on Llama-2-70B ('vllm-tp4' on
+    '4xa100-80gb'), arXiv-summarization-like (long prompts) on the same replica, and
+    ShareGPT-like on Llama-3-70B with speculative decoding ('vllm-tp4-spec-llama3'). At 10,000
+    requests both modes are repeated, interleaved (median and spread) and checked to give the
+    same report; at 100,000 fast-forward runs once, and step by step only for ShareGPT (one run
+    of about two minutes; the other two are left out to bound the benchmark's time). Then the
+    serving tuner's wall time on the first cases of the Seesaw grid, step by step and with
+    fast-forward, interleaved (Seesaw deployments are simulated step by step in both).
 (b) The Seesaw grid (Su et al., MLSys'25, Sec. 6): Llama-3 15B-class, CodeLlama-34B and
     Llama-2-70B on A10G, L4 and A100 nodes, each with ShareGPT-like (2,000 requests) and
     arXiv-summarization-like (500 requests) offline workloads. Every case is tuned by
@@ -13,9 +19,10 @@
     average over vLLM) are printed beside ours for reference only: they are measurements of
     a different system, not ours.
 
-Usage: python benchmarks/bench_serving.py [--quick] [--screen-requests N] [--out PATH] [--markdown-only]
+Usage: python benchmarks/bench_serving.py [--quick] [--speed-only] [--screen-requests N] [--out PATH] [--markdown-only]
 Writes JSON (default benchmarks/results/serving.json) atomically, and the grid as a markdown
-table (benchmarks/results/serving.md) generated from that JSON.
+table (benchmarks/results/serving.md) generated from that JSON; `--speed-only` runs (a) alone
+into benchmarks/results/serving_speed.json and .md.
 """
 
 from __future__ import annotations
@@ -35,8 +42,16 @@ from tuner.serving import ServingTuneResult, tune_serving
 
 DEFAULT_OUT = common.RESULTS / "serving.json"
 
-SPEED = {"model": "llama-2-70b", "cluster": "4xa100-80gb", "deployment": "vllm-tp4", "preset": "sharegpt-like"}
-SPEED_REQUESTS = {"large": 10_000, "baseline": 1_000}
+SPEED_CASES = {  # name -> (model, cluster, deployment, preset)
+    "sharegpt": ("llama-2-70b", "4xa100-80gb", "vllm-tp4", "sharegpt-like"),
+    "arxiv": ("llama-2-70b", "4xa100-80gb", {"prefill": {"tp": 4, "pp": 1}, "scheduler": "vllm",
+                                             "max_batched_tokens": 16384}, "arxiv-summarization-like"),
+    "speculative": ("llama-3-70b", "4xa100-80gb", "vllm-tp4-spec-llama3", "sharegpt-like"),
+}
+SPEED_REQUESTS = (10_000, 100_000)
+EXACT_AT_100K = ("sharegpt",)  # step by step at 100,000 requests: ~2 min each, so one case only
+TUNER_CASES = 1  # (model, cluster) pairs of the grid timed both ways, each with both workloads (time)
+DEFAULT_SPEED_OUT = common.RESULTS / "serving_speed.json"
 
 CASES = (  # (model, cluster), in Seesaw's order
     ("llama-3-15b-class", "4xa10g"), ("llama-3-15b-class", "4xl4"),
@@ -48,27 +63,84 @@ WORKLOADS = ("sharegpt-like", "arxiv-summarization-like")
 SEESAW_PUBLISHED = {"min": 1.06, "max": 1.78, "average": 1.36}  # Su et al. MLSys'25, abstract: over vLLM
 SCREEN_REQUESTS = 300  # tune_serving's default; the full grid takes ~5 min on 2 cores with it
 
-# Repetitions: full run, and --quick.
-REPS = {"large": (3, 1), "baseline": (5, 2)}
+# Repetitions at 10,000 requests (fast-forward, step by step), full run and --quick.
+REPS = {"fast": (3, 1), "exact": (2, 1)}
 
 
 # --- (a) simulator speed ------------------------------------------------------------------------
 
-def bench_speed(reps: dict[str, int]) -> dict:
-    out = {**SPEED}
-    for key, n in SPEED_REQUESTS.items():
-        workload = {"num_requests": n, "preset": SPEED["preset"]}
-        times, report = timed(lambda w=workload: simulate_serving(SPEED["model"], SPEED["cluster"],
-                                                                   SPEED["deployment"], w), reps[key])
-        median = statistics.median(times)
-        out[key] = {"requests": n, "seconds_median": median, "seconds_all": times,
-                    "requests_per_s": n / median, "steps": sum(report.steps.values()),
-                    "steps_per_s": sum(report.steps.values()) / median,
-                    "simulated_makespan_s": report.makespan_s,
-                    "simulated_output_tokens_per_s": report.output_tokens_per_s,
-                    "preemptions": report.preemptions}
-    out["ratio_large_over_baseline"] = out["large"]["requests_per_s"] / out["baseline"]["requests_per_s"]
+def _simulate(case: str, n: int, exact: bool):
+    model, cluster, deployment, preset = SPEED_CASES[case]
+    return simulate_serving(model, cluster, deployment, {"num_requests": n, "preset": preset}, exact_steps=exact)
+
+
+def _timing(times: list[float], n: int) -> dict:
+    median = statistics.median(times)
+    return {"seconds_median": median, "seconds_all": times, "requests_per_s": n / median,
+            "spread": (max(times) - min(times)) / median}
+
+
+def bench_case(case: str, reps: dict[str, int]) -> dict:
+    """Both modes at 10,000 requests (interleaved), fast-forward (and maybe step by step) at 100,000."""
+    out: dict = {"model": SPEED_CASES[case][0], "cluster": SPEED_CASES[case][1],
+                 "deployment": SPEED_CASES[case][2], "preset": SPEED_CASES[case][3]}
+    small, big = SPEED_REQUESTS
+    times: dict[bool, list[float]] = {False: [], True: []}
+    reports = {}
+    for rep in range(max(reps.values())):
+        for exact in (False, True):
+            if rep < reps["exact" if exact else "fast"]:
+                t, reports[exact] = timed(lambda e=exact: _simulate(case, small, e), 1)
+                times[exact] += t
+    fast, exact = reports[False], reports[True]
+    out[str(small)] = {"fast_forward": _timing(times[False], small), "exact_steps": _timing(times[True], small),
+                       "steps": sum(fast.steps.values()), "same_report": fast.to_dict() == exact.to_dict(),
+                       "simulated_makespan_s": fast.makespan_s, "preemptions": fast.preemptions}
+    out[str(small)]["ratio"] = times_ratio(out[str(small)])
+    t, report = timed(lambda: _simulate(case, big, False), 1)
+    row = {"fast_forward": _timing(t, big), "steps": sum(report.steps.values())}
+    if case in EXACT_AT_100K:
+        t, exact = timed(lambda: _simulate(case, big, True), 1)
+        row["exact_steps"] = _timing(t, big)
+        row["same_report"] = exact.to_dict() == report.to_dict()
+        row["ratio"] = times_ratio(row)
+    else:
+        row["exact_steps"] = None
+        row["note"] = "step by step not run at 100,000 requests (time); see the 10,000-request ratio"
+    out[str(big)] = row
+    out["cost_per_request_100k_over_10k"] = (row["fast_forward"]["seconds_median"] / big) / \
+        (out[str(small)]["fast_forward"]["seconds_median"] / small)
     return out
+
+
+def times_ratio(row: dict) -> float:
+    return row["fast_forward"]["requests_per_s"] / row["exact_steps"]["requests_per_s"]
+
+
+def bench_tuner(cases: list[tuple[str, str, str]], screen_requests: int) -> dict:
+    """The tuner's wall time on these grid cases, step by step then fast-forward, case by case."""
+    rows = []
+    for model, cluster, workload in cases:
+        row = {"model": model, "cluster": cluster, "workload": workload}
+        for key, exact in (("exact_steps_s", True), ("fast_forward_s", False)):
+            t0 = time.perf_counter()
+            try:
+                tune_serving(model, cluster, workload, screen_requests=screen_requests, exact_steps=exact)
+            except (InfeasiblePlan, SpecError):
+                pass
+            row[key] = time.perf_counter() - t0
+        rows.append(row)
+    before, after = sum(r["exact_steps_s"] for r in rows), sum(r["fast_forward_s"] for r in rows)
+    return {"cases": rows, "exact_steps_s": before, "fast_forward_s": after, "ratio": before / after,
+            "screen_requests": screen_requests}
+
+
+def bench_speed(reps: dict[str, int], screen_requests: int, quick: bool) -> dict:
+    for exact in (False, True):  # warm up: the cost model's first compilation is not the simulator's
+        _simulate("sharegpt", 100, exact)
+    out = {case: bench_case(case, reps) for case in (("sharegpt",) if quick else SPEED_CASES)}
+    cases = [(m, c, w) for m, c in CASES[:1 if quick else TUNER_CASES] for w in WORKLOADS]
+    return {"cases": out, "tuner": bench_tuner(cases, screen_requests)}
 
 
 # --- (b) the Seesaw grid ------------------------------------------------------------------------
@@ -151,14 +223,39 @@ def findings(rows: list[dict]) -> list[str]:
 
 # --- output -------------------------------------------------------------------------------------
 
-def print_speed(a: dict) -> None:
-    big, base = a["large"], a["baseline"]
-    print(f"(a) simulate_serving: {a['model']} on {a['cluster']} ({a['deployment']}), {a['preset']} offline")
-    print(f"    {big['requests']:,} requests: {big['seconds_median']:.2f} s (median of {len(big['seconds_all'])}) "
-          f"= {big['requests_per_s']:,.0f} requests/s, {big['steps_per_s']:,.0f} steps/s")
-    print(f"    baseline {base['requests']:,} requests: {base['seconds_median']:.3f} s "
-          f"(median of {len(base['seconds_all'])}) = {base['requests_per_s']:,.0f} requests/s")
-    print(f"    ratio {big['requests']:,} / {base['requests']:,}-request rate = {a['ratio_large_over_baseline']:.2f}x")
+def speed_lines(a: dict) -> list[str]:
+    small, big = (str(n) for n in SPEED_REQUESTS)
+    lines = []
+    for case, r in a["cases"].items():
+        lo, hi = r[small], r[big]
+        lines.append(f"{case} ({r['preset']}, {r['model']} on {r['cluster']}):")
+        for n, row in ((small, lo), (big, hi)):
+            ff, ex = row["fast_forward"], row["exact_steps"]
+            line = (f"  {int(n):,} requests: fast-forward {ff['requests_per_s']:,.0f} requests/s "
+                    f"({ff['seconds_median']:.2f} s, median of {len(ff['seconds_all'])}, spread {ff['spread']:.0%})")
+            if ex:
+                line += (f"; step by step {ex['requests_per_s']:,.0f} requests/s ({ex['seconds_median']:.2f} s, "
+                         f"median of {len(ex['seconds_all'])}); ratio {row['ratio']:.1f}x; "
+                         f"same report: {row['same_report']}")
+            else:
+                line += f"; {row['note']}"
+            lines.append(line)
+        lines.append(f"  cost per request at 100,000 / at 10,000 (fast-forward): {r['cost_per_request_100k_over_10k']:.2f}x")
+    t = a["tuner"]
+    lines.append(f"tune_serving on {len(t['cases'])} Seesaw-grid cases (screened on {t['screen_requests']} requests): "
+                 f"step by step {t['exact_steps_s']:.1f} s, fast-forward {t['fast_forward_s']:.1f} s, "
+                 f"ratio {t['ratio']:.2f}x")
+    for c in t["cases"]:
+        lines.append(f"  {c['model']} on {c['cluster']}, {c['workload']}: {c['exact_steps_s']:.1f} s -> {c['fast_forward_s']:.1f} s")
+    return lines
+
+
+def speed_markdown(result: dict) -> str:
+    lines = ["<!-- generated by benchmarks/bench_serving.py --speed-only from serving_speed.json; do not edit -->", "",
+             f"Serving simulator speed, fast-forward vs step by step (`exact_steps=True`), measured in the same run "
+             f"({result['timestamp']}{', --quick' if result['quick'] else ''}, {result['machine']['cpu_count']} CPUs):", ""]
+    lines += [f"- {x.strip()}" if not x.startswith("  ") else f"  - {x.strip()}" for x in speed_lines(result["speed"])]
+    return "\n".join(lines) + "\n"
 
 
 def fmt_tps(e: dict | None) -> str:
@@ -210,7 +307,7 @@ def print_grid(rows: list[dict], means: dict) -> None:
 
 def markdown(result: dict) -> str:
     """The grid as a markdown table, for the README."""
-    rows, means, a = result["grid"]["rows"], result["grid"]["mean_ratios"], result["speed"]
+    rows, means = result["grid"]["rows"], result["grid"]["mean_ratios"]
     head, table = grid_table(rows)
     lines = [
         "<!-- generated by benchmarks/bench_serving.py from serving.json; do not edit -->",
@@ -234,11 +331,6 @@ def markdown(result: dict) -> str:
     lines += [f"- {line.strip()}" for line in mean_lines(means, published=False)]
     lines.append("- Seesaw (Su et al., MLSys'25) reports 1.06x-1.78x (1.36x average) over vLLM measured on "
                  "real GPUs: their measurement, not ours; ours are simulator predictions.")
-    lines.append(f"- Simulator speed: {a['large']['requests']:,} {a['preset']} requests on {a['model']} "
-                 f"({a['deployment']}, {a['cluster']}) in {a['large']['seconds_median']:.1f} s = "
-                 f"{a['large']['requests_per_s']:,.0f} requests/s; {a['baseline']['requests']:,} requests: "
-                 f"{a['baseline']['requests_per_s']:,.0f} requests/s "
-                 f"(ratio {a['ratio_large_over_baseline']:.2f}x).")
     return "\n".join(lines) + "\n"
 
 
@@ -247,13 +339,21 @@ def main(argv: list[str] | None = None) -> dict:
                            DEFAULT_OUT)
     parser.add_argument("--screen-requests", type=int, default=SCREEN_REQUESTS,
                         help="requests per screening simulation in tune_serving")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only (a), into benchmarks/results/serving_speed.json (unless --out)")
     args = parser.parse_args(argv)
+    if args.speed_only and args.out == DEFAULT_OUT:
+        args.out = DEFAULT_SPEED_OUT
     if args.markdown_only:
-        return common.rewrite_markdown(args.out, markdown)
+        return common.rewrite_markdown(args.out, speed_markdown if args.speed_only else markdown)
 
     reps = {k: v[1] if args.quick else v[0] for k, v in REPS.items()}
-    speed = bench_speed(reps)
-    print_speed(speed)
+    if args.speed_only:
+        speed = bench_speed(reps, args.screen_requests, args.quick)
+        print("\n".join(speed_lines(speed)))
+        result = {**common.run_fields("serving_speed", args.quick, reps), "speed": speed}
+        common.write_results(result, args.out, speed_markdown)
+        return result
     print()
     cases = [(m, c, w) for m, c in CASES for w in WORKLOADS]
     if args.quick:
@@ -270,7 +370,6 @@ def main(argv: list[str] | None = None) -> dict:
     common.print_findings(flags)
     result = {
         **common.run_fields("serving", args.quick, reps),
-        "speed": speed,
         "grid": {"cases": CASES, "workloads": WORKLOADS if not args.quick else ["sharegpt-like"],
                  "screen_requests": args.screen_requests, "rows": rows, "mean_ratios": means,
                  "findings": flags,
