@@ -1,4 +1,4 @@
-"""simtune's command line: `catalog`, `profile`, `simulate train|serve`, `tune train|serve|spec`,
+"""simtune's command line: `catalog`, `profile`, `partition`, `simulate train|serve`, `tune train|serve|spec`,
 `validate train|serve`, `run train`.
 
 Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
@@ -26,6 +26,7 @@ from simtune.cli import train  # noqa: F401
 from simtune.cli import run, serve, spec, validate  # noqa: F401
 from simtune.cli.apps import run_app, simulate_app, tune_app, validate_app
 from simtune.cli.catalog import catalog
+from simtune.cli.gnn import partition
 from simtune.cli.profile import profile
 from simtune.cli.render import fmt_seconds, to_jsonable
 
@@ -41,5 +42,6 @@ app.add_typer(validate_app, name="validate")
 app.add_typer(run_app, name="run")
 app.command()(catalog)
 app.command()(profile)
+app.command()(partition)
 
 __all__ = ["app", "fmt_seconds", "to_jsonable"]

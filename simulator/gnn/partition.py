@@ -8,11 +8,13 @@ equally busy, balances several constraints at once: training nodes, edges and no
 1. METIS on one combined vertex weight, `nodes/N + in_edges/E + train/T` per node (scaled to
    integers): each constraint gets an equal share of the single weight METIS balances;
 2. a greedy rebalancing pass: while some part holds more than `1 + BALANCE_TOLERANCE` times the
-   mean of some constraint, move that part's boundary nodes, those with the most neighbors in
-   the receiving part first (the least added cut), to parts with room in every constraint.
+   mean of some constraint, move that part's nodes, those with the most neighbors in the
+   receiving part first (the least added cut), wherever a move lowers the total overload
+   (`rebalance`).
 
-After it, every constraint's balance (largest part / mean part) is at most
-`1 + BALANCE_TOLERANCE`. Plain `metis` balances node counts only (METIS's default 3%
+It stops when every constraint's balance (largest part / mean part) is at most
+`1 + BALANCE_TOLERANCE`, or when no single move lowers the overload (a greedy pass can stall; the
+balance reported is what was reached, and the tests and benchmark check it). Plain `metis` balances node counts only (METIS's default 3%
 imbalance), which on graphs with skewed degrees or training sets leaves edges and training
 nodes imbalanced: DistDGL's ogbn-papers100M case where plain METIS loses to random.
 
@@ -33,7 +35,7 @@ from simulator.gnn.graph import Graph, sorted_unique
 
 METHODS = ("metis", "random", "metis-balanced")
 BALANCE_TOLERANCE = 0.05
-"""metis-balanced: every constraint's largest part is at most 1.05 x the mean part."""
+"""metis-balanced aims for every constraint's largest part at most 1.05 x the mean part."""
 CONSTRAINTS = ("nodes", "edges", "train_nodes")
 
 
@@ -148,7 +150,8 @@ def _metis(graph: Graph, num_parts: int, vweights: np.ndarray | None, seed: int)
 
     xadj, adjncy = _metis_adjacency(graph)
     options = pymetis.Options(seed=seed)
-    _, membership = pymetis.part_graph(num_parts, xadj=xadj, adjncy=adjncy, vweights=vweights, options=options)
+    adjacency = pymetis.CSRAdjacency(adj_starts=xadj, adjacent=adjncy)
+    _, membership = pymetis.part_graph(num_parts, adjacency, vweights=vweights, options=options)
     return np.asarray(membership, dtype=np.int32)
 
 
@@ -172,73 +175,72 @@ def _metis_adjacency(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rebalance(graph: Graph, parts: np.ndarray, num_parts: int, tolerance: float = BALANCE_TOLERANCE,
-              max_rounds: int = 500) -> np.ndarray:
-    """Greedy moves of boundary nodes until every constraint's balance is <= 1 + tolerance.
+              max_rounds: int = 200) -> np.ndarray:
+    """Greedy single-node moves until every constraint's balance is <= 1 + tolerance.
 
-    Each round takes the worst (part, constraint), and moves that part's nodes that carry the
-    constraint to parts with room in every constraint, ordered by the cut they add (neighbors
-    left behind minus neighbors joined), until the excess is gone. Nodes without a neighbor in
-    a part with room (rare) may move to the least-loaded part when no boundary node remains.
+    Loads are measured in units of the mean part, and the overload of a part is how far each
+    constraint lies above `1 + tolerance / 2` (aiming inside the bound), summed. A round visits
+    each overloaded part and moves its nodes, most neighbors in the receiving part first (the
+    least added cut), to whichever part the move lowers the total overload most for; a move
+    that does not lower it is not made, so the pass ends. Moving a part's spare nodes out of a
+    node-heavy part and its training nodes out of a training-heavy part are separate moves that
+    each lower the overload, which is how several constraints get balanced with one weight.
     """
     parts = parts.copy()
     node = _node_loads(graph)
-    active = node.sum(axis=0) > 0
-    target = node.sum(axis=0) / num_parts * (1 + tolerance / 2)  # aim inside the bound
-    limit = node.sum(axis=0) / num_parts * (1 + tolerance)
-    loads = _loads(graph, parts, num_parts)
+    mean = node.sum(axis=0) / num_parts
+    unit = np.divide(node, mean, out=np.zeros_like(node), where=mean > 0)  # loads in mean parts
+    loads = _loads(graph, parts, num_parts) / np.where(mean > 0, mean, 1.0)
     dst = graph.destinations()
+    aim = 1.0 + tolerance / 2
     for _ in range(max_rounds):
-        over = np.where(active, loads / limit, 0.0)
-        p, k = np.unravel_index(np.argmax(over), over.shape)
-        if over[p, k] <= 1.0 + 1e-12:
+        if loads.max() <= 1.0 + tolerance + 1e-12:
             break
-        room = np.where(active, np.clip(target - loads, 0, None), np.inf)
-        room[p] = 0
-        moved = _move_from(graph, parts, dst, node, p, k, loads[p, k] - target[k], room)
+        moved = 0
+        for p in np.flatnonzero((loads > aim).any(axis=1)):
+            moved += _move_from(graph, parts, dst, unit, loads, int(p), aim)
         if moved == 0:
             break
-        loads = _loads(graph, parts, num_parts)
     return parts
 
 
-def _move_from(graph: Graph, parts: np.ndarray, dst: np.ndarray, node: np.ndarray, p: int, k: int,
-               excess: float, room: np.ndarray) -> int:
-    """Move nodes of part p carrying constraint k (about `excess` of it) into parts with room."""
-    num_parts = room.shape[0]
-    owned = np.flatnonzero((parts == p) & (node[:, k] > 0))
+def _overload(loads: np.ndarray, aim: float) -> np.ndarray:
+    return np.clip(loads - aim, 0.0, None).sum(axis=-1)
+
+
+def _move_from(graph: Graph, parts: np.ndarray, dst: np.ndarray, unit: np.ndarray, loads: np.ndarray,
+               p: int, aim: float) -> int:
+    """Move nodes out of part p while each move lowers the total overload; updates parts, loads."""
+    num_parts = loads.shape[0]
+    owned = np.flatnonzero(parts == p)
     if owned.size == 0:
         return 0
     local = np.full(graph.num_nodes, -1, dtype=np.int64)
     local[owned] = np.arange(owned.size)
-    # neighbor counts per (owned node, part) over in-edges of owned nodes
-    e = local[dst] >= 0
+    e = local[dst] >= 0  # in-edges of owned nodes: neighbor counts per (owned node, part)
     counts = np.bincount(local[dst[e]] * num_parts + parts[graph.indices[e]],
                          minlength=owned.size * num_parts).reshape(owned.size, num_parts).astype(float)
-    open_parts = (room > 0).all(axis=1)
-    if not open_parts.any():
-        open_parts = room.sum(axis=1) > 0
-    if not open_parts.any():
-        return 0
-    joined = np.where(open_parts[None, :], counts, -1.0)
-    q = joined.argmax(axis=1)
-    boundary = joined[np.arange(owned.size), q] > 0
-    if not boundary.any():  # no neighbor in a part with room: fall back to the emptiest open part
-        q[:] = int(np.argmax(np.where(open_parts, room.sum(axis=1), -1.0)))
-        boundary[:] = True
-    gain = counts[np.arange(owned.size), q] - counts[:, p]
-    order = np.flatnonzero(boundary)[np.argsort(-gain[boundary], kind="stable")]
-    taken, moved, left = [], 0.0, room.copy()
+    a = unit[owned]
+    # overload change of moving each node to each part, at the current loads
+    delta = (_overload(loads[None, :, :] + a[:, None, :], aim) - _overload(loads, aim)[None, :]
+             + (_overload(loads[p] - a, aim) - _overload(loads[p], aim))[:, None])
+    delta[:, p] = np.inf
+    gain = counts - counts[:, [p]]
+    score = np.where(delta < -1e-12, gain, -np.inf)
+    q = score.argmax(axis=1)
+    useful = np.isfinite(score[np.arange(owned.size), q])
+    order = np.flatnonzero(useful)[np.argsort(-score[useful, q[useful]], kind="stable")]
+    moved = 0
     for i in order:
-        if moved >= excess:
+        if _overload(loads[p], aim) <= 0:
             break
-        add = node[owned[i]]
-        if (add > left[q[i]] + 1e-9).any():
+        qi = q[i]
+        before = _overload(loads[p], aim) + _overload(loads[qi], aim)
+        after = _overload(loads[p] - a[i], aim) + _overload(loads[qi] + a[i], aim)
+        if after >= before - 1e-12:
             continue
-        left[q[i]] -= add
-        moved += add[k]
-        taken.append(i)
-    if not taken:
-        return 0
-    taken = np.asarray(taken)
-    parts[owned[taken]] = q[taken]
-    return int(taken.size)
+        loads[p] -= a[i]
+        loads[qi] += a[i]
+        parts[owned[i]] = qi
+        moved += 1
+    return moved
