@@ -1,0 +1,197 @@
+"""Neighbor sampling: how many unique nodes and edges each layer of a mini-batch touches.
+
+A mini-batch of B seed nodes with fan-outs f_1..f_L (seed side first) expands hop by hop: every
+node of hop h draws min(f_h, degree) of its in-neighbors, and hop h+1 is the union of hop h and
+those neighbors (DGL's blocks keep the destination nodes among the sources). Two ways to count:
+
+- **measured** (`sample_counts`): run a vectorised neighbor sampler on the real graph for a few
+  mini-batches of a part's training nodes, and count unique nodes per hop, sampled edges, and
+  which input nodes the part owns, which are cached halo nodes and which are remote.
+- **statistical** (`expected_counts`): from the degree statistics alone. A node is reached by a
+  sampled edge with probability proportional to its degree (an edge's end is degree-biased), so
+  after D draws node v has been drawn with probability 1 - exp(-D d_v / sum d): the expected
+  number of unique nodes when drawing with replacement from a finite population, with unequal
+  weights. Coverage of hop h+1 = 1 - (1 - coverage of hop h) * exp(-D_h d_v / sum d), summed
+  over a fixed sample of the degree distribution and scaled to the graph's node count. It
+  saturates at the node count and grows monotonically with the batch (Balin et al.,
+  "Cooperative Minibatching", arXiv 2310.12403, measure the same saturation on real graphs).
+
+Draws per node at hop h are E[min(f_h, D)], with D the degree of a node reached through an edge
+(size-biased) for h >= 1 and of a uniform training node for the seeds. The degree sample
+follows the generator's law (simulator.gnn.graph: Pareto with exponent gamma - 1, capped at
+sqrt(edges), scaled to the mean degree), so the statistical path and generated graphs agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from simulator.gnn.graph import Graph, sorted_unique
+from simulator.specs.graph import GraphSpec
+
+DEGREE_SAMPLE = 200_000
+"""Degree draws standing for the whole population in the statistical path."""
+
+
+@dataclass(frozen=True)
+class HopCounts:
+    """What one mini-batch of one trainer touches, per hop from the seeds outwards.
+
+    `nodes[h]`: unique nodes of hop h (`nodes[0]` = the seeds, `nodes[-1]` = the input nodes
+    whose features are fetched); `edges[h]`: edges sampled from hop h's nodes (h < L).
+    `input_local`, `input_cached`, `input_remote`: the input nodes split by where their features
+    live (owned by the trainer's machine, in its cache, on another machine); `frontier_remote`:
+    nodes of hops 0..L-1 owned by another machine (their neighbors are sampled by a remote
+    server, DistDGL's distributed sampling).
+    """
+
+    nodes: list[float]
+    edges: list[float]
+    input_local: float
+    input_cached: float
+    input_remote: float
+    frontier_remote: list[float] = field(default_factory=list)
+
+    @property
+    def input_nodes(self) -> float:
+        return self.nodes[-1]
+
+    @property
+    def sampled_edges(self) -> float:
+        return float(sum(self.edges))
+
+
+# --- statistical path -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def degree_sample(num_nodes: int, num_edges: int, exponent: float, distribution: str) -> np.ndarray:
+    """A fixed sample of in-degrees with the generator's law and the graph's mean degree."""
+    rng = np.random.default_rng(12345)
+    mean = num_edges / max(num_nodes, 1)
+    if distribution == "poisson":
+        return rng.poisson(mean, DEGREE_SAMPLE).astype(float)
+    w = (1.0 - rng.random(DEGREE_SAMPLE)) ** (-1.0 / (exponent - 1.0))
+    w = np.minimum(w, max(1.0, np.sqrt(num_edges)))
+    return w * (mean / w.mean())
+
+
+def spec_degrees(spec: GraphSpec) -> np.ndarray:
+    return degree_sample(int(spec.num_nodes), int(spec.num_edges), float(spec.degree_exponent),
+                         spec.degree_distribution)
+
+
+def expected_counts(spec: GraphSpec, fanouts: list[int], batch_size: int) -> tuple[list[float], list[float]]:
+    """(nodes per hop, edges per hop) of one mini-batch of `batch_size` seeds, expected values."""
+    d = spec_degrees(spec)
+    n = float(spec.num_nodes)
+    batch = float(min(batch_size, spec.num_train_nodes))
+    share = d / (n * d.mean())                           # chance one sampled edge ends at v
+    size_biased = d / d.mean() / d.size                  # weight of v among edge ends
+    coverage = np.full(d.size, batch / n)                # seeds: uniform training nodes
+    nodes, edges = [batch], []
+    for h, f in enumerate(fanouts):
+        per_node = np.minimum(f, d)
+        draws_per_node = per_node.mean() if h == 0 else float((per_node * size_biased).sum())
+        draws = nodes[-1] * draws_per_node
+        edges.append(draws)
+        coverage = 1.0 - (1.0 - coverage) * np.exp(-draws * share)
+        nodes.append(float(min(n, coverage.mean() * n)))
+    return nodes, edges
+
+
+# --- measured path ----------------------------------------------------------------------------
+
+
+def sample_batch(graph: Graph, seeds: np.ndarray, fanouts: list[int], rng: np.random.Generator
+                 ) -> tuple[list[np.ndarray], list[int]]:
+    """Sample one mini-batch: the unique node ids per hop (seeds first) and the edge counts.
+
+    Nodes with at most f neighbors take all of them (DGL's `sample_neighbors` without
+    replacement); nodes with more draw f with replacement, which equals sampling without
+    replacement up to the rare repeats when the degree is much larger than f."""
+    indptr, indices = graph.indptr, graph.indices
+    frontier = sorted_unique(np.asarray(seeds, dtype=np.int64))
+    hops, edges = [frontier], []
+    for f in fanouts:
+        start, deg = indptr[frontier], indptr[frontier + 1] - indptr[frontier]
+        small = deg <= f
+        take_all = np.repeat(start[small], deg[small]) + _ranges(deg[small])
+        big_start, big_deg = start[~small], deg[~small]
+        picks = (np.repeat(big_start, f) + (rng.random(big_start.size * f) * np.repeat(big_deg, f)).astype(np.int64))
+        nbrs = indices[np.concatenate([take_all, picks])].astype(np.int64)
+        edges.append(int(nbrs.size))
+        frontier = sorted_unique(np.concatenate([frontier, nbrs]))
+        hops.append(frontier)
+    return hops, edges
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n in `lengths`, concatenated."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
+
+
+def sample_counts(graph: Graph, parts: np.ndarray, part: int, num_parts: int, fanouts: list[int],
+                  batch_size: int, cached: np.ndarray | None = None, batches: int = 4, seed: int = 0
+                  ) -> tuple[HopCounts, float]:
+    """Mean counts over `batches` mini-batches of `part`'s seeds on the real graph, and the
+    fraction of those seeds the part owns.
+
+    `parts` maps node -> owning part; `cached` is a boolean mask of nodes whose features this
+    part caches. Seeds are split as DGL's `node_split(force_even=True)` does: every part gets
+    an equal quota of training nodes, its own first, the rest from parts that have too many."""
+    rng = np.random.default_rng(seed + 7919 * part)
+    train = graph.train_nodes
+    quota = -(-train.size // num_parts)
+    own = train[parts[train] == part]
+    pool = own
+    if own.size < quota:
+        others = train[parts[train] != part]
+        pool = np.concatenate([own, rng.choice(others, size=min(others.size, quota - own.size), replace=False)])
+    acc = {"nodes": np.zeros(len(fanouts) + 1), "edges": np.zeros(len(fanouts)),
+           "local": 0.0, "cached": 0.0, "remote": 0.0, "frontier_remote": np.zeros(len(fanouts))}
+    for _ in range(batches):
+        seeds = rng.choice(pool, size=min(batch_size, pool.size), replace=False)
+        hops, edges = sample_batch(graph, seeds, fanouts, rng)
+        acc["nodes"] += [h.size for h in hops]
+        acc["edges"] += edges
+        inputs = hops[-1]
+        local = parts[inputs] == part
+        hit = ~local & (cached[inputs] if cached is not None else False)
+        acc["local"] += local.sum()
+        acc["cached"] += hit.sum()
+        acc["remote"] += (~local & ~hit).sum()
+        acc["frontier_remote"] += [(parts[h] != part).sum() for h in hops[:-1]]
+    k = float(batches)
+    counts = HopCounts([float(x) for x in acc["nodes"] / k], [float(x) for x in acc["edges"] / k],
+                       float(acc["local"] / k), float(acc["cached"] / k), float(acc["remote"] / k),
+                       [float(x) for x in acc["frontier_remote"] / k])
+    return counts, float(min(own.size, quota) / max(pool.size, 1))
+
+
+def split_counts(nodes: list[float], edges: list[float], seed_local: float, cut: float, mean_cut: float,
+                 num_parts: int, cache_hit: float) -> HopCounts:
+    """Where a part's sampled nodes live, from its cut fraction (statistical path).
+
+    A sampled edge of a node the part owns leaves the part with probability `cut` (the part's
+    share of cut in-edges); one of a node another part owns comes back with probability
+    `mean_cut / (num_parts - 1)`. Hop h+1's new nodes inherit hop h's mix through that chain,
+    starting from the seeds' local share; `cache_hit` of the remote input reads hit the cache."""
+    if num_parts <= 1:
+        return HopCounts(nodes, edges, nodes[-1], 0.0, 0.0, [0.0] * len(edges))
+    back = mean_cut / (num_parts - 1)
+    local = [seed_local * nodes[0]]
+    for h in range(len(edges)):
+        share = local[-1] / max(nodes[h], 1.0)
+        new = max(0.0, nodes[h + 1] - nodes[h])
+        local.append(local[-1] + new * (share * (1 - cut) + (1 - share) * back))
+    remote = nodes[-1] - local[-1]
+    return HopCounts(nodes, edges, local[-1], remote * cache_hit, remote * (1 - cache_hit),
+                     [n - l for n, l in zip(nodes[:-1], local[:-1])])
