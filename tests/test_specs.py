@@ -24,7 +24,9 @@ from simulator.specs import (
     load_plan,
     load_workload,
 )
-from simulator.specs.catalog import CATALOG_DIR
+from simulator.specs.catalog import CATALOG_DIR, load_gnn_model, load_gnn_plan, load_graph
+from simulator.specs.gnn import GNNModelSpec, GNNPlan
+from simulator.specs.graph import GraphSpec
 from simulator.specs.plan import validate_plan
 from simulator.training import simulate_training
 
@@ -167,9 +169,11 @@ def test_non_mapping_is_rejected():
 # --- catalog ------------------------------------------------------------------------------------
 
 LOADERS = {"models": load_model, "devices": load_device, "clusters": load_cluster, "plans": load_plan,
-           "deployments": load_deployment, "workloads": load_workload, "engines": load_engine}
+           "deployments": load_deployment, "workloads": load_workload, "engines": load_engine,
+           "graphs": load_graph, "gnn_models": load_gnn_model, "gnn_plans": load_gnn_plan}
 CLASSES = {"models": TransformerSpec, "devices": DeviceSpec, "clusters": ClusterSpec, "plans": TrainingPlan,
-           "deployments": DeploymentSpec, "workloads": WorkloadSpec, "engines": EngineSpec}
+           "deployments": DeploymentSpec, "workloads": WorkloadSpec, "engines": EngineSpec,
+           "graphs": GraphSpec, "gnn_models": GNNModelSpec, "gnn_plans": GNNPlan}
 ENTRIES = [(kind, name) for kind, names in catalog_names().items() for name in names]
 
 
