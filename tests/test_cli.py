@@ -39,7 +39,11 @@ def one_json_object(result) -> dict:
 
 def test_catalog_json_lists_names_with_key_fields(cli):
     data = one_json_object(cli("catalog", "--json"))
-    assert set(data) == {"devices", "clusters", "models", "plans", "deployments", "workloads", "engines"}
+    assert set(data) == {"devices", "clusters", "models", "plans", "deployments", "workloads", "engines",
+                         "graphs", "gnn_models", "gnn_plans"}
+    graphs = {row["name"]: row for row in data["graphs"]}
+    assert graphs["ogbn-products"]["num_nodes"] == 2_449_029  # OGB's published count
+    assert {row["name"] for row in data["gnn_models"]} >= {"graphsage-3", "gcn-3", "gat-3"}
     models = {row["name"]: row for row in data["models"]}
     assert models["gpt3-175b"]["num_layers"] == 96
     assert models["gpt3-175b"]["hidden_size"] == 12288

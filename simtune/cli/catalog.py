@@ -27,6 +27,9 @@ from simulator.specs.catalog import (
     load_deployment,
     load_device,
     load_engine,
+    load_gnn_model,
+    load_gnn_plan,
+    load_graph,
     load_model,
     load_plan,
     load_workload,
@@ -41,6 +44,9 @@ class Kind(StrEnum):
     deployments = "deployments"
     workloads = "workloads"
     engines = "engines"
+    graphs = "graphs"
+    gnn_models = "gnn_models"
+    gnn_plans = "gnn_plans"
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,27 @@ CATALOG: dict[str, tuple[Callable[[str], Any], list[Column]]] = {
         Column("per_sequence_overhead_us", "per seq us", lambda e: e.per_sequence_overhead_us, "{:g}".format),
         Column("source", "source", lambda e: e.source, numeric=False),
     ]),
+    "graphs": (load_graph, [
+        Column("num_nodes", "nodes", lambda g: g.num_nodes, "{:,}".format),
+        Column("num_edges", "edges (stored)", lambda g: g.num_edges, "{:,}".format),
+        Column("feature_dim", "features", lambda g: g.feature_dim),
+        Column("num_classes", "classes", lambda g: g.num_classes),
+        Column("train_fraction", "train", lambda g: g.train_fraction, "{:.3g}".format),
+        Column("described_by", "by", lambda g: "stats" if g.generated else "files", numeric=False),
+    ]),
+    "gnn_models": (load_gnn_model, [
+        Column("architecture", "architecture", lambda m: m.architecture, numeric=False),
+        Column("num_layers", "layers", lambda m: m.num_layers),
+        Column("hidden_size", "hidden", lambda m: m.hidden_size),
+        Column("fanouts", "fan-outs", lambda m: list(m.fanouts), lambda f: ",".join(map(str, f)), numeric=False),
+    ]),
+    "gnn_plans": (load_gnn_plan, [
+        Column("partition", "partition", lambda p: p.partition, numeric=False),
+        Column("trainers_per_machine", "trainers", lambda p: p.trainers_per_machine),
+        Column("samplers_per_trainer", "samplers", lambda p: p.samplers_per_trainer),
+        Column("batch_size_per_trainer", "batch", lambda p: p.batch_size_per_trainer, "{:,}".format),
+        Column("feature_placement", "features", lambda p: p.feature_placement, numeric=False),
+    ]),
 }
 
 
@@ -148,8 +175,8 @@ def catalog(
     kind: Annotated[Kind | None, typer.Option(help="Only this kind of spec.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """List the named specs: devices, clusters, models, training plans, serving deployments
-    and workloads."""
+    """List the named specs: devices, clusters, models, training plans, serving deployments,
+    workloads, engines, graphs, GNN models and GNN plans."""
     kinds = [kind.value] if kind else list(CATALOG)
     data = {k: catalog_rows(k) for k in kinds}
     if as_json:
