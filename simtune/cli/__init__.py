@@ -23,12 +23,15 @@ import typer
 from simtune.cli import train  # noqa: F401
 
 # isort: split
-from simtune.cli import run, serve, spec, validate  # noqa: F401
+from simtune.cli import run, run_gnn, serve, spec, validate  # noqa: F401
 from simtune.cli.apps import run_app, simulate_app, tune_app, validate_app
 from simtune.cli.catalog import catalog
 from simtune.cli.gnn import partition
 from simtune.cli.profile import profile
 from simtune.cli.render import fmt_seconds, to_jsonable
+
+# isort: split
+from simtune.cli import gnn_sim  # noqa: F401  (simulate, tune and validate gnn)
 
 app = typer.Typer(
     help="Simulation-first performance modeling for distributed LLM training and serving.",

@@ -23,6 +23,12 @@ Constants that are physics, not fits, and where they come from:
 - `RPC_ROUND_TRIP_S`: a request of DGL's RPC layer (`dgl.distributed.rpc`: Python, a pickled
   request over TCP, a server thread) takes about a millisecond round trip; one per remote
   machine per hop, issued in parallel.
+- `RPC_STREAM_BYTES_PER_S`: assumed rate at which one trainer process receives RPC replies
+  (DGL's RPC: one receiving socket thread per process, copying through the kernel):
+  1.25 GB/s, the order of what one TCP stream driven by one thread sustains, and the
+  10 Gb/s single-flow limit AWS documents inside a cluster placement group ("Amazon EC2
+  instance network bandwidth"). A trainer's remote pulls run at the smaller of this and its
+  share of the machine's network interface.
 - `HOST_GATHER_BYTES_PER_S`: on GPU machines the features live in host memory, which the spec
   does not describe; one process gathering random 0.5 KB rows reaches about 20 GB/s of a
   socket's DDR4 bandwidth.
@@ -42,6 +48,7 @@ from simulator.specs.hardware import ClusterSpec
 SAMPLE_EDGE_S = 100e-9
 SAMPLE_NODE_S = 200e-9
 RPC_ROUND_TRIP_S = 1e-3
+RPC_STREAM_BYTES_PER_S = 1.25e9
 HOST_GATHER_BYTES_PER_S = 20e9
 KERNELS_PER_LAYER = 30
 SAMPLED_EDGE_BYTES = 16       # (src, dst) int64 ids of one sampled edge sent back by a server
@@ -114,7 +121,7 @@ def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[flo
             continue
         share = remote / max(nodes[h], 1.0)
         nbytes = share * edges[h] * SAMPLED_EDGE_BYTES
-        rpc += RPC_ROUND_TRIP_S + nbytes * trainers_per_machine / machine_network_bytes_per_s(cluster)
+        rpc += RPC_ROUND_TRIP_S + nbytes / trainer_network_bytes_per_s(cluster, trainers_per_machine)
     return work + rpc
 
 
@@ -136,6 +143,11 @@ def machine_network_bytes_per_s(cluster: ClusterSpec) -> float:
     return cluster.bandwidth_bytes_per_s("inter_node") * devices_per_machine(cluster) * e
 
 
+def trainer_network_bytes_per_s(cluster: ClusterSpec, trainers_per_machine: int) -> float:
+    """What one trainer's remote reads get: its share of the interface, at most one RPC stream."""
+    return min(RPC_STREAM_BYTES_PER_S, machine_network_bytes_per_s(cluster) / trainers_per_machine)
+
+
 def local_gather_bytes_per_s(cluster: ClusterSpec) -> float:
     """Bandwidth of gathering feature rows from this machine's (host) memory."""
     d = cluster.device
@@ -152,11 +164,11 @@ def fetch_local_s(nbytes: float, cluster: ClusterSpec, trainers_per_machine: int
 
 def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, trainers_per_machine: int) -> float:
     """Pull of remote feature rows: parallel RPCs to the owning machines (one round trip), the
-    rows through the machine's network interface shared by its trainers, and the owners'
-    gathers (the same bytes out of their memory)."""
+    rows through the machine's network interface shared by its trainers (at most one RPC
+    stream's rate per trainer), and the owners' gathers (the same bytes out of their memory)."""
     if nbytes <= 0:
         return 0.0
-    net = nbytes * trainers_per_machine / machine_network_bytes_per_s(cluster)
+    net = nbytes / trainer_network_bytes_per_s(cluster, trainers_per_machine)
     gather = nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
     return RPC_ROUND_TRIP_S * (remote_machines > 0) + net + gather
 
@@ -201,6 +213,6 @@ def sparse_update_s(rows: float, remote_share: float, model: GNNModelSpec, clust
     if not model.embedding_dim:
         return 0.0
     nbytes = rows * model.embedding_dim * FP32
-    push = nbytes * remote_share * plan.trainers_per_machine / machine_network_bytes_per_s(cluster)
+    push = nbytes * remote_share / trainer_network_bytes_per_s(cluster, plan.trainers_per_machine)
     update = 4 * nbytes * plan.trainers_per_machine / local_gather_bytes_per_s(cluster)
     return push + update + (RPC_ROUND_TRIP_S if remote_share > 0 else 0.0)

@@ -26,6 +26,7 @@ rest from other parts, which makes its seeds, and most of their neighborhoods, r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,33 @@ BUILD_MAX_EDGES = 5_000_000
 take the statistical path (ogbn-products has 124M, ogbn-papers100M 3.2B)."""
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What an epoch's timing needs beyond the plan's process counts: the partition's quality
+    and each machine's mini-batch counts (they depend on the partition, the batch size and the
+    cache only, so a tuner prepares them once per such triple)."""
+
+    name: str
+    dims: tuple[int, int]              # (feature_dim, num_classes)
+    train_nodes: int
+    num_nodes: int
+    quality: PartitionQuality
+    counts: list[tuple[HopCounts, float]]
+    path: str
+
+
 def simulate_gnn(graph: Any, model: Any, cluster: Any, plan: Any, partition: Partition | None = None, *,
                  trace_path: str | Path | None = None) -> GNNReport:
     """Predict one training epoch. `graph` is a catalog name, path, mapping, GraphSpec or a built
     `Graph`; `partition` (a `Partition` of that graph, one part per machine) replaces the plan's
     partitioning. Raises SpecError for inconsistent inputs, InfeasiblePlan when the features or
     a mini-batch do not fit in memory."""
+    model, cluster, plan = load_gnn_model(model), load_cluster(cluster), load_gnn_plan(plan)
+    return simulate_prepared(prepare(graph, model, cluster, plan, partition), model, cluster, plan, trace_path=trace_path)
+
+
+def prepare(graph: Any, model: Any, cluster: Any, plan: Any, partition: Partition | None = None) -> Prepared:
+    """Partition quality and per-machine counts (the first two steps of the module note)."""
     model, cluster, plan = load_gnn_model(model), load_cluster(cluster), load_gnn_plan(plan)
     built, spec = (graph, None) if isinstance(graph, Graph) else (None, load_graph(graph))
     if built is None and (spec.files is not None or partition is not None or spec.num_edges <= BUILD_MAX_EDGES):
@@ -62,33 +84,35 @@ def simulate_gnn(graph: Any, model: Any, cluster: Any, plan: Any, partition: Par
     _check(built, spec, cluster, partition)
     if built is not None:
         part = partition or partition_graph(built, machines, plan.partition)
-        counts, quality = _measured(built, part, model, plan), quality_of(built, part)
-        name, feature_dim, classes, train = built.name, built.feature_dim, built.num_classes, built.train_nodes.size
-    else:
-        quality = estimated_quality(spec, machines, plan.partition)
-        counts = _statistical(spec, quality, model, plan)
-        name, feature_dim, classes, train = spec.name or "graph", spec.feature_dim, spec.num_classes, spec.num_train_nodes
-    dims = (feature_dim, classes)
-    _check_memory(cluster, plan, model, dims, counts, built.num_nodes if built is not None else spec.num_nodes)
-    loads = [_trainer_load(p, c, s, quality, train, model, cluster, plan, dims) for p, (c, s) in enumerate(counts)]
+        return Prepared(built.name, (built.feature_dim, built.num_classes), int(built.train_nodes.size),
+                        built.num_nodes, quality_of(built, part), _measured(built, part, model, plan), "measured")
+    quality = estimated_quality(spec, machines, plan.partition)
+    return Prepared(spec.name or "graph", (spec.feature_dim, spec.num_classes), spec.num_train_nodes,
+                    int(spec.num_nodes), quality, _statistical(spec, quality, model, plan), "statistical")
+
+
+def simulate_prepared(prep: Prepared, model: GNNModelSpec, cluster: ClusterSpec, plan: GNNPlan, *,
+                      trace_path: str | Path | None = None) -> GNNReport:
+    """The epoch from prepared counts: stage times, the pipeline, the slowest machine."""
+    machines, counts, dims, train = costs.num_machines(cluster), prep.counts, prep.dims, prep.train_nodes
+    _check_memory(cluster, plan, model, dims, counts, prep.num_nodes)
+    loads = [_trainer_load(p, c, s, prep.quality, train, model, cluster, plan, dims) for p, (c, s) in enumerate(counts)]
     slowest = max(range(machines), key=lambda p: loads[p].iteration_time_s)
     trainers = machines * plan.trainers_per_machine
     iterations = max(1, math.ceil(train / trainers / plan.batch_size_per_trainer))
     iteration_s = loads[slowest].iteration_time_s
-    breakdown = _breakdown(loads[slowest].stages_s, plan)
-    feature_row = feature_dim * plan.feature_bytes
+    feature_row = dims[0] * plan.feature_bytes
     model_bytes = costs.parameter_count(model, *dims) * costs.FP32
     report = GNNReport(
-        graph=name, model=model.name or model.architecture, cluster=cluster.name, machines=machines,
+        graph=prep.name, model=model.name or model.architecture, cluster=cluster.name, machines=machines,
         trainers=trainers, epoch_time_s=iterations * iteration_s, iteration_time_s=iteration_s,
-        iterations_per_epoch=iterations, breakdown=breakdown,
+        iterations_per_epoch=iterations, breakdown=_breakdown(loads[slowest].stages_s, plan),
         remote_bytes_per_epoch=iterations * plan.trainers_per_machine * sum(t.remote_bytes_per_iteration for t in loads),
         local_bytes_per_epoch=iterations * plan.trainers_per_machine * feature_row * sum(
             c.input_local + c.input_cached for c, _ in counts),
         allreduce_bytes_per_epoch=iterations * model_bytes * (trainers > 1),
         sampled_nodes_per_layer=counts[slowest][0].nodes, sampled_edges_per_layer=counts[slowest][0].edges,
-        trainer_loads=loads, partition=quality.to_dict(), path="measured" if built is not None else "statistical",
-        plan=plan.to_dict())
+        trainer_loads=loads, partition=prep.quality.to_dict(), path=prep.path, plan=plan.to_dict())
     if trace_path is not None:
         write_chrome_trace(trace_events(report, slowest), trace_path, "simtune gnn", "machine")
     return report
