@@ -23,7 +23,7 @@ import typer
 from simtune.cli import train  # noqa: F401
 
 # isort: split
-from simtune.cli import run, serve, spec, validate  # noqa: F401
+from simtune.cli import run, run_gnn, serve, spec, validate  # noqa: F401
 from simtune.cli.apps import run_app, simulate_app, tune_app, validate_app
 from simtune.cli.catalog import catalog
 from simtune.cli.gnn import partition
