@@ -1,0 +1,169 @@
+"""The trace of a prompt program: one JSON object per line, written as the run goes.
+
+Each line is flushed when written, so a run that crashes keeps every line it reached. Times
+are seconds since the run started (`t0` in the `run` line, epoch seconds). Record types:
+
+- `run`: `version`, `t0`, `backend`, `program`.
+- `function`: a prompt-function invocation, `id` ("f3"), `parent` (its caller's id or null),
+  `name`, `path` (e.g. "main/solve[0]/branch[4]": names with per-caller counters), `start`;
+  `function_end`: `id`, `end`.
+- `call_start`: an LLM call was issued: `id` ("c7"), `function`, `path` (".../gen[2]": the
+  strict replay key), `key` (a hash of messages and parameters: the loose replay key),
+  `messages`, `params`, `deps` (ids of the calls it waited for: futures in its prompt, and
+  results the program read before issuing it), `submitted`.
+- `call`: the call ended: `id`, `started` (sent to the backend), `ended`, `response`,
+  `prompt_tokens`, `completion_tokens`, `tool_calls`, `backend`, `simulated`, `error`.
+- `tool`: a tool ran: `id`, `function`, `name`, `arguments`, `result`, `error`, `start`, `end`.
+
+`read_trace(path)` merges them into `Trace` (calls by id, functions, tools), tolerating a
+last line cut short by a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+
+
+def call_key(messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+    """The loose replay key: what was asked, not where in the program."""
+    blob = json.dumps({"messages": messages, "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class TraceWriter:
+    """Appends records to a JSONL file, one flushed line each (thread-safe)."""
+
+    def __init__(self, path: str | Path, backend: str = "", program: str = ""):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        self._clock0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._file = self.path.open("w", encoding="utf-8")
+        self.write({"type": "run", "version": VERSION, "t0": self.t0, "backend": backend,
+                    "program": program})
+
+    def now(self) -> float:
+        return time.perf_counter() - self._clock0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, default=str, ensure_ascii=False)
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+@dataclass
+class CallRecord:
+    id: str
+    function: str | None
+    path: str
+    key: str
+    messages: list[dict[str, str]]
+    params: dict[str, Any]
+    deps: list[str]
+    submitted: float
+    started: float | None = None
+    ended: float | None = None
+    response: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    backend: str | None = None
+    simulated: bool = False
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.ended is not None and self.error is None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None or self.started is None else self.ended - self.started
+
+
+@dataclass
+class FunctionRecord:
+    id: str
+    parent: str | None
+    name: str
+    path: str
+    start: float
+    end: float | None = None
+
+
+@dataclass
+class Trace:
+    path: Path
+    run: dict[str, Any]
+    calls: dict[str, CallRecord]
+    functions: dict[str, FunctionRecord]
+    tools: list[dict[str, Any]]
+    truncated: bool = False  # the last line was cut short (a crash mid-write)
+
+    @property
+    def measured_s(self) -> float | None:
+        """Wall time from the run's start to its last recorded event."""
+        ends = [c.ended for c in self.calls.values() if c.ended is not None]
+        ends += [f.end for f in self.functions.values() if f.end is not None]
+        return max(ends) if ends else None
+
+
+def read_trace(path: str | Path) -> Trace:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace {path}: no such file")
+    run: dict[str, Any] = {}
+    calls: dict[str, CallRecord] = {}
+    functions: dict[str, FunctionRecord] = {}
+    tools: list[dict[str, Any]] = []
+    truncated = False
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                truncated = True  # a crash mid-line: keep what came before
+                continue
+            raise ValueError(f"trace {path}, line {number}: not JSON") from None
+        kind = rec.get("type")
+        if kind == "run":
+            run = rec
+        elif kind == "function":
+            functions[rec["id"]] = FunctionRecord(rec["id"], rec.get("parent"), rec["name"], rec["path"],
+                                                  rec["start"])
+        elif kind == "function_end" and rec["id"] in functions:
+            functions[rec["id"]].end = rec["end"]
+        elif kind == "call_start":
+            calls[rec["id"]] = CallRecord(rec["id"], rec.get("function"), rec["path"], rec["key"],
+                                          rec["messages"], rec.get("params", {}), rec.get("deps", []),
+                                          rec["submitted"])
+        elif kind == "call" and rec["id"] in calls:
+            c = calls[rec["id"]]
+            for name in ("started", "ended", "response", "prompt_tokens", "completion_tokens",
+                         "backend", "error"):
+                setattr(c, name, rec.get(name))
+            c.tool_calls = rec.get("tool_calls") or []
+            c.simulated = bool(rec.get("simulated"))
+        elif kind == "tool":
+            tools.append(rec)
+    if not run:
+        raise ValueError(f"trace {path}: no run record on its first line; not a simtune prompt trace")
+    return Trace(path, run, calls, functions, tools, truncated)
