@@ -1,0 +1,178 @@
+"""GNN epoch simulator: sampling saturation, partition effects, scaling, the pipeline, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from simtune.cli import app
+from simulator.errors import SpecError
+from simulator.gnn import quality
+from simulator.gnn.graph import build_graph
+from simulator.gnn.partition import partition_graph
+from simulator.gnn.report import BREAKDOWN_KEYS
+from simulator.gnn.sampling import expected_counts, sample_counts
+from simulator.gnn.simulate import _breakdown, simulate_gnn
+from simulator.specs.catalog import load_gnn_plan, load_graph
+from simulator.specs.gnn import GNNPlan
+
+FANOUTS = [15, 10, 5]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return build_graph("community-20k")
+
+
+@pytest.fixture
+def small_stand_in(monkeypatch):
+    """Statistical-path tests partition a 6,000-node stand-in instead of 40,000."""
+    monkeypatch.setattr(quality, "SAMPLE_NODES", 6_000)
+
+
+def test_sampling_saturates_monotonically_and_never_exceeds_the_graph():
+    spec = load_graph("community-20k")
+    previous = None
+    for batch in (10, 100, 1000, 5000, 10000):
+        nodes, edges = expected_counts(spec, FANOUTS, batch)
+        assert all(b >= a for a, b in zip(nodes, nodes[1:]))          # hops only add nodes
+        assert max(nodes) <= spec.num_nodes
+        if previous is not None:
+            assert all(n >= p for n, p in zip(nodes, previous))
+        previous = nodes
+    assert previous[-1] > 0.9 * spec.num_nodes                        # a huge batch covers the graph
+    small, small_edges = expected_counts(spec, FANOUTS, 10)
+    assert small[1] == pytest.approx(10 + small_edges[0], rel=0.06)  # 10 seeds: few repeats (hubs only)
+
+
+def test_expected_counts_agree_with_sampling_the_generated_graph(graph):
+    nodes, edges = expected_counts(load_graph("community-20k"), FANOUTS, 2000)
+    measured, _ = sample_counts(graph, np.zeros(graph.num_nodes, dtype=np.int32), 0, 1, FANOUTS, 2000)
+    assert np.allclose(nodes, measured.nodes, rtol=0.2)
+    assert np.allclose(edges, measured.edges, rtol=0.2)
+
+
+def test_sampler_respects_fanouts(graph):
+    counts, _ = sample_counts(graph, np.zeros(graph.num_nodes, dtype=np.int32), 0, 1, FANOUTS, 100)
+    for h, f in enumerate(FANOUTS):
+        assert counts.edges[h] <= counts.nodes[h] * f
+
+
+def test_a_single_partition_fetches_nothing_remotely():
+    report = simulate_gnn("community-20k", "graphsage-3", "1xm5n-24xlarge", "distdgl-default")
+    assert report.remote_bytes_per_epoch == 0
+    assert report.breakdown["fetch_remote"] == 0
+    assert report.trainer_loads[0].remote_input_fraction == 0
+
+
+def test_metis_moves_fewer_bytes_and_is_faster_than_random_on_a_community_graph():
+    plan = {"batch_size_per_trainer": 100}
+    metis = simulate_gnn("community-20k", "graphsage-3", "4xm5n-24xlarge", {**plan, "partition": "metis"})
+    random = simulate_gnn("community-20k", "graphsage-3", "4xm5n-24xlarge", {**plan, "partition": "random"})
+    assert metis.remote_bytes_per_epoch < 0.8 * random.remote_bytes_per_epoch
+    assert metis.epoch_time_s < random.epoch_time_s
+
+
+def test_more_machines_with_a_fixed_per_trainer_batch_scale_near_linearly(small_stand_in):
+    four = simulate_gnn("ogbn-papers100m", "graphsage-3", "4xm5n-24xlarge", "distdgl-default")
+    sixteen = simulate_gnn("ogbn-papers100m", "graphsage-3", "16xm5n-24xlarge", "distdgl-default")
+    assert four.path == sixteen.path == "statistical"
+    assert four.iterations_per_epoch == pytest.approx(4 * sixteen.iterations_per_epoch, rel=0.1)
+    assert 3.0 <= four.epoch_time_s / sixteen.epoch_time_s <= 4.4
+
+
+def test_breakdown_sums_to_the_iteration_and_epoch_is_iterations_times_it(graph):
+    report = simulate_gnn(graph, "gat-3", "2xg5-24xlarge", {"trainers_per_machine": 4})
+    assert set(BREAKDOWN_KEYS) <= set(report.breakdown)
+    assert sum(report.breakdown.values()) == pytest.approx(report.iteration_time_s)
+    assert report.epoch_time_s == pytest.approx(report.iterations_per_epoch * report.iteration_time_s)
+    assert report.breakdown["h2d_copy"] > 0                        # GPU machines copy the batch
+
+
+def test_pipeline_rules_as_a_timeline():
+    stages = {"sample": 0.8, "fetch_local": 0.05, "fetch_remote": 0.15, "compute": 0.2, "h2d_copy": 0.0,
+              "allreduce": 0.0, "sparse_update": 0.0}
+    inline = _breakdown(stages, GNNPlan(samplers_per_trainer=0))
+    assert sum(inline.values()) == pytest.approx(1.2)                # sample, then fetch, then compute
+    two = _breakdown(stages, GNNPlan(samplers_per_trainer=2))        # 0.4 s per batch from the samplers
+    assert two["stall"] == pytest.approx(0.4 - 0.4) and sum(two.values()) == pytest.approx(0.4)
+    one = _breakdown(stages, GNNPlan(samplers_per_trainer=1))
+    assert one["stall"] == pytest.approx(0.4) and sum(one.values()) == pytest.approx(0.8)
+    piped = _breakdown({**stages, "sample": 0.1}, GNNPlan(samplers_per_trainer=1, pipeline_fetch=True))
+    assert sum(piped.values()) == pytest.approx(0.2)                 # fetch 0.2 hides behind compute 0.2
+
+
+def test_cache_and_replication_cut_remote_bytes(graph):
+    base = {"batch_size_per_trainer": 200}
+    none = simulate_gnn(graph, "graphsage-3", "4xm5n-24xlarge", base)
+    cached = simulate_gnn(graph, "graphsage-3", "4xm5n-24xlarge", {**base, "feature_cache_fraction": 0.3})
+    replicated = simulate_gnn(graph, "graphsage-3", "4xm5n-24xlarge", {**base, "feature_placement": "replicated"})
+    assert cached.remote_bytes_per_epoch < none.remote_bytes_per_epoch
+    assert replicated.breakdown["fetch_remote"] == 0
+
+
+def test_learnable_embeddings_add_a_sparse_update(graph):
+    model = {"architecture": "graphsage", "num_layers": 3, "hidden_size": 64, "fanouts": FANOUTS, "embedding_dim": 16}
+    report = simulate_gnn(graph, model, "2xm5n-24xlarge", "distdgl-default")
+    assert report.breakdown["sparse_update"] > 0
+
+
+def test_bad_inputs_name_field_value_and_what_is_allowed(graph):
+    part = partition_graph(graph, 2, "random")
+    with pytest.raises(SpecError) as e:
+        simulate_gnn(graph, "graphsage-3", "4xm5n-24xlarge", "distdgl-default", partition=part)
+    assert e.value.field == "partition.num_parts" and e.value.value == 2 and "4" in e.value.allowed
+    with pytest.raises(SpecError, match="graph"):
+        simulate_gnn("no-such-graph", "graphsage-3", "4xm5n-24xlarge", "distdgl-default")
+    with pytest.raises(SpecError, match="partition"):
+        load_gnn_plan({"partition": "spectral"})
+    tiny = {"name": "tiny", "num_nodes": 3, "num_edges": 4, "train_fraction": 0.5}
+    with pytest.raises(SpecError) as e:
+        simulate_gnn(tiny, "graphsage-3", "4xm5n-24xlarge", "distdgl-default")
+    assert e.value.value == 4 and "3" in e.value.allowed
+
+
+def test_a_given_partition_is_used(graph):
+    part = partition_graph(graph, 2, "random")
+    report = simulate_gnn(graph, "graphsage-3", "2xm5n-24xlarge", {"partition": "metis"}, partition=part)
+    assert report.partition["method"] == "random"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _json(*args: str) -> dict:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_simulate_gnn_json_contract(tmp_path):
+    trace = tmp_path / "gnn.json"
+    data = _json("simulate", "gnn", "--graph", "community-20k", "--model", "graphsage-3", "--cluster",
+                 "2xm5n-24xlarge", "--plan", "distdgl-default", "--json", "--trace", str(trace))
+    for key in ("epoch_time_s", "iteration_time_s", "iterations_per_epoch", "breakdown", "remote_bytes_per_epoch",
+                "per_trainer_load"):
+        assert key in data
+    assert {"sample", "fetch_local", "fetch_remote", "compute", "allreduce", "stall"} <= set(data["breakdown"])
+    assert len(data["per_trainer_load"]) == 2
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "compute" for e in events)
+
+
+def test_simulate_gnn_bad_plan_exits_2_naming_the_field():
+    result = CliRunner().invoke(app, ["simulate", "gnn", "--graph", "community-20k", "--model", "graphsage-3",
+                                      "--cluster", "2xm5n-24xlarge", "--plan", "no-such-plan", "--json"])
+    assert result.exit_code == 2 and "gnn_plan" in result.stderr and result.stdout == ""
+
+
+def test_validate_gnn_json_has_every_published_check(small_stand_in):
+    data = _json("validate", "gnn", "--json")
+    ids = {r["id"] for r in data["rows"]}
+    assert {"papers100m-16", "papers100m-scaling", "products-metis", "papers100m-metis", "papers100m-balanced"} <= ids
+    assert all(r["source"] and "predicted" in r for r in data["rows"])
