@@ -189,7 +189,7 @@ class SimulatedBackend(Backend):
     def __init__(self, model: str = "llama-3-8b", cluster: str = "1xa100-80gb",
                  deployment: str = "vllm-tp1", *, time_scale: float = 1.0, output_tokens: int | None = None,
                  max_concurrency: int = 256):
-        from simulator.serving.latency import CallLatency  # lazy: simulator only when used
+        from simulator.workflows.latency import CallLatency  # lazy: the simulator only when used
 
         if time_scale <= 0:
             raise ValueError(f"time_scale = {time_scale}: must be > 0")

@@ -1,5 +1,5 @@
-"""simtune's command line: `catalog`, `profile`, `partition`, `simulate train|serve`, `tune train|serve|spec`,
-`validate train|serve`, `run train`.
+"""simtune's command line: `catalog`, `profile`, `partition`, `simulate train|serve|gnn|workflow`,
+`tune train|serve|spec|gnn`, `validate train|serve|gnn`, `run train|gnn`, `trace show`.
 
 Every spec argument takes a catalog name (`gpt3-175b`, `16x8xa100-80gb`) or a path to a YAML
 file of the same schema. Human output is rich tables on stdout. With `--json` a command prints
@@ -32,6 +32,7 @@ from simtune.cli.render import fmt_seconds, to_jsonable
 
 # isort: split
 from simtune.cli import gnn_sim  # noqa: F401  (simulate, tune and validate gnn)
+from simtune.cli.workflow import trace_app  # also registers `simulate workflow`
 
 app = typer.Typer(
     help="Simulation-first performance modeling for distributed LLM training and serving.",
@@ -43,6 +44,7 @@ app.add_typer(simulate_app, name="simulate")
 app.add_typer(tune_app, name="tune")
 app.add_typer(validate_app, name="validate")
 app.add_typer(run_app, name="run")
+app.add_typer(trace_app, name="trace")
 app.command()(catalog)
 app.command()(profile)
 app.command()(partition)
