@@ -1,0 +1,335 @@
+"""The online serving engine: requests arrive, a step loop schedules, runs and samples.
+
+```
+add_request --> arrivals (by arrival time) --> StaticScheduler.plan()   (simulator's policy)
+                                                  |  BlockManager counts blocks
+                                       PagedKV.sync: block tables follow the counts
+                                                  v
+                                       PagedRunner.forward(items)        (one ragged batch)
+                                                  v
+                          sample, stop checks --> StaticScheduler.commit() --> PagedKV.sync
+```
+
+The policy is the simulator's own code, imported, not rewritten: `StaticScheduler`
+(simulator/serving/schedulers.py) plans every step, `vllm` prefill priority (whole prompts
+up to `max_batched_tokens`, otherwise decode all) or `sarathi` chunked prefill (decodes plus
+prompt chunks within a `chunk_size` token budget), with preemption of the newest sequence by
+recompute or by swap to the CPU pool, over the simulator's `BlockManager` and its watermark.
+Two things the simulator never needs are added around it, without editing it:
+- `EngineSeq` extends the simulator's `Seq` with the token ids, the sampling state and a
+  finish reason. The simulator knows every request's output length in advance (`done` is
+  `generated >= output_tokens`); a real request also ends at EOS or a stop string, so
+  `EngineSeq.done` is also true once a finish reason is set, which the engine does just
+  before `commit` emits the token that ends it. `commit` then frees it as the simulator would.
+- Aborts (a client that went away) and a stuck sarathi schedule are handled by the engine on
+  the scheduler's public queues (`waiting`, `running`, `prefilling`, `swapped`): the
+  simulator never cancels a request, and its sarathi policy can, with a KV pool too small
+  for the prompts part-way through, leave every prefilling sequence unable to grow and none
+  decoding; the engine then preempts the newest prefilling one by recompute.
+Requests are checked on arrival so that one alone always fits the pool: prompt + max_tokens
+<= the context and <= the blocks outside the watermark. Then the step loop cannot wedge.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from executor.serving.model import LlamaDecoder
+from executor.serving.paged import PagedKV
+from executor.serving.runner import Item, PagedRunner
+from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
+from simulator.serving.kv_cache import BlockManager
+from simulator.serving.recorder import Recorder
+from simulator.serving.schedulers import StaticScheduler, Step
+from simulator.serving.sequence import Seq
+from simulator.serving.workload import Request
+from simulator.specs.serving import DeploymentSpec
+
+
+class RequestRejected(ValueError):
+    """A request the engine cannot serve (too long for the context or the KV pool)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: str = "vllm"          # vllm | sarathi
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 4096
+    chunk_size: int = 512
+    block_size: int = 16
+    num_blocks: int = 1024           # KV pool (16 K positions with 16-token blocks)
+    num_cpu_blocks: int = 0          # CPU swap pool; > 0 selects swap preemption
+    watermark: float = 0.01
+    max_model_len: int = 2048
+    seed: int = 0
+    trace: bool = False              # record Chrome trace events (the simulator's recorder)
+
+    def deployment(self) -> DeploymentSpec:
+        """The deployment the shared scheduler reads (one rank: tp = pp = 1)."""
+        swap = self.num_cpu_blocks > 0
+        return DeploymentSpec(scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
+                              max_batched_tokens=self.max_batched_tokens, chunk_size=self.chunk_size,
+                              block_size=self.block_size, preemption="swap" if swap else "recompute",
+                              cpu_kv_buffer_GB=1.0 if swap else 0.0)
+
+    @classmethod
+    def from_deployment(cls, dep: DeploymentSpec, **overrides) -> EngineConfig:
+        """The engine settings of a single-rank deployment spec (see simtune serve)."""
+        return cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
+                      "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
+                      "block_size": dep.block_size, **overrides})
+
+
+class EngineSeq(Seq):
+    """The simulator's `Seq` plus what a real request carries (see the module docstring)."""
+
+    def __init__(self, req: Request, prompt_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None, stop: StopChecker | None):
+        super().__init__(req)
+        self.prompt_ids, self.params, self.generator, self.stop = prompt_ids, params, generator, stop
+        self.output_ids: list[int] = []
+        self.finish_reason: str | None = None   # "stop", "length" or "abort"
+        self.on_output: Callable[[EngineSeq], None] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.generated >= self.req.output_tokens
+
+    @property
+    def text(self) -> str:
+        """The output text so far (cut at a stop string); what a stream may send now."""
+        if self.stop is None:
+            return ""
+        return self.stop.text if self.finish_reason else self.stop.stable_text
+
+
+@dataclass
+class EngineStats:
+    steps: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "mixed": 0})
+    step_s: float = 0.0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    max_batch_size: int = 0             # most sequences in one step
+    max_decode_batch: int = 0           # most decoding sequences in one step
+    finished: int = 0
+    aborted: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=256))   # (end time, output tokens)
+
+    def tokens_per_s(self, now: float, window_s: float = 10.0) -> float:
+        """Output tokens per second over the last `window_s` seconds of steps."""
+        recent = [(t, n) for t, n in self.recent if t >= now - window_s]
+        return sum(n for _, n in recent) / window_s if recent else 0.0
+
+
+class Engine:
+    def __init__(self, decoder: LlamaDecoder, config: EngineConfig = EngineConfig(), tokenizer=None,
+                 clock: Callable[[], float] = time.perf_counter):
+        if config.scheduler not in ("vllm", "sarathi"):
+            raise ValueError(f"scheduler={config.scheduler!r}: the engine runs 'vllm' or 'sarathi' "
+                             f"(seesaw re-sharding needs TP/PP ranks, not supported yet)")
+        self.decoder, self.config, self.tokenizer = decoder, config, tokenizer
+        cfg = decoder.cfg
+        if not 1 <= config.max_model_len <= cfg.max_positions:
+            raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark)
+        self.scheduler = StaticScheduler(config.deployment(), self.blocks)
+        self.kv = PagedKV(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.num_blocks, config.block_size,
+                          config.num_cpu_blocks, decoder.dtype, decoder.device)
+        self.runner = PagedRunner(decoder, self.kv)
+        self.clock, self.t0 = clock, clock()
+        self.seqs: dict[int, EngineSeq] = {}        # unfinished, by id
+        self.arrivals: list[tuple[float, int, EngineSeq]] = []   # heap of requests not arrived yet
+        self.stats = EngineStats()
+        self.recorder = Recorder(trace=True) if config.trace else None
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(config.seed)
+
+    # --- requests -----------------------------------------------------------------------------
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt + output tokens one request may hold: the context, and the pool outside the
+        watermark."""
+        pool = (self.blocks.num_gpu_blocks - self.blocks.watermark_blocks) * self.blocks.block_size
+        return min(self.config.max_model_len, pool)
+
+    def now(self) -> float:
+        return self.clock() - self.t0
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    arrival_s: float | None = None) -> EngineSeq:
+        """Queue a request (arriving now, or at `arrival_s` on the engine's clock)."""
+        params = SamplingParams() if params is None else params
+        prompt_ids = [int(t) for t in prompt_ids]
+        limit = self.max_request_tokens
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty; give at least one token", "prompt")
+        if any(not 0 <= t < self.decoder.cfg.vocab for t in prompt_ids):
+            raise RequestRejected(f"token ids must be in 0..{self.decoder.cfg.vocab - 1}", "prompt")
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise RequestRejected(
+                f"this model's maximum context length is {limit} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens}",
+                "max_tokens" if len(prompt_ids) < limit else "prompt", "context_length_exceeded")
+        sid = next(self._ids)
+        arrival_s = self.now() if arrival_s is None else arrival_s
+        req = Request(sid, arrival_s, len(prompt_ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        gen = None if params.greedy else torch.Generator(device="cpu").manual_seed(seed)
+        stop = StopChecker(self._decode, params.stop) if self.tokenizer is not None else None
+        if params.stop and stop is None:
+            raise RequestRejected("stop strings need the engine's tokenizer", "stop")
+        seq = EngineSeq(req, prompt_ids, params, gen, stop)
+        self.seqs[sid] = seq
+        heapq.heappush(self.arrivals, (arrival_s, sid, seq))
+        return seq
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop an unfinished request and free its blocks; whether it was still live."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return False
+        s = self.scheduler
+        for queue in (s.waiting, s.running, s.prefilling, s.swapped):
+            if seq in queue:
+                queue.remove(seq)
+        if seq_id in self.blocks:
+            self.blocks.free(seq_id)
+        self.arrivals = [a for a in self.arrivals if a[1] != seq_id]
+        heapq.heapify(self.arrivals)
+        self.kv.sync(self.blocks, self.seqs)
+        seq.finish_reason = "abort"
+        self.stats.aborted += 1
+        if seq.on_output:
+            seq.on_output(seq)
+        return True
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet admitted (arrived or not)."""
+        return len(self.scheduler.waiting) + len(self.arrivals)
+
+    @property
+    def num_running(self) -> int:
+        s = self.scheduler
+        return len(s.running) + len(s.prefilling) + len(s.swapped)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    def next_arrival_s(self) -> float | None:
+        return self.arrivals[0][0] if self.arrivals else None
+
+    # --- the step loop ------------------------------------------------------------------------
+    def step(self) -> list[EngineSeq]:
+        """Admit arrivals, plan, run and commit one step; the sequences that emitted a token
+        or finished. An empty list when nothing can run now (idle, or waiting for arrivals)."""
+        now = self.now()
+        while self.arrivals and self.arrivals[0][0] <= now:
+            self.scheduler.add(heapq.heappop(self.arrivals)[2])
+        if self.scheduler.idle:
+            return []
+        plan = self.scheduler.plan()
+        if plan is None:
+            plan = self._unstick()
+        self.kv.sync(self.blocks, self.seqs)
+        start = self.now()
+        items = [self._item(seq, chunk) for seq, chunk in zip(plan.seqs, plan.chunks)]
+        logits = self.runner.forward(items)
+        emitting = [seq for seq, it in zip(plan.seqs, items) if it.logits]
+        prompt_tokens = sum(len(it.tokens) for seq, it in zip(plan.seqs, items) if not seq.decoding)
+        tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
+        for seq, tok in zip(emitting, tokens):
+            self._accept(seq, tok)
+        end = self.now()
+        finished = self.scheduler.commit(plan, end)
+        for seq in finished:
+            self.seqs.pop(seq.id, None)
+            if seq.finish_reason is None:
+                seq.finish_reason = "length"
+        self.kv.sync(self.blocks, self.seqs)
+        self._record(plan, start, end, len(emitting), prompt_tokens)
+        self.stats.finished += len(finished)
+        for seq in emitting:
+            if seq.on_output:
+                seq.on_output(seq)
+        return emitting
+
+    def _item(self, seq: EngineSeq, chunk: int) -> Item:
+        if seq.decoding:  # feeds the last sampled token
+            return Item(seq.id, seq.output_ids[-1:], seq.context - 1, True)
+        full = seq.prompt_ids + seq.output_ids  # a recompute re-runs the output too
+        start = seq.prefilled
+        return Item(seq.id, full[start:start + chunk], start, start + chunk == seq.prompt_len)
+
+    def _accept(self, seq: EngineSeq, token: int) -> None:
+        """Append a sampled token and set the finish reason if it ends the request (before
+        `commit` emits it, so commit frees the sequence)."""
+        seq.output_ids.append(token)
+        p = seq.params
+        if (token == self.decoder.cfg.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+            if seq.stop is not None:
+                seq.stop.update(seq.output_ids[:-1])
+        elif seq.stop is not None and seq.stop.update(seq.output_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens:
+            seq.finish_reason = "length"
+
+    def _unstick(self) -> Step:
+        """Nothing fits: preempt the newest prefilling sequence (recompute) and plan again."""
+        s = self.scheduler
+        if not s.prefilling:
+            raise RuntimeError(f"the scheduler planned nothing with {len(s.waiting)} waiting, "
+                               f"{len(s.running)} running; KV {self.blocks!r}")
+        victim = s.prefilling.pop()
+        self.blocks.free(victim.id)
+        victim.prefilled, victim.decoding = 0, False
+        s.waiting.appendleft(victim)
+        s.preemptions += 1
+        victim.preemptions += 1
+        plan = s.plan()
+        return plan if plan is not None else self._unstick()
+
+    def _record(self, plan: Step, start: float, end: float, emitted: int, prompt_tokens: int) -> None:
+        st = self.stats
+        st.steps[plan.kind] = st.steps.get(plan.kind, 0) + 1
+        st.step_s += end - start
+        st.output_tokens += emitted
+        st.prompt_tokens += prompt_tokens
+        st.max_batch_size = max(st.max_batch_size, len(plan.seqs))
+        st.max_decode_batch = max(st.max_decode_batch, sum(1 for s in plan.seqs if s.decoding))
+        st.recent.append((end, emitted))
+        if self.recorder is not None:
+            self.recorder.step(0, plan.kind, start, end, len(plan.seqs), sum(plan.chunks),
+                               self.blocks.utilization)
+
+    # --- offline ------------------------------------------------------------------------------
+    def run_until_done(self, sleep_s: float = 0.001) -> None:
+        """Step until every queued request has finished (waiting for future arrivals)."""
+        while self.has_unfinished():
+            if not self.step():
+                nxt = self.next_arrival_s()
+                if nxt is not None:
+                    time.sleep(max(0.0, min(nxt - self.now(), 0.05)) or sleep_s)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[EngineSeq]:
+        """Serve `prompts` all arriving now; the finished sequences in prompt order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self.run_until_done()
+        return seqs

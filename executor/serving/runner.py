@@ -1,0 +1,127 @@
+"""The model runner: one forward of a ragged batch through the paged KV cache.
+
+The scheduler hands the runner a step: for each sequence, the tokens to run now (a whole
+prompt, a prompt chunk, a recomputed prompt + output, or the one token a decode feeds) and
+the position of the first. The runner only executes it (vLLM's split: the scheduler decides,
+the block manager owns blocks, the runner runs).
+
+Design note: the batch is flattened, not padded. All the step's tokens form one [T, hidden]
+matrix, so every projection and the MLP run once over T rows whatever the mix of prompt
+chunks and decodes (a sarathi step of 1 decode token per sequence plus a 500-token chunk
+pads nothing). Only attention is per sequence:
+- decodes (one new token each) are batched: their block tables are gathered into one padded
+  [B, kv_heads, L, head_dim] tensor (L = the longest context, rounded up to a block) and one
+  SDPA call attends with a key mask per row;
+- a prompt that starts at position 0 attends its own fresh K/V (no gather);
+- a chunk that continues a prompt (sarathi, or a recompute after preemption) gathers its
+  own blocks.
+Grouped-query attention stacks the query heads of one K/V head along the query axis, as
+`LlamaDecoder.forward` does, so K/V are never repeated. The arithmetic is that of
+`LlamaDecoder.forward` (the same `_linear`, RMS norm and rope), which is what makes greedy
+output equal the sequential decoder's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from executor.serving.model import LlamaDecoder, _linear
+from executor.serving.paged import PagedKV
+
+
+@dataclass
+class Item:
+    """One sequence's part of a step."""
+
+    seq_id: int
+    tokens: list[int]
+    start: int            # position of tokens[0]
+    logits: bool          # whether the last token's logits are needed (it emits a token)
+
+
+class PagedRunner:
+    def __init__(self, decoder: LlamaDecoder, kv: PagedKV):
+        self.decoder, self.kv = decoder, kv
+        self.gather_s = 0.0   # time spent gathering blocks for attention, since creation
+
+    @torch.inference_mode()
+    def forward(self, items: list[Item]) -> torch.Tensor:
+        """Logits [number of items with logits, vocab] in the order of `items`."""
+        dec, cfg, kv = self.decoder, self.decoder.cfg, self.kv
+        dev, dtype = dec.device, dec.dtype
+        nh, kvh, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.group, cfg.head_dim
+        tokens, pos, blocks, offsets, spans = [], [], [], [], []
+        for it in items:
+            n = len(it.tokens)
+            b, o = kv.slots(it.seq_id, it.start, n)
+            spans.append((len(tokens), n))
+            tokens += it.tokens
+            pos += range(it.start, it.start + n)
+            blocks += b
+            offsets += o
+        pos_t = torch.tensor(pos, device=dev)
+        slots = torch.tensor(blocks, device=dev) * kv.block_size + torch.tensor(offsets, device=dev)
+        cos, sin = dec.cos[pos_t][:, None].to(dtype), dec.sin[pos_t][:, None].to(dtype)  # [T, 1, d]
+
+        decodes = [i for i, it in enumerate(items) if len(it.tokens) == 1]
+        rows_d = torch.tensor([spans[i][0] for i in decodes], device=dev)
+        ctx_d = torch.tensor([items[i].start + 1 for i in decodes], device=dev)
+        if decodes:
+            nb = -(-int(ctx_d.max()) // kv.block_size)
+            tables = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev)
+            mask_d = (torch.arange(nb * kv.block_size, device=dev)[None, :] < ctx_d[:, None])[:, None, None]
+        others = [i for i in range(len(items)) if len(items[i].tokens) > 1]
+
+        x = dec.embed[torch.tensor(tokens, device=dev)]                       # [T, hidden]
+        t_all = x.shape[0]
+        for layer, w in enumerate(dec.layers):
+            qkv = _linear(dec._rms(x, w.attn_norm), w.qkv)
+            q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
+            q = dec._rope(q.view(t_all, nh, d), cos, sin)
+            k = dec._rope(k.view(t_all, kvh, d), cos, sin)
+            v = v.view(t_all, kvh, d)
+            kv.write(layer, slots, k, v)
+            o = torch.empty(t_all, nh * d, dtype=dtype, device=dev)
+            if decodes:
+                t0 = time.perf_counter()
+                kd, vd = kv.gather(layer, tables)
+                self.gather_s += time.perf_counter() - t0
+                qd = q[rows_d].view(len(decodes), kvh, g, d)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask_d)
+                o[rows_d] = od.reshape(len(decodes), nh * d)
+            for i in others:
+                o[spans[i][0]:sum(spans[i])] = self._chunk_attention(layer, items[i], spans[i], q, k, v)
+            x = x + _linear(o, w.o)
+            gate, up = _linear(dec._rms(x, w.ffn_norm), w.gate_up).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, w.down)
+        last = [s + n - 1 for (s, n), it in zip(spans, items) if it.logits]
+        if not last:
+            return x.new_zeros(0, cfg.vocab)
+        return _linear(dec._rms(x[torch.tensor(last, device=dev)], dec.norm), dec.embed)
+
+    def _chunk_attention(self, layer: int, it: Item, span: tuple[int, int], q: torch.Tensor,
+                         k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention output [n, heads * head_dim] of a prompt (chunk) of n > 1 tokens."""
+        cfg, kv = self.decoder.cfg, self.kv
+        kvh, g, d = cfg.n_kv_heads, cfg.group, cfg.head_dim
+        s, n = span
+        dev = q.device
+        qi = q[s:s + n].view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
+        length = it.start + n
+        if it.start == 0:  # its own fresh K/V: no gather
+            ki, vi = k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None]
+        else:
+            t0 = time.perf_counter()
+            nb = -(-length // kv.block_size)
+            ki, vi = kv.gather(layer, torch.tensor([kv.tables[it.seq_id][:nb]], device=dev))
+            ki, vi = ki[:, :, :length], vi[:, :, :length]
+            self.gather_s += time.perf_counter() - t0
+        qpos = torch.arange(it.start, length, device=dev)
+        mask = torch.arange(length, device=dev)[None, :] <= qpos[:, None]          # [n, length]
+        mask = mask[None, None, None].expand(1, 1, g, n, length).reshape(1, 1, g * n, length)
+        oi = F.scaled_dot_product_attention(qi.contiguous(), ki, vi, attn_mask=mask)   # [1, kvh, g*n, d]
+        return oi.reshape(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, kvh * g * d)
