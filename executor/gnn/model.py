@@ -27,15 +27,30 @@ from simulator.errors import SpecError
 from simulator.specs.gnn import GNNModelSpec
 
 
+def mean_matrix(block: Block, include_self: bool = False) -> torch.Tensor:
+    """The (num_dst x num_src) sparse matrix whose row v averages v's sampled in-neighbors (and v
+    itself with include_self): one sparse-dense product aggregates a layer, forward and backward,
+    instead of gathering a row per edge (several times faster on one core)."""
+    dst, src = block.dst, block.src
+    if include_self:
+        loops = torch.arange(block.num_dst)
+        dst, src = torch.cat([dst, loops]), torch.cat([src, loops])
+    count = torch.bincount(dst, minlength=block.num_dst).clamp(min=1).float()
+    return torch.sparse_coo_tensor(torch.stack([dst, src]), 1.0 / count[dst],
+                                   (block.num_dst, block.num_src), check_invariants=False).coalesce()
+
+
 def mean_of_neighbors(h_src: torch.Tensor, block: Block, include_self: bool = False) -> torch.Tensor:
     """Mean of h over each dst node's sampled in-neighbors (and itself with include_self)."""
-    total = torch.zeros((block.num_dst, h_src.shape[1]), dtype=h_src.dtype)
-    total.index_add_(0, block.dst, h_src[block.src])
-    count = torch.bincount(block.dst, minlength=block.num_dst).to(h_src.dtype)
-    if include_self:
-        total += h_src[:block.num_dst]
-        count += 1
-    return total / count.clamp(min=1).unsqueeze(1)
+    return torch.sparse.mm(mean_matrix(block, include_self), h_src)
+
+
+def dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout with a uniform draw per element (torch's CPU bernoulli_ is about twice
+    as slow for the same mask)."""
+    if not training or p == 0:
+        return h
+    return h * (torch.rand_like(h) >= p).to(h.dtype).mul_(1.0 / (1.0 - p))
 
 
 class SAGELayer(nn.Module):
@@ -97,14 +112,14 @@ class GNN(nn.Module):
             layers = [GATLayer(dims[i], dims[i + 1], spec.num_heads, concat=i < last)
                       for i in range(spec.num_layers)]
         self.layers = nn.ModuleList(layers)
-        self.dropout = nn.Dropout(spec.dropout)
+        self.dropout = spec.dropout
 
     def forward(self, x: torch.Tensor, blocks: list[Block]) -> torch.Tensor:
         h = x
         for i, (layer, block) in enumerate(zip(self.layers, blocks)):
             h = layer(h, block)
             if i < len(self.layers) - 1:
-                h = self.dropout(F.relu(h))
+                h = dropout(F.relu(h), self.dropout, self.training)
         return h
 
 

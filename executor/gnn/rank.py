@@ -5,7 +5,7 @@
 
     load_partition(dir, r) -> DistSampler (its CSR rows) + FeatureStore (its rows, the cache)
     seeded GNN (the same weights on every rank), Adam
-    iterations per epoch = the most any rank needs for its training nodes at the plan's batch
+    iterations per epoch = all ranks' training nodes / (ranks x the plan's batch), rounded up
     per epoch: barrier, then for each chunk of this rank's shuffled training nodes
         Loader: sample -> fetch (inline or ahead in threads, as the plan says)
         compute: forward on the blocks, cross entropy on the seeds' labels, backward
@@ -65,7 +65,10 @@ def train_gnn_rank(rank: int, world_size: int, job: GNNJob) -> dict[str, Any]:
     model = GNN(job.model, part.features.shape[1], int(part.meta["num_classes"]))
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     train = part.owned[part.train_mask]
-    iterations = _agree_max(-(-train.size // plan.batch_size_per_trainer))
+    # DistDGL's node_split(force_even=True): every trainer runs the same number of batches, the
+    # mean training set over the batch size; a part with more training nodes takes slightly
+    # larger batches (by its imbalance) instead of extra iterations
+    iterations = max(1, -(-_agree_sum(train.size) // (world_size * plan.batch_size_per_trainer)))
     rng = np.random.default_rng((job.seed, rank))
     epochs = []
     for _ in range(job.epochs):
@@ -96,6 +99,12 @@ def _feature_store(partition_dir: str, part: PartitionData, plan: GNNPlan, excha
     cache = hottest_halo(part.halo, part.indices, plan.feature_cache_fraction)
     return FeatureStore(part.features, part.owned, part.node_map, exchange, plan.feature_dtype,
                         cache_nodes=cache)
+
+
+def _agree_sum(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _agree_max(value: int) -> int:

@@ -79,7 +79,8 @@ class GNNRunReport:
     ranks: list[dict[str, int]] = field(default_factory=list)      # owned, train, halo, cached nodes
     predicted_epoch_time_s: float | None = None
     predicted_iteration_time_s: float | None = None
-    predicted_breakdown: dict[str, float] = field(default_factory=dict)
+    predicted_iterations_per_epoch: int | None = None
+    predicted_breakdown: dict[str, float] = field(default_factory=dict)  # seconds per epoch, as `breakdown`
     predicted_remote_bytes_per_epoch: float | None = None
     profile: str | None = None
     error: float | None = None                     # measured / predicted epoch time - 1
@@ -218,7 +219,9 @@ def _predict(report: GNNRunReport, graph: Graph, model: GNNModelSpec, plan: GNNP
     report.profile = str(profile) if profile is not None else cluster.profile
     report.predicted_epoch_time_s = predicted.epoch_time_s
     report.predicted_iteration_time_s = predicted.iteration_time_s
-    report.predicted_breakdown = dict(predicted.breakdown)
+    report.predicted_iterations_per_epoch = predicted.iterations_per_epoch
+    # the simulator's breakdown is of one iteration's critical path; per epoch like the measurement
+    report.predicted_breakdown = {k: v * predicted.iterations_per_epoch for k, v in predicted.breakdown.items()}
     report.predicted_remote_bytes_per_epoch = predicted.to_dict().get("remote_bytes_per_epoch")
     if report.epoch_time_s is not None:
         report.error = report.epoch_time_s / predicted.epoch_time_s - 1.0

@@ -1,0 +1,139 @@
+"""Train a GNN for real on this machine's CPU ranks: METIS vs random partitions, measured vs simulated.
+
+(a) METIS vs random on a generated community graph (`community-20k`: 20,000 nodes, 400,000
+    stored edges, 8 communities) with 2 ranks: remote feature bytes and epoch time of random
+    over METIS, both measured in this run, interleaved (metis, random, metis, random, ...).
+(b) Measured vs simulated epoch time on 1 and 2 ranks (METIS): `executor.gnn.run_gnn` against
+    `simulate_gnn` on `1xcpu` / `2xcpu` with the committed CPU profile, the same partition
+    handed to both. Target: within 25%.
+
+Every run: `graphsage-3` (DistDGL's model: 3 layers, hidden 256, fan-outs 15, 10, 5), 1,000
+seeds per trainer, features partitioned without a cache, sampling and fetching inline (no
+sampler threads, no pipelined fetch: the plainest plan to compare), fp32; 3 epochs, the
+first dropped, the median of the other two of the slowest rank; no evaluation. Each
+configuration runs `repeats` times; the report gives the median and the spread.
+
+Usage: python benchmarks/bench_gnn_executor.py [--quick] [--out PATH] [--markdown-only]
+Writes benchmarks/results/gnn_executor.json and .md atomically.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import common
+
+from executor.gnn.run import run_gnn
+
+DEFAULT_OUT = common.RESULTS / "gnn_executor.json"
+TARGET = 0.25
+GRAPH, MODEL = "community-20k", "graphsage-3"
+PLAN = {"name": "bench-inline", "partition": "metis", "trainers_per_machine": 1, "samplers_per_trainer": 0,
+        "batch_size_per_trainer": 1000, "feature_placement": "partitioned", "feature_cache_fraction": 0.0,
+        "pipeline_fetch": False, "feature_dtype": "fp32"}
+EPOCHS = 3
+# (label, ranks, partition method), in the order they run within each repeat
+CONFIGS = [("1 rank", 1, "metis"), ("2 ranks metis", 2, "metis"), ("2 ranks random", 2, "random")]
+
+
+def run_config(ranks: int, method: str, compare: bool) -> dict[str, Any]:
+    r = run_gnn(GRAPH, MODEL, {**PLAN, "partition": method}, ranks, epochs=EPOCHS, compare=compare, evaluate=False)
+    return {"epoch_time_s": r.epoch_time_s, "breakdown": r.breakdown, "remote_bytes_per_epoch": r.remote_bytes_per_epoch,
+            "sampling_bytes_per_epoch": r.sampling_bytes_per_epoch, "input_nodes_per_batch": r.input_nodes_per_batch,
+            "iterations_per_epoch": r.iterations_per_epoch, "edge_cut_fraction": r.partition["edge_cut_fraction"],
+            "predicted_epoch_time_s": r.predicted_epoch_time_s, "predicted_breakdown": r.predicted_breakdown,
+            "predicted_iterations_per_epoch": r.predicted_iterations_per_epoch,
+            "predicted_remote_bytes_per_epoch": r.predicted_remote_bytes_per_epoch, "profile": r.profile,
+            "notes": r.notes}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    repeats = 1 if quick else 3
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in CONFIGS}
+    for i in range(repeats):  # interleaved: a slow minute of the shared machine hits every configuration
+        for label, ranks, method in CONFIGS:
+            runs[label].append(run_config(ranks, method, compare=i == 0))
+            print(f"repeat {i + 1}/{repeats} {label}: epoch {runs[label][-1]['epoch_time_s']:.3f} s", flush=True)
+    rows = []
+    for label, ranks, method in CONFIGS:
+        rs, first = runs[label], runs[label][0]
+        epoch = spread([r["epoch_time_s"] for r in rs])
+        predicted = first["predicted_epoch_time_s"]
+        rows.append({
+            "label": label, "ranks": ranks, "partition": method, "epoch_time_s": epoch,
+            "iterations_per_epoch": first["iterations_per_epoch"],
+            "breakdown": {k: statistics.median(r["breakdown"][k] for r in rs) for k in first["breakdown"]},
+            "remote_bytes_per_epoch": statistics.median(r["remote_bytes_per_epoch"] for r in rs),
+            "sampling_bytes_per_epoch": statistics.median(r["sampling_bytes_per_epoch"] for r in rs),
+            "input_nodes_per_batch": statistics.median(r["input_nodes_per_batch"] for r in rs),
+            "edge_cut_fraction": first["edge_cut_fraction"], "predicted_epoch_time_s": predicted,
+            "predicted_iterations_per_epoch": first["predicted_iterations_per_epoch"],
+            "predicted_breakdown": first["predicted_breakdown"],
+            "predicted_remote_bytes_per_epoch": first["predicted_remote_bytes_per_epoch"],
+            "error": epoch["median"] / predicted - 1 if predicted else None, "profile": first["profile"],
+            "notes": first["notes"]})
+    by = {r["label"]: r for r in rows}
+    metis, rnd = by["2 ranks metis"], by["2 ranks random"]
+    paired = [r["epoch_time_s"] / m["epoch_time_s"] for m, r in zip(runs["2 ranks metis"], runs["2 ranks random"])]
+    comparison = {
+        "remote_bytes_ratio_random_over_metis": rnd["remote_bytes_per_epoch"] / metis["remote_bytes_per_epoch"],
+        "epoch_time_ratio_random_over_metis": spread(paired),
+        "predicted_epoch_time_ratio_random_over_metis": (rnd["predicted_epoch_time_s"] / metis["predicted_epoch_time_s"]
+                                                         if metis["predicted_epoch_time_s"] else None),
+    }
+    return {**common.run_fields("gnn_executor", quick, {"repeats": repeats, "epochs": EPOCHS, "timed_epochs": EPOCHS - 1}),
+            "graph": GRAPH, "model": MODEL, "plan": PLAN, "target_abs_error": TARGET, "rows": rows,
+            "metis_vs_random": comparison}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result["metis_vs_random"]
+    t = c["epoch_time_ratio_random_over_metis"]
+    m = result["machine"]
+    lines = [
+        "# GNN executor: real distributed training on this machine's CPU ranks", "",
+        f"`{result['model']}` on `{result['graph']}`, plan `{result['plan']['name']}` (1,000 seeds per trainer, "
+        "partitioned features, no cache, sampling and fetching inline), gloo ranks of one thread each on "
+        f"{m['cpu_model']} ({m['cpu_count']} cores, shared). Epoch time: the slowest rank, median over "
+        f"{result['repetitions']['timed_epochs']} epochs after the first, then the median (min-max) over "
+        f"{result['repetitions']['repeats']} interleaved repeats. Predicted: `simulate_gnn` on `Nxcpu` with the profile named, "
+        f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}.", "",
+        "| run | edge cut | iterations | measured epoch s (min-max) | predicted s | error | remote MB/epoch "
+        "(predicted) | sample / fetch remote / compute / all-reduce s |",
+        "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        e, b = r["epoch_time_s"], r["breakdown"]
+        pred = "-" if r["predicted_epoch_time_s"] is None else f"{r['predicted_epoch_time_s']:.3f}"
+        err = "-" if r["error"] is None else f"{r['error']:+.0%}"
+        prb = r["predicted_remote_bytes_per_epoch"]
+        lines.append(
+            f"| {r['label']} | {r['edge_cut_fraction']:.1%} | {r['iterations_per_epoch']} | {e['median']:.3f} "
+            f"({e['min']:.3f}-{e['max']:.3f}) | {pred} | {err} | {r['remote_bytes_per_epoch'] / 1e6:.2f} "
+            f"({'-' if prb is None else f'{prb / 1e6:.2f}'}) | {b['sample']:.3f} / {b['fetch_remote']:.3f} / "
+            f"{b['compute']:.3f} / {b['allreduce']:.3f} |")
+    pr = c["predicted_epoch_time_ratio_random_over_metis"]
+    lines += ["", f"Random over METIS on 2 ranks: remote feature bytes {c['remote_bytes_ratio_random_over_metis']:.2f}x, "
+              f"epoch time {t['median']:.2f}x (paired repeats {t['min']:.2f}-{t['max']:.2f}x)"
+              + ("" if pr is None else f"; the simulator predicts {pr:.2f}x") + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0], "1 repeat instead of 3", DEFAULT_OUT)
+    args = p.parse_args()
+    if args.markdown_only:
+        common.rewrite_markdown(args.out, markdown)
+        return
+    result = run(args.quick)
+    for r in result["rows"]:
+        print(f"{r['label']}: measured {r['epoch_time_s']['median']:.3f} s, predicted {r['predicted_epoch_time_s']}")
+    common.write_results(result, args.out, markdown)
+
+
+if __name__ == "__main__":
+    main()
