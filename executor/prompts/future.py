@@ -23,8 +23,8 @@ class CallError(RuntimeError):
 class Gen:
     """The result of one LLM call: a string once done."""
 
-    def __init__(self, call_id: str, path: str, future: cf.Future):
-        self.call_id, self.path, self._future = call_id, path, future
+    def __init__(self, call_id: str, path: str, future: cf.Future, runtime: Any = None):
+        self.call_id, self.path, self._future, self.runtime = call_id, path, future, runtime
 
     # --- waiting ---------------------------------------------------------------------------
     def done(self) -> bool:

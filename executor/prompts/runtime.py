@@ -41,14 +41,15 @@ class Frame:
 
 
 _frame: contextvars.ContextVar[Frame | None] = contextvars.ContextVar("simtune_prompt_frame", default=None)
-_read: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("simtune_results_read", default=None)
 
 
 def note_waited(gen: Gen) -> None:
     """The program read `gen`'s result: later calls from this flow of control depend on it."""
-    seen = _read.get() or frozenset()
-    if gen.call_id not in seen:
-        _read.set(seen | {gen.call_id})
+    if gen.runtime is not None:
+        read = gen.runtime._read
+        seen = read.get()
+        if gen.call_id not in seen:
+            read.set(seen | {gen.call_id})
 
 
 class Runtime:
@@ -69,6 +70,9 @@ class Runtime:
         self.peak_in_flight = 0
         self.calls: list[Gen] = []
         self.root = Frame("f0", "main")  # the program itself: paths restart with each runtime
+        # the results this flow of control has read (program order), per runtime
+        self._read: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+            f"simtune_results_read_{id(self)}", default=frozenset())
 
     # --- the call tree ---------------------------------------------------------------------
     def frame(self) -> Frame:
@@ -94,9 +98,9 @@ class Runtime:
         call_id = f"c{next(self._ids)}"
         path = frame.child("gen")
         deps = {g.call_id: g for g in inputs}
-        read = _read.get() or frozenset()
+        read = self._read.get()
         result: cf.Future[Completion] = cf.Future()
-        gen = Gen(call_id, path, result)
+        gen = Gen(call_id, path, result, self)
         submitted = self.trace.now() if self.trace else 0.0
         with self._lock:
             self.calls.append(gen)
@@ -104,7 +108,9 @@ class Runtime:
         def start(_: Any = None) -> None:
             failed = next((g for g in deps.values() if g._future.exception() is not None), None)
             if failed is not None:
-                result.set_exception(RuntimeError(f"an input call {failed.path} failed"))
+                cause = failed._future.exception()
+                result.set_exception(RuntimeError(f"its input call {failed.path} failed: "
+                                                  f"{type(cause).__name__}: {cause}"))
                 self._end(call_id, None, None, result.exception())
                 return
             rendered = [m.render() for m in messages]
