@@ -14,7 +14,8 @@
 
 `backend_from_env()` picks one by `SIMTUNE_LLM_BACKEND` (`local`, the default; `openai`, which
 reads `OPENAI_BASE_URL`, `OPENAI_API_KEY` and `SIMTUNE_LLM_MODEL`; `simulated`, which reads
-`SIMTUNE_SIM_MODEL`, `SIMTUNE_SIM_CLUSTER`, `SIMTUNE_SIM_DEPLOYMENT`).
+`SIMTUNE_SIM_MODEL`, `SIMTUNE_SIM_CLUSTER`, `SIMTUNE_SIM_DEPLOYMENT` and
+`SIMTUNE_SIM_TIME_SCALE`).
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def backend_from_env(environ: dict[str, str] | None = None) -> Backend:
     if kind == "simulated":
         return SimulatedBackend(env.get("SIMTUNE_SIM_MODEL", "llama-3-8b"),
                                 env.get("SIMTUNE_SIM_CLUSTER", "1xa100-80gb"),
-                                env.get("SIMTUNE_SIM_DEPLOYMENT", "vllm-tp1"))
+                                env.get("SIMTUNE_SIM_DEPLOYMENT", "vllm-tp1"),
+                                time_scale=float(env.get("SIMTUNE_SIM_TIME_SCALE", "1")))
     if kind == "local":
         from executor.prompts.local import LocalBackend
 
