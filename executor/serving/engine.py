@@ -170,6 +170,21 @@ class Engine:
                     arrival_s: float | None = None) -> EngineSeq:
         """Queue a request (arriving now, or at `arrival_s` on the engine's clock)."""
         params = SamplingParams() if params is None else params
+        prompt_ids = self.check_request(prompt_ids, params)
+        sid = next(self._ids)
+        arrival_s = self.now() if arrival_s is None else arrival_s
+        req = Request(sid, arrival_s, len(prompt_ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+        gen = None if params.greedy else torch.Generator(device="cpu").manual_seed(seed)
+        stop = StopChecker(self._decode, params.stop) if self.tokenizer is not None else None
+        seq = EngineSeq(req, prompt_ids, params, gen, stop)
+        self.seqs[sid] = seq
+        heapq.heappush(self.arrivals, (arrival_s, sid, seq))
+        return seq
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or RequestRejected naming what is wrong (reads only
+        fixed settings, so any thread may call it)."""
         prompt_ids = [int(t) for t in prompt_ids]
         limit = self.max_request_tokens
         if not prompt_ids:
@@ -181,18 +196,9 @@ class Engine:
                 f"this model's maximum context length is {limit} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens}",
                 "max_tokens" if len(prompt_ids) < limit else "prompt", "context_length_exceeded")
-        sid = next(self._ids)
-        arrival_s = self.now() if arrival_s is None else arrival_s
-        req = Request(sid, arrival_s, len(prompt_ids), params.max_tokens)
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
-        gen = None if params.greedy else torch.Generator(device="cpu").manual_seed(seed)
-        stop = StopChecker(self._decode, params.stop) if self.tokenizer is not None else None
-        if params.stop and stop is None:
+        if params.stop and self.tokenizer is None:
             raise RequestRejected("stop strings need the engine's tokenizer", "stop")
-        seq = EngineSeq(req, prompt_ids, params, gen, stop)
-        self.seqs[sid] = seq
-        heapq.heappush(self.arrivals, (arrival_s, sid, seq))
-        return seq
+        return prompt_ids
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -29,6 +29,7 @@ from simtune.cli.catalog import catalog
 from simtune.cli.gnn import partition
 from simtune.cli.profile import profile
 from simtune.cli.render import fmt_seconds, to_jsonable
+from simtune.cli.server import serve as serve_http
 
 # isort: split
 from simtune.cli import gnn_sim  # noqa: F401  (simulate, tune and validate gnn)
@@ -48,5 +49,6 @@ app.add_typer(trace_app, name="trace")
 app.command()(catalog)
 app.command()(profile)
 app.command()(partition)
+app.command("serve")(serve_http)
 
 __all__ = ["app", "fmt_seconds", "to_jsonable"]

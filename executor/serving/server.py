@@ -1,0 +1,348 @@
+"""The OpenAI-compatible HTTP server: a thin ASGI layer over the engine thread.
+
+```
+POST /v1/completions, /v1/chat/completions --validate--> EngineThread.submit --> engine steps
+      <-- JSON, or SSE chunks (data: {...}\\n\\n ... data: [DONE]) <-- on_output per step
+GET /v1/models, /health, /metrics (Prometheus text)
+```
+
+Every request is validated before it reaches the engine: pydantic models check fields and
+types, the engine's `check_request` the context length, the model name must be the served
+one. Failures are OpenAI-style bodies, `{"error": {"message", "type", "param", "code"}}`:
+400 for bad input, 404 for an unknown model or path, 429 when the bounded queue is full,
+500 for a bug inside a step (which ends only the requests it touched). Each request gets an
+asyncio queue that the engine thread fills through `loop.call_soon_threadsafe`; a stream
+whose client goes away is cancelled by the ASGI server, and its `finally` aborts the request,
+which frees its KV blocks between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from executor.serving.engine import EngineConfig, EngineSeq, RequestRejected
+from executor.serving.loop import EngineThread, Handle, QueueFull
+from executor.serving.sampling import SamplingParams
+from simulator.errors import SpecError
+from simulator.specs.serving import DeploymentSpec
+
+SERVED_MODEL = "smollm2-135m"   # the one model the engine loads (SmolLM2-135M-Instruct)
+
+Int = Annotated[int, Field(strict=True)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: Int = Field(default=1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: Int | None = None
+    ignore_eos: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[Int]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status)
+
+
+class OpenAIServer:
+    """Turns HTTP requests into engine requests; `app` is the ASGI application."""
+
+    def __init__(self, engine_thread: EngineThread, tokenizer, model_name: str, default_chat_max_tokens: int = 256):
+        self.loop_thread, self.tokenizer, self.model_name = engine_thread, tokenizer, model_name
+        self.default_chat_max_tokens = default_chat_max_tokens
+        self.created = int(time.time())
+        self.app = self._build()
+
+    # --- requests -> engine -------------------------------------------------------------------
+    def _params(self, body: _Sampling, max_tokens: int | None, default: int) -> SamplingParams:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            return SamplingParams(max_tokens=max_tokens or default, temperature=body.temperature,
+                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=str(exc).split("=")[0].split(":")[0]) from exc
+
+    def _check_model(self, body: _Sampling) -> None:
+        if body.model != self.model_name:
+            raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
+        q: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_output(seq: EngineSeq) -> None:
+            update = (seq.text, len(seq.output_ids), seq.finish_reason)
+            loop.call_soon_threadsafe(q.put_nowait, update)
+
+        try:
+            return self.loop_thread.submit(prompt_ids, params, on_output), q
+        except RequestRejected as exc:
+            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+        except QueueFull as exc:
+            raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
+
+    @staticmethod
+    async def _updates(q: asyncio.Queue) -> AsyncIterator[tuple[str, int, str | None]]:
+        """The request's (text so far, output tokens, finish reason) until it finishes, the
+        newest only when several wait."""
+        while True:
+            update = await q.get()
+            while not q.empty() and update[2] is None:
+                update = q.get_nowait()
+            yield update
+            if update[2] is not None:
+                return
+
+    def _completion_prompt(self, body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request (batches of prompts are not supported)",
+                               param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=False).input_ids
+        return list(prompt)
+
+    def _chat_prompt(self, body: ChatRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+                    for m in body.messages]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # --- engine -> responses ------------------------------------------------------------------
+    async def _respond(self, body: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool):
+        handle, q = self._submit(prompt_ids, params)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        if not body.stream:
+            text, n, reason = "", 0, None
+            try:
+                async for update in self._updates(q):
+                    text, n, reason = update
+            finally:  # cancelled (the client went away): free its blocks
+                if reason is None:
+                    self.loop_thread.abort(handle)
+            if reason == "error":
+                raise APIError(500, "the engine failed while running this request", "server_error")
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                       "finish_reason": reason} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return JSONResponse({**head, "choices": [choice], "usage": usage(n)})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+
+        async def events() -> AsyncIterator[str]:
+            sent, n, reason = "", 0, None
+            try:
+                if chat:
+                    yield chunk(None, None, role=True)
+                async for update in self._updates(q):
+                    text, n, reason = update
+                    if reason == "error":
+                        yield _sse({"error": {"message": "the engine failed while running this request",
+                                              "type": "server_error", "param": None, "code": None}})
+                        return
+                    delta, sent = text[len(sent):], text
+                    if reason is None and delta:
+                        yield chunk(delta, None)
+                    elif reason is not None:
+                        yield chunk(delta, reason)
+            finally:  # the client went away mid-stream: free its sequence
+                if reason is None:
+                    self.loop_thread.abort(handle)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(n)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --- the app ------------------------------------------------------------------------------
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="simtune OpenAI-compatible server", docs_url=None, redoc_url=None)
+
+        @app.exception_handler(APIError)
+        async def _api_error(_: Request, exc: APIError):
+            return error_response(exc.status, str(exc), exc.type, exc.param, exc.code)
+
+        @app.exception_handler(RequestValidationError)
+        async def _invalid(_: Request, exc: RequestValidationError):
+            errors = exc.errors()
+            first = errors[0] if errors else {}
+            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+            param = ".".join(loc) or None
+            message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+            return error_response(400, message, "invalid_request_error", param, None)
+
+        @app.exception_handler(HTTPException)
+        async def _http(_: Request, exc: HTTPException):
+            return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+        @app.exception_handler(Exception)
+        async def _bug(_: Request, exc: Exception):
+            return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+        @app.get("/health")
+        async def health():
+            if not self.loop_thread.alive:
+                return error_response(503, "the engine thread has stopped", "server_error")
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                                "owned_by": "simtune",
+                                                "max_model_len": self.loop_thread.engine.max_request_tokens}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(prometheus_text(self.loop_thread), media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest):
+            self._check_model(body)
+            params = self._params(body, body.max_tokens, 16)
+            return await self._respond(body, self._completion_prompt(body), params, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatRequest):
+            self._check_model(body)
+            prompt = self._chat_prompt(body)
+            room = self.loop_thread.engine.max_request_tokens - len(prompt)
+            default = max(1, min(self.default_chat_max_tokens, room))
+            params = self._params(body, body.max_completion_tokens or body.max_tokens, default)
+            return await self._respond(body, prompt, params, chat=True)
+
+        return app
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def prometheus_text(loop_thread: EngineThread) -> str:
+    """The engine's state in Prometheus' text format."""
+    eng = loop_thread.engine
+    st = eng.stats
+    rows = [
+        ("simtune_queue_length", "gauge", "Requests waiting to be admitted.", loop_thread.queue_length),
+        ("simtune_running_sequences", "gauge", "Sequences admitted and not finished.", eng.num_running),
+        ("simtune_kv_blocks_used", "gauge", "KV cache blocks in use.", eng.blocks.num_used_gpu_blocks),
+        ("simtune_kv_blocks_total", "gauge", "KV cache blocks in the pool.", eng.blocks.num_gpu_blocks),
+        ("simtune_output_tokens_per_second", "gauge", "Output tokens per second over the last 10 s.",
+         round(st.tokens_per_s(eng.now()), 3)),
+        ("simtune_output_tokens_total", "counter", "Output tokens generated.", st.output_tokens),
+        ("simtune_prompt_tokens_total", "counter", "Prompt tokens computed (recomputation included).",
+         st.prompt_tokens),
+        ("simtune_requests_finished_total", "counter", "Requests that finished.", st.finished),
+        ("simtune_requests_aborted_total", "counter", "Requests aborted (clients gone).", st.aborted),
+        ("simtune_preemptions_total", "counter", "Sequences preempted.", eng.scheduler.preemptions),
+        ("simtune_step_errors_total", "counter", "Steps that raised an error.", loop_thread.step_errors),
+        ("simtune_max_batch_size", "gauge", "Most sequences in one step so far.", st.max_batch_size),
+    ]
+    lines = []
+    for name, kind, help_, value in rows:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    lines += ["# HELP simtune_steps_total Engine steps by kind.", "# TYPE simtune_steps_total counter"]
+    lines += [f'simtune_steps_total{{kind="{k}"}} {v}' for k, v in sorted(st.steps.items())]
+    return "\n".join(lines) + "\n"
+
+
+def check_single_rank(dep: DeploymentSpec) -> None:
+    """SpecError unless the deployment is one rank (what the engine runs today)."""
+    if dep.dp != 1:
+        raise SpecError("dp", dep.dp, "the serving engine runs one replica (dp = 1) for now")
+    for phase in ("prefill", "decode"):
+        layout = getattr(dep, phase)
+        if layout.devices != 1:
+            raise SpecError(f"{phase}", layout.describe(),
+                            "the serving engine runs a single rank (tp = pp = 1); tensor/pipeline "
+                            "parallel ranks and re-sharding are not supported yet")
+    if dep.scheduler not in ("vllm", "sarathi"):
+        raise SpecError("scheduler", dep.scheduler, "the serving engine runs 'vllm' or 'sarathi'")
+    if dep.speculation is not None:
+        raise SpecError("speculation", dep.speculation.model_dump(), "not supported by the serving engine yet")
+
+
+def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, dtype: str = "bfloat16",
+                  model_name: str = SERVED_MODEL, max_queue: int = 256, log_level: str = "info") -> None:
+    """Load SmolLM2, start the engine thread and serve HTTP until interrupted."""
+    import torch
+    import uvicorn
+
+    from executor.serving.engine import Engine
+    from executor.serving.model import load_decoder, load_tokenizer
+
+    if dtype not in ("bfloat16", "float32"):
+        raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
+    tokenizer = load_tokenizer()
+    engine = Engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)
+    loop_thread = EngineThread(engine, max_queue).start()
+    try:
+        uvicorn.run(OpenAIServer(loop_thread, tokenizer, model_name).app, host=host, port=port, log_level=log_level)
+    finally:
+        loop_thread.stop()

@@ -1,0 +1,53 @@
+"""`simtune serve`: the OpenAI-compatible server over the real serving engine (SmolLM2-135M).
+
+Not `simulate serve` (which predicts a deployment): this one runs the model and answers HTTP.
+A deployment spec selects the scheduler and its limits; only single-rank deployments run yet.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from simtune.cli.render import err, handles_errors
+from simulator.errors import SpecError
+from simulator.specs.catalog import load_deployment
+
+
+@handles_errors
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to serve: smollm2-135m.")] = "smollm2-135m",
+    deployment: Annotated[str | None, typer.Option(
+        "--deployment", "-d", help="Deployment (catalog name or YAML): scheduler, limits, KV block size. "
+        "Single rank only for now.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Most sequences per step (default: the "
+                                                          "deployment's, else 64).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="vllm (prefill priority) or sarathi (chunked "
+                                                       "prefill); default: the deployment's, else vllm.")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float32.")] = "bfloat16",
+    num_blocks: Annotated[int, typer.Option(help="KV cache blocks in the pool.")] = 2048,
+    max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, in tokens.")] = 2048,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 256,
+) -> None:
+    """Serve SmolLM2-135M with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health, /metrics)."""
+    from executor.serving.engine import EngineConfig
+    from executor.serving.server import SERVED_MODEL, check_single_rank, serve_forever
+
+    if model != SERVED_MODEL:
+        raise SpecError("model", model, f"the serving engine runs {SERVED_MODEL!r} only")
+    if scheduler is not None and scheduler not in ("vllm", "sarathi"):
+        raise SpecError("scheduler", scheduler, "one of 'vllm', 'sarathi'")
+    dep = load_deployment(deployment) if deployment else None
+    if dep is not None:
+        check_single_rank(dep)
+    overrides = {k: v for k, v in (("scheduler", scheduler), ("max_num_seqs", max_num_seqs)) if v is not None}
+    overrides |= {"num_blocks": num_blocks, "max_model_len": max_model_len}
+    config = (EngineConfig.from_deployment(dep, **overrides) if dep is not None
+              else EngineConfig(**{"max_num_seqs": 64, **overrides}))
+    err.print(f"serving {model} on http://{host}:{port}/v1 ({config.scheduler}, up to {config.max_num_seqs} "
+              f"sequences, {config.num_blocks} KV blocks of {config.block_size}, {dtype})")
+    serve_forever(config, host, port, dtype, model, max_queue)
