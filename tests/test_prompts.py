@@ -423,3 +423,15 @@ def test_simulate_workflow_and_trace_show_commands(tmp_path):
     assert sum(e.get("pid") == 2 and e["ph"] == "X" for e in events) == 5
     missing = runner.invoke(app, ["simulate", "workflow", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "no such file" in missing.stderr
+
+
+def test_the_local_backend_answers_concurrent_calls_in_process(tmp_path):
+    from executor.prompts.local import LocalBackend
+
+    backend = LocalBackend(max_num_seqs=8)
+    with Runtime(backend, trace=str(tmp_path / "t.jsonl")) as rt:
+        answers = [gen(f"Say the number {i}.", max_tokens=4) for i in range(3)]
+        texts = [str(a) for a in answers]
+    assert rt.peak_in_flight == 3 and all(isinstance(t, str) for t in texts)
+    calls = read_trace(tmp_path / "t.jsonl").calls.values()
+    assert all(c.backend == "local" and 1 <= c.completion_tokens <= 4 and c.prompt_tokens > 5 for c in calls)
