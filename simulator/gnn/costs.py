@@ -34,6 +34,35 @@ Constants that are physics, not fits, and where they come from:
   socket's DDR4 bandwidth.
 - `KERNELS_PER_LAYER`: operator launches per layer forward and backward (DGL message passing,
   linear layers, activation, dropout): each pays the device's `kernel_overhead_us`.
+
+DistDGL's processes on a machine whose cores the cluster spec gives (`host_cores_per_node`,
+`host_vcpus_per_node`; DGL 0.5 `tools/launch.py` and `dgl/distributed`):
+
+- **one server process** per machine (`--num_servers 1`) owns the machine's partition and answers
+  every remote request of the other machines' samplers and trainers in one loop
+  (`rpc_server.py`: receive a request, `process_request`, send the response). For a remote
+  sampling request it draws the neighbors and maps them to global ids (two random DRAM accesses
+  per edge, `SERVER_EDGE_S`) and returns (src, dst, eid) as int64 (`RESPONSE_EDGE_BYTES`); for
+  a KVStore pull it gathers the rows and serialises them (two copies of every byte at one
+  core's copy rate). Every request also costs Python-level handling (`SERVER_REQUEST_S`). The
+  machines' requests are symmetric on average, so a server serves as much as its own machine's
+  trainers ask of the others (`serve_s`). It runs alongside the trainers; when it is slower, the
+  trainers wait for it (the `serve` part of the breakdown). Part of why METIS wins: fewer remote
+  frontier nodes means fewer remote samples and pulls for these single servers.
+- **trainers** run PyTorch with `OMP_NUM_THREADS = vCPUs // 2 // trainers` (launch.py's
+  default), so all trainers together get half the hardware threads; two hyperthreads share one
+  core's FMA units, so a trainer computes at `threads * cores / vCPUs` cores' peak.
+- **samplers** (`samplers_per_trainer` per trainer) each keep one core busy.
+- When trainers, samplers and the server ask for more cores than the machine has, every CPU
+  stage slows by the oversubscription (`oversubscription`): time-sharing.
+- `CORE_COPY_BYTES_PER_S`: what one core copies: Little's law on its outstanding cache-line
+  misses, 12 line fill buffers x 64 B per ~90 ns DRAM latency = 8.5 GB/s (Intel optimization
+  manual, Skylake-SP microarchitecture: 12 fill buffers; latency as for `SAMPLE_EDGE_S`): 8 GB/s.
+  Deserialising, scattering received rows and serialising responses run at this rate.
+
+A cluster without core counts (`Nxcpu`: one-core ranks of simtune's own executor, which answer
+their peers' pulls themselves through all-to-alls) keeps the simpler layout: the owners' gather
+is charged to the requesting trainer's remote fetch and no server or core sharing is modelled.
 """
 
 from __future__ import annotations
@@ -51,8 +80,14 @@ RPC_ROUND_TRIP_S = 1e-3
 RPC_STREAM_BYTES_PER_S = 1.25e9
 HOST_GATHER_BYTES_PER_S = 20e9
 KERNELS_PER_LAYER = 30
-SAMPLED_EDGE_BYTES = 16       # (src, dst) int64 ids of one sampled edge sent back by a server
+SAMPLED_EDGE_BYTES = 16       # (src, dst) int64 ids of one sampled edge in a block
+RESPONSE_EDGE_BYTES = 24      # (src, dst, eid) int64 of one sampled edge in a server's response
+ID_BYTES = 8                  # one int64 node id in a request
 FP32 = 4
+CORE_COPY_BYTES_PER_S = 8e9
+SERVER_EDGE_S = 2 * SAMPLE_EDGE_S
+SERVER_REQUEST_S = 100e-6
+SERVERS_PER_MACHINE = 1
 
 
 @dataclass(frozen=True)
@@ -96,10 +131,17 @@ def layer_costs(model: GNNModelSpec, feature_dim: int, num_classes: int, nodes: 
 
 
 def compute_s(cluster: ClusterSpec, layers: list[LayerCost], trainers_per_device: float) -> float:
-    """Forward and backward of one mini-batch on a trainer's share of its device (fp32)."""
+    """Forward and backward of one mini-batch on a trainer's share of its device (fp32). On a CPU
+    machine with core counts the share is the trainer's cores (`trainer_cores`), its memory
+    bandwidth at most those cores' copy rate."""
     d = cluster.device
-    peak = 1e12 * d.peak_tflops.get("fp32", d.peak_tflops.get("bf16", 0.0)) / trainers_per_device
-    bandwidth = d.hbm_bandwidth_bytes_per_s * d.efficiency.memory_bound / trainers_per_device
+    share = 1.0 / trainers_per_device
+    bandwidth = d.hbm_bandwidth_bytes_per_s * d.efficiency.memory_bound * share
+    if has_cores(cluster) and not cluster.host_offload:
+        cores = trainer_cores(cluster, round(trainers_per_device))
+        share = cores / cluster.host_cores_per_node
+        bandwidth = min(bandwidth, cores * CORE_COPY_BYTES_PER_S)
+    peak = 1e12 * d.peak_tflops.get("fp32", d.peak_tflops.get("bf16", 0.0)) * share
     total = 0.0
     for layer in layers:
         total += layer.gemm_flops / (peak * gemm_efficiency(d, layer.min_dim))
@@ -108,21 +150,75 @@ def compute_s(cluster: ClusterSpec, layers: list[LayerCost], trainers_per_device
     return total
 
 
+def remote_edges(nodes: list[float], edges: list[float], remote_frontier: list[float]) -> list[float]:
+    """Sampled edges per hop whose destination another machine owns (its server samples them)."""
+    return [r / max(n, 1.0) * e for r, n, e in zip(remote_frontier, nodes, edges)]
+
+
 def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[float],
                machines: int, cluster: ClusterSpec, trainers_per_machine: int) -> float:
     """One sampler process building one mini-batch: local work, and for frontier nodes another
-    machine owns, one RPC per hop to the owners and the sampled edges sent back."""
-    work = SAMPLE_EDGE_S * sum(edges) + SAMPLE_NODE_S * sum(nodes[1:])
-    if machines <= 1:
-        return work
-    rpc = 0.0
-    for h, remote in enumerate(remote_frontier):
-        if remote <= 0:
+    machine owns, one RPC per hop to the owners and the sampled edges sent back. With DistDGL's
+    server layout (`has_cores`) the owners' servers draw the remote edges (`serve_s`); the
+    sampler receives, deserialises and merges their responses."""
+    far = remote_edges(nodes, edges, remote_frontier) if machines > 1 else [0.0] * len(edges)
+    served = has_cores(cluster)
+    work = SAMPLE_EDGE_S * (sum(edges) - (sum(far) if served else 0.0)) + SAMPLE_NODE_S * sum(nodes[1:])
+    net = trainer_network_bytes_per_s(cluster, trainers_per_machine)
+    for e in far:
+        if e <= 0:
             continue
-        share = remote / max(nodes[h], 1.0)
-        nbytes = share * edges[h] * SAMPLED_EDGE_BYTES
-        rpc += RPC_ROUND_TRIP_S + nbytes / trainer_network_bytes_per_s(cluster, trainers_per_machine)
-    return work + rpc
+        if served:
+            work += RPC_ROUND_TRIP_S + e * RESPONSE_EDGE_BYTES * (1 / net + 2 / CORE_COPY_BYTES_PER_S)
+        else:
+            work += RPC_ROUND_TRIP_S + e * SAMPLED_EDGE_BYTES / net
+    return work
+
+
+def serve_s(far_edges: float, far_nodes: float, far_rows: float, row_bytes: float, machines: int,
+            cluster: ClusterSpec, trainers_per_machine: int, hops: int) -> float:
+    """The machine's server process, per iteration: what its peers ask of it, which on average
+    equals what this machine's trainers ask of the others (`far_*` are one trainer's remote
+    sampled edges, remote frontier nodes and remote input rows per mini-batch). Sampling: two
+    DRAM accesses per edge and its response serialised; pulls: gather and serialise each row;
+    every request (one per hop and one pull, per trainer and remote machine) its handling."""
+    if not has_cores(cluster) or machines <= 1:
+        return 0.0
+    per_trainer = (far_edges * (SERVER_EDGE_S + 2 * RESPONSE_EDGE_BYTES / CORE_COPY_BYTES_PER_S)
+                   + far_nodes * SAMPLE_NODE_S + far_rows * (row_bytes + ID_BYTES) * 2 / CORE_COPY_BYTES_PER_S
+                   + (machines - 1) * (hops + 1) * SERVER_REQUEST_S)
+    return trainers_per_machine * per_trainer / SERVERS_PER_MACHINE
+
+
+def has_cores(cluster: ClusterSpec) -> bool:
+    """The cluster says how many cores a machine has: DistDGL's process layout applies."""
+    return cluster.host_cores_per_node is not None
+
+
+def vcpus(cluster: ClusterSpec) -> int:
+    return cluster.host_vcpus_per_node or cluster.host_cores_per_node
+
+
+def trainer_threads(cluster: ClusterSpec, trainers_per_machine: int) -> int:
+    """OMP threads of one trainer: DGL's launch.py default, vCPUs // 2 // trainers."""
+    return max(1, vcpus(cluster) // 2 // trainers_per_machine)
+
+
+def trainer_cores(cluster: ClusterSpec, trainers_per_machine: int) -> float:
+    """Physical cores' worth of FMA throughput one trainer's threads get (hyperthreads share a core)."""
+    return trainer_threads(cluster, trainers_per_machine) * cluster.host_cores_per_node / vcpus(cluster)
+
+
+def oversubscription(cluster: ClusterSpec, plan: GNNPlan) -> float:
+    """How much slower every CPU stage runs when the machine's processes want more cores than it
+    has: trainers (their compute threads on a CPU machine, one feeding thread per trainer on a
+    GPU machine), one core per sampler, the server(s). 1 when they fit or cores are unknown."""
+    if not has_cores(cluster):
+        return 1.0
+    tpm = plan.trainers_per_machine
+    trainers = 1.0 * tpm if cluster.host_offload else tpm * trainer_cores(cluster, tpm)
+    demand = trainers + tpm * plan.samplers_per_trainer + SERVERS_PER_MACHINE
+    return max(1.0, demand / cluster.host_cores_per_node)
 
 
 def num_machines(cluster: ClusterSpec) -> int:
@@ -162,15 +258,21 @@ def fetch_local_s(nbytes: float, cluster: ClusterSpec, trainers_per_machine: int
     return nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
 
 
-def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, trainers_per_machine: int) -> float:
+def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, trainers_per_machine: int,
+                   rows: float = 0.0) -> float:
     """Pull of remote feature rows: parallel RPCs to the owning machines (one round trip), the
     rows through the machine's network interface shared by its trainers (at most one RPC
-    stream's rate per trainer), and the owners' gathers (the same bytes out of their memory)."""
+    stream's rate per trainer), and the owners' gathers (the same bytes out of their memory).
+    With DistDGL's server layout the owners' servers gather (`serve_s`); the trainer sends the
+    `rows` ids and deserialises and scatters the rows into the batch (two copies on one core)."""
     if nbytes <= 0:
         return 0.0
-    net = nbytes / trainer_network_bytes_per_s(cluster, trainers_per_machine)
+    link = trainer_network_bytes_per_s(cluster, trainers_per_machine)
+    if has_cores(cluster):
+        return (RPC_ROUND_TRIP_S * (remote_machines > 0) + (nbytes + rows * ID_BYTES) / link
+                + 2 * nbytes / CORE_COPY_BYTES_PER_S)
     gather = nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
-    return RPC_ROUND_TRIP_S * (remote_machines > 0) + net + gather
+    return RPC_ROUND_TRIP_S * (remote_machines > 0) + nbytes / link + gather
 
 
 def h2d_s(cluster: ClusterSpec, nbytes: float) -> float:

@@ -184,7 +184,7 @@ def generate_graph(spec: GraphSpec) -> Graph:
     weights = _degree_weights(spec, rng)
     src, dst = _draw_edges(spec, communities, weights, rng)
     labels = (communities % spec.num_classes).astype(np.int64)
-    train, val, test = _split_masks(spec, rng)
+    train, val, test = _split_masks(spec, rng, communities)
     features = _class_features(spec, labels, rng)
     indptr, indices = _csr(src.astype(np.int32 if n < 2**31 else np.int64), dst, n)
     graph = Graph(name=spec.name or "generated", num_nodes=n, indptr=indptr, indices=indices,
@@ -243,9 +243,18 @@ def _draw_edges(spec: GraphSpec, communities: np.ndarray, weights: np.ndarray,
     return np.concatenate([a, b]), np.concatenate([b, a])
 
 
-def _split_masks(spec: GraphSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split_masks(spec: GraphSpec, rng: np.random.Generator, communities: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test masks: nodes in a random order, labelled ones first. With
+    `train_community_fraction` < 1 the nodes of that fraction of the communities (chosen at
+    random) come first, so the labelled nodes are concentrated there."""
     n = spec.num_nodes
     order = rng.permutation(n)
+    if spec.train_community_fraction < 1 and communities is not None:
+        chosen = rng.permutation(spec.num_communities)[:max(1, round(spec.train_community_fraction
+                                                                     * spec.num_communities))]
+        inside = np.isin(communities[order], chosen)
+        order = np.concatenate([order[inside], order[~inside]])
     counts = [spec.num_train_nodes, round(spec.val_fraction * n), round(spec.test_fraction * n)]
     masks, start = [], 0
     for count in counts:

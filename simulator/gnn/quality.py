@@ -14,7 +14,9 @@ a generated graph with the same statistics at a smaller scale and carries them o
    Training nodes are placed at random by the generator, so a part's share of them at full
    scale differs from its node share only by sampling noise (tens of thousands of training
    nodes per part); the training fraction is raised in the sample so that this noise does not
-   dominate the measured imbalance at a few hundred training nodes per part.
+   dominate the measured imbalance at a few hundred training nodes per part. When the labelled
+   nodes are concentrated (`train_community_fraction` f < 1) the raised fraction is at most
+   half of the region they live in (`SAMPLE_TRAIN_FRACTION * 2f`), so they stay concentrated.
 
 The cache-hit curve says which share of a part's remote feature reads its cache serves when it
 keeps the `fraction` most-connected halo nodes: reads of a halo node are proportional to its
@@ -129,7 +131,8 @@ def sample_spec(spec: GraphSpec) -> GraphSpec:
         "name": f"{spec.name or 'graph'} at {n:,} nodes", "files": None, "num_nodes": n,
         "num_edges": int(min(degree, n - 1) * n) // 2 * 2, "feature_dim": 0,
         "num_communities": min(spec.num_communities, n),
-        "train_fraction": max(spec.train_fraction, SAMPLE_TRAIN_FRACTION), "val_fraction": 0.0,
+        "train_fraction": max(spec.train_fraction, SAMPLE_TRAIN_FRACTION * min(1.0, 2 * spec.train_community_fraction)),
+        "val_fraction": 0.0,
         "test_fraction": 0.0})
 
 

@@ -6,10 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 BREAKDOWN_KEYS = ("sample", "fetch_local", "fetch_remote", "compute", "h2d_copy", "allreduce",
-                  "sparse_update", "stall")
+                  "sparse_update", "stall", "serve")
 """Named parts of the slowest trainer's iteration on its critical path; they sum to it.
 `sample` and the fetches count only where they are not hidden behind other work; `stall` is
-the trainer waiting for its sampler processes."""
+the trainer waiting for its sampler processes; `serve` the trainer waiting for the owners'
+server processes (DistDGL's layout, `simulator.gnn.costs`) beyond all of that."""
 
 
 @dataclass

@@ -18,7 +18,9 @@ pulls the batch's features (DGL 0.5 `train_dist.py`: `load_subtensor` after the 
 over the blocks), computes, and all-reduces. With `pipeline_fetch` the next batch's features
 are pulled while this batch computes: the iteration is the slowest of the producers (samplers,
 fetch) and the trainer. Trainers all-reduce every iteration, so every iteration lasts as long
-as the slowest machine's, and every trainer runs the same number (DGL's `node_split(...,
+as the slowest machine's (DistDGL's server process per machine runs alongside: when serving the
+other machines' remote samples and pulls takes longer than all of the above, the iteration waits
+for it, `serve`; costs.py), and every trainer runs the same number (DGL's `node_split(...,
 force_even=True)` gives each the same number of seeds; a part short of training nodes takes the
 rest from other parts, which makes its seeds, and most of their neighborhoods, remote).
 """
@@ -183,16 +185,22 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, q: PartitionQ
     layers = costs.layer_costs(model, dims[0], dims[1], counts.nodes, counts.edges)
     block_bytes = sum(counts.edges) * costs.SAMPLED_EDGE_BYTES
     remote_share = remote_rows / max(counts.input_nodes, 1.0)
+    far_edges = costs.remote_edges(counts.nodes, counts.edges, counts.frontier_remote)
     stages = {
         "sample": costs.sampling_s(counts.nodes, counts.edges, counts.frontier_remote, machines, cluster, tpm),
         "fetch_local": costs.fetch_local_s(local_rows * row, cluster, tpm),
-        "fetch_remote": costs.fetch_remote_s(remote_rows * row, machines - 1, cluster, tpm),
+        "fetch_remote": costs.fetch_remote_s(remote_rows * row, machines - 1, cluster, tpm, remote_rows),
         "compute": costs.compute_s(cluster, layers, per_device),
         "h2d_copy": costs.h2d_s(cluster, counts.input_nodes * dims[0] * costs.FP32 + block_bytes),
         "allreduce": costs.allreduce_grad_s(cluster, plan, costs.parameter_count(model, *dims) * costs.FP32),
         "sparse_update": costs.sparse_update_s(counts.input_nodes, remote_share, model, cluster, plan),
+        "serve": costs.serve_s(sum(far_edges), sum(counts.frontier_remote), remote_rows, row, machines, cluster, tpm,
+                               len(counts.edges)),
     }
-    sampled_remote = sum(r / max(n, 1.0) * e for r, n, e in zip(counts.frontier_remote, counts.nodes, counts.edges))
+    slow = costs.oversubscription(cluster, plan)   # the machine's processes time-share its cores
+    for key in ("sample", "fetch_local", "fetch_remote", "serve") + (() if cluster.host_offload else ("compute",)):
+        stages[key] *= slow
+    sampled_remote = sum(far_edges)
     return TrainerLoad(
         part=part, trainers=tpm, train_nodes=q.train_share[part] * train, seeds_per_epoch=train / (machines * tpm),
         local_seed_fraction=seed_local, input_nodes=counts.input_nodes,
@@ -211,6 +219,14 @@ def iteration_time(stages: dict[str, float], plan: GNNPlan) -> float:
 
 def _breakdown(stages: dict[str, float], plan: GNNPlan) -> dict[str, float]:
     """Critical-path attribution of one iteration: parts that sum to its duration."""
+    out = _producer_breakdown(stages, plan)
+    out["serve"] = max(0.0, stages.get("serve", 0.0) - sum(out.values()))
+    return out
+
+
+def _producer_breakdown(stages: dict[str, float], plan: GNNPlan) -> dict[str, float]:
+    """The trainer and its samplers/prefetch, before the owners' servers are considered: the
+    servers run alongside, and the trainer waits for them (`serve`) only when they are slower."""
     out = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
     trainer = {k: stages[k] for k in ("compute", "h2d_copy", "allreduce", "sparse_update")}
     fetch = {k: stages[k] for k in ("fetch_local", "fetch_remote")}
@@ -252,10 +268,12 @@ def trace_events(report: GNNReport, part: int, iterations: int = 4) -> list[Trac
         events.append(TraceEvent(part, f"sampler {i % samplers}", f"sample batch {i + 1}", t, t + stages["sample"]))
         for key, stream in (("sample", "trainer"), ("stall", "trainer"), ("fetch_local", "trainer"),
                             ("fetch_remote", "trainer"), ("h2d_copy", "trainer"), ("compute", "trainer"),
-                            ("sparse_update", "trainer"), ("allreduce", "trainer")):
+                            ("sparse_update", "trainer"), ("allreduce", "trainer"), ("serve", "trainer")):
             if b.get(key, 0.0) > 0:
                 events.append(TraceEvent(part, stream, key, t, t + b[key], {"iteration": i + 1}))
                 t += b[key]
+        if stages.get("serve", 0.0) > 0:
+            events.append(TraceEvent(part, "server", f"serve peers {i + 1}", i * period, i * period + stages["serve"]))
         if report.plan.get("pipeline_fetch"):
             fetch = stages["fetch_local"] + stages["fetch_remote"]
             events.append(TraceEvent(part, "prefetch", f"fetch batch {i + 2}", i * period, i * period + fetch))

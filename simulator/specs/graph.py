@@ -13,6 +13,15 @@ Two kinds share one spec, so every command takes either by catalog name or YAML 
   from `seed`); the simulator can also predict from the statistics alone for graphs too large to
   build (`ogbn-papers100m`).
 
+Where the labelled nodes sit matters to partitioning: `train_community_fraction` < 1 draws the
+training (and validation and test) nodes from that fraction of the communities only, so they are
+concentrated in part of the graph. ogbn-papers100M is such a graph: its labelled nodes are the
+~1.5M arXiv papers among the 111M papers of the Microsoft Academic Graph (Hu et al. 2020, arXiv
+2005.00687, section on ogbn-papers100M), and arXiv covers a few of MAG's fields of study, so a
+min-cut partitioner that balances node counts only puts most of them on a few machines (DistDGL,
+arXiv 2010.05337: plain METIS is slower than random there). The default, 1.0, keeps the old
+behaviour: labelled nodes drawn uniformly at random.
+
 Edges are counted as the message-passing graph stores them: directed, an undirected edge counts
 twice (once as an in-edge of each end). The average in-degree is `num_edges / num_nodes`.
 """
@@ -70,6 +79,9 @@ class GraphSpec(Spec):
     num_communities: int = Field(default=1, ge=1, description="generator: blocks of the stochastic block model")
     intra_community_fraction: float = Field(
         default=0.8, ge=0, le=1, description="generator: fraction of each node's edges inside its community")
+    train_community_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="generator: the labelled (train/val/test) nodes are drawn from this "
+        "fraction of the communities; 1: spread over the whole graph")
     feature_noise: float = Field(
         default=1.0, ge=0, description="generator: std of the noise around each class's feature mean (mean norm 1)")
     seed: int = 0

@@ -141,6 +141,11 @@ class ClusterSpec(Spec):
     profile: str | None = Field(
         default=None, description="measured profile (catalog name or directory) whose costs replace the datasheet's"
     )
+    host_cores_per_node: int | None = Field(
+        default=None, ge=1, description="physical CPU cores of one node (machine); None: not described. The GNN "
+        "simulator shares them among a machine's trainer, sampler and server processes")
+    host_vcpus_per_node: int | None = Field(
+        default=None, ge=1, description="hardware threads (vCPUs) of one node; default: host_cores_per_node")
 
     @field_validator("device", mode="before")
     @classmethod
