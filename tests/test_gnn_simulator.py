@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from simtune.cli import app
 from simulator.errors import SpecError
-from simulator.gnn import quality
+from simulator.gnn import costs, quality
 from simulator.gnn.graph import build_graph
 from simulator.gnn.partition import partition_graph
 from simulator.gnn.report import BREAKDOWN_KEYS
 from simulator.gnn.sampling import expected_counts, sample_counts
 from simulator.gnn.simulate import _breakdown, simulate_gnn
-from simulator.specs.catalog import load_gnn_plan, load_graph
+from simulator.specs.catalog import load_cluster, load_gnn_plan, load_graph
 from simulator.specs.gnn import GNNPlan
 
 FANOUTS = [15, 10, 5]
@@ -176,3 +176,56 @@ def test_validate_gnn_json_has_every_published_check(small_stand_in):
     ids = {r["id"] for r in data["rows"]}
     assert {"papers100m-16", "papers100m-scaling", "products-metis", "papers100m-metis", "papers100m-balanced"} <= ids
     assert all(r["source"] and "predicted" in r for r in data["rows"])
+
+
+def test_concentrated_training_set_lives_in_the_chosen_communities_and_unbalances_plain_metis():
+    spec = load_graph("community-20k").model_copy(update={"train_fraction": 0.05, "val_fraction": 0.0,
+                                                          "test_fraction": 0.0, "train_community_fraction": 0.25})
+    g = build_graph(spec)
+    held = np.unique(g.communities[g.train_nodes])
+    assert held.size == 2 and g.train_nodes.size == 1000          # 2 of 8 communities hold every training node
+    spread = build_graph(spec.model_copy(update={"train_community_fraction": 1.0}))
+    assert np.unique(spread.communities[spread.train_nodes]).size == 8
+    plain = partition_graph(g, 4, "metis").balance["train_nodes"]
+    balanced = partition_graph(g, 4, "metis-balanced").balance["train_nodes"]
+    assert plain > 1.3 and balanced <= 1.05 + 1e-9
+
+
+def test_default_training_split_is_unchanged_by_the_new_field():
+    a = build_graph(load_graph("community-20k"))
+    b = build_graph(load_graph("community-20k").model_copy(update={"train_community_fraction": 1.0}))
+    assert np.array_equal(a.train_mask, b.train_mask)
+
+
+def test_processes_share_the_machines_cores():
+    m5n = load_cluster("4xm5n-24xlarge")
+    # launch.py: OMP threads = 96 // 2 // trainers; two hyperthreads are one core's FMA units
+    assert costs.trainer_threads(m5n, 2) == 24 and costs.trainer_cores(m5n, 2) == 12
+    assert costs.oversubscription(m5n, GNNPlan(trainers_per_machine=2, samplers_per_trainer=4)) == 1.0  # 33 of 48
+    crowded = GNNPlan(trainers_per_machine=8, samplers_per_trainer=8)              # 24 + 64 + 1 cores wanted
+    assert costs.oversubscription(m5n, crowded) == pytest.approx(89 / 48)
+    assert costs.oversubscription(load_cluster("4xcpu"), crowded) == 1.0            # no cores described
+
+
+def test_samplers_cost_cores_so_more_is_not_always_faster(graph):
+    plans = [GNNPlan(trainers_per_machine=8, samplers_per_trainer=s, batch_size_per_trainer=500) for s in (2, 8)]
+    few, many = (simulate_gnn(graph, "graphsage-3", "2xg5-8xlarge", p) for p in plans)
+    assert many.trainer_loads[0].stages_s["fetch_remote"] > few.trainer_loads[0].stages_s["fetch_remote"]
+
+
+def test_server_serves_remote_samples_and_pulls_and_metis_lightens_it(graph):
+    plan = load_gnn_plan("distdgl-default").model_copy(update={"batch_size_per_trainer": 500})
+    serve = {m: simulate_gnn(graph, "graphsage-3", "4xm5n-24xlarge", plan.model_copy(update={"partition": m}))
+             .trainer_loads[0].stages_s["serve"] for m in ("metis", "random")}
+    assert 0 < serve["metis"] < 0.7 * serve["random"]
+    one = simulate_gnn(graph, "graphsage-3", "m5n-24xlarge", plan)
+    assert one.trainer_loads[0].stages_s["serve"] == 0                              # nothing is remote
+    assert simulate_gnn(graph, "graphsage-3", "2xcpu", plan).trainer_loads[0].stages_s["serve"] == 0
+
+
+def test_a_slow_server_shows_as_serve_in_the_breakdown():
+    stages = dict.fromkeys(("sample", "fetch_local", "fetch_remote", "h2d_copy", "allreduce", "sparse_update"), 0.0)
+    stages.update(compute=0.3, serve=0.5)
+    b = _breakdown(stages, GNNPlan(samplers_per_trainer=2))
+    assert b["serve"] == pytest.approx(0.2) and sum(b.values()) == pytest.approx(0.5)
+    assert _breakdown({**stages, "serve": 0.1}, GNNPlan(samplers_per_trainer=2))["serve"] == 0

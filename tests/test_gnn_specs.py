@@ -57,6 +57,10 @@ def test_gnn_machines_use_the_nxnode_naming():
     big = load_cluster("2xg5-24xlarge")
     assert (big.num_nodes, big.devices_per_node, big.device.name) == (2, 4, "A10G")
     assert load_cluster("16x8xa100-80gb").num_devices == 128  # the older form still parses
+    # core counts (AWS EC2 pages): per machine, carried over by the NxNODE rule
+    assert (sixteen.host_cores_per_node, sixteen.host_vcpus_per_node) == (48, 96)
+    assert (load_cluster("4xg5-8xlarge").host_cores_per_node, big.host_vcpus_per_node) == (16, 96)
+    assert load_cluster("2xcpu").host_cores_per_node is None   # one-core ranks: no machine layout
 
 
 def test_nxcpu_is_n_one_core_ranks_like_the_catalog_entries():
@@ -81,6 +85,8 @@ def error_of(fn, *args) -> str:
     ({"num_nodes": 10, "num_edges": 20, "train_fraction": 0.9, "test_fraction": 0.2}, "graph.train_fraction",
      "must be <= 1"),
     ({"num_nodes": 10, "num_edges": 20, "num_communities": 11}, "graph.num_communities", "<= num_nodes"),
+    ({"num_nodes": 10, "num_edges": 20, "train_community_fraction": 0}, "graph.train_community_fraction",
+     "greater than 0"),
     ({"files": {"format": "parquet", "edges": "e.parquet"}}, "graph.files.format", "'csv', 'npz' or 'ogb'"),
 ])
 def test_bad_graph_fields_are_named(data, field, words):
