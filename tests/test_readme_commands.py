@@ -1,7 +1,7 @@
 """Every `simtune` command the README shows in a console block runs, and none ends in a traceback.
 
 The commands are read from README.md itself, so the documentation and the tool cannot drift
-apart. Output paths (`--out`, `--plot`, `--trace`) are redirected into a temporary folder;
+apart. Output paths (`--out`, `--plot`, `--trace`, `--chrome`) are redirected into a temporary folder;
 `simtune profile` measuring commands run with each op family's sweep cut to its first
 shapes (the command path is the same, only the sweep is shorter). A command may fail on
 purpose (the README shows input errors): then it must exit 2 with an `error:` line.
@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from simtune.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_OPTIONS = {"--out", "--plot", "--trace"}
+OUTPUT_OPTIONS = {"--out", "--plot", "--trace", "--chrome"}
 SHAPES_PER_OP = 3
 
 
