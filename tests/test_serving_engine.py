@@ -8,6 +8,8 @@ short prompts and a dozen output tokens keep the model parts to a few seconds.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -134,8 +136,8 @@ def test_preemption_and_resume_keep_greedy_output(decoder, prompts, reference, s
     assert [o.output_ids for o in outs] == reference
 
 
-def test_requests_arrive_over_time_and_abort_frees_blocks(decoder, prompts, reference):
-    eng = Engine(decoder, EngineConfig(num_blocks=64, block_size=4))
+def test_requests_arrive_over_time_and_abort_frees_blocks(decoder, prompts, reference, tmp_path):
+    eng = Engine(decoder, EngineConfig(num_blocks=64, block_size=4, trace=True))
     late = eng.add_request(prompts[0], GREEDY, arrival_s=eng.now() + 0.3)
     gone = eng.add_request(prompts[1], GREEDY)
     eng.step()
@@ -144,6 +146,10 @@ def test_requests_arrive_over_time_and_abort_frees_blocks(decoder, prompts, refe
     assert eng.kv.used_blocks == 0 and eng.num_running == 0
     eng.run_until_done()
     assert late.output_ids == reference[0] and late.first_token_s >= late.req.arrival_s
+    eng.write_trace(tmp_path / "trace.json")
+    boxes = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert [b["name"] for b in boxes[:2]] == ["prefill", "prefill"] and boxes[-1]["name"] == "decode"
+    assert all(b["cat"] == "compute" and "kv_utilization" in b["args"] for b in boxes)
 
 
 def test_too_long_requests_are_refused(decoder):

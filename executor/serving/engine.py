@@ -45,6 +45,7 @@ from executor.serving.model import LlamaDecoder
 from executor.serving.paged import PagedKV
 from executor.serving.runner import Item, PagedRunner
 from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
+from simulator.engine.trace import write_chrome_trace
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.recorder import Recorder
 from simulator.serving.schedulers import StaticScheduler, Step
@@ -322,6 +323,15 @@ class Engine:
         if self.recorder is not None:
             self.recorder.step(0, plan.kind, start, end, len(plan.seqs), sum(plan.chunks),
                                self.blocks.utilization)
+
+    def write_trace(self, path) -> None:
+        """The recorded steps as a Chrome trace, in the simulator's event names (replica 0,
+        stream "compute", one box per step named by its kind), so a measured run and a
+        simulated one open side by side in Perfetto. Needs `EngineConfig(trace=True)`."""
+        if self.recorder is None:
+            raise ValueError("trace: the engine was built without trace=True; nothing was recorded")
+        write_chrome_trace(self.recorder.trace_events(), path, "smollm2-135m on this machine (measured)",
+                           process_label="replica")
 
     # --- offline ------------------------------------------------------------------------------
     def run_until_done(self, sleep_s: float = 0.001) -> None:
