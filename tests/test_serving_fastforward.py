@@ -1,20 +1,31 @@
 """Fast-forward through runs of identical decode steps gives the step-by-step results: every
 catalog deployment on every catalog workload, and the cases that end runs (preemption by
 recompute and by swap, arrivals, data and pipeline parallel replicas, each speculation
-policy), request by request; plus the trace, the `--exact-steps` switch and the progress bar."""
+policy), request by request; plus the trace, the `--exact-steps` switch and the progress bar;
+Seesaw's decode phase the same way; and the scalar step-time model of short runs against the
+array one, bit for bit."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from simtune.cli import app
-from simulator.serving import simulate
+from simulator.serving import seesaw, simulate
+from simulator.serving.iteration import BatchSums, IterationModel
 from simulator.serving.simulate import simulate_serving
-from simulator.specs.catalog import catalog_names, load_deployment, load_workload
+from simulator.specs.catalog import (
+    catalog_names,
+    load_cluster,
+    load_deployment,
+    load_model,
+    load_workload,
+)
+from simulator.specs.serving import DeploymentSpec, Parallel
 
 DEPLOYMENTS = catalog_names("deployments")["deployments"]
 WORKLOADS = catalog_names("workloads")["workloads"]
@@ -128,6 +139,45 @@ def test_speculative_runs_draw_the_same_acceptances(run, policy):
     assert report.speculation["decode_steps"] > 0
 
 
+SEESAW = {"prefill": {"tp": 1, "pp": 2}, "decode": {"tp": 2, "pp": 1}, "scheduler": "seesaw"}
+
+
+@pytest.mark.parametrize("deployment, cluster, workload", [
+    # the decode KV outgrows the GPU pool: the newest sequences go back to the CPU buffer
+    ({**SEESAW, "cpu_kv_buffer_GB": 8, "gpu_memory_utilization": 0.12}, "2xa100-80gb",
+     {"num_requests": 60, "input_tokens": {"value": 256}, "output_tokens": {"value": 1024}}),
+    # two replicas behind the router, requests arriving during decode phases
+    ({**SEESAW, "dp": 2, "cpu_kv_buffer_GB": 2}, "4xa100-80gb",
+     {"num_requests": 120, "preset": "sharegpt-like", "arrival": {"kind": "poisson", "rate_per_s": 8.0}}),
+    # a pipeline-parallel decode layout, prefetched KV copies arriving while others decode
+    ({**SEESAW, "decode": {"tp": 1, "pp": 2}, "cpu_kv_buffer_GB": 4}, "2xa100-80gb",
+     {"num_requests": 100, "preset": "sharegpt-like"}),
+])
+def test_seesaw_decode_phase_fast_forwards_to_the_step_by_step_results(run, monkeypatch, deployment, cluster, workload):
+    copies = []
+    real_copy = seesaw.SeesawReplica._copy
+    monkeypatch.setattr(seesaw.SeesawReplica, "_copy",
+                        lambda self, tokens, layout, name: copies.append((layout, name)) or real_copy(self, tokens, layout, name))
+    report = assert_same(run, "llama-2-7b", cluster, deployment, workload)
+    assert report.transitions > 0 and report.steps["decode"] > 0
+    if deployment.get("gpu_memory_utilization"):
+        assert ("decode", "kv to cpu") in copies  # the case does overflow the pool
+
+
+def test_a_seesaw_decode_phase_is_one_event(run, monkeypatch):
+    """One request: its decode phase is one event (step by step, one per step), every step
+    still counted."""
+    monkeypatch.setattr(simulate, "PROGRESS_EVENTS", 1)  # a progress call after every simpy event
+    calls = {False: [], True: []}
+    for exact in (False, True):
+        report, _ = run("llama-2-7b", "2xa100-80gb", {**SEESAW, "cpu_kv_buffer_GB": 4},
+                        {"num_requests": 1, "input_tokens": {"value": 100}, "output_tokens": {"value": 500}},
+                        exact_steps=exact, progress=lambda *a, seen=calls[exact]: seen.append(a))
+        assert report.steps == {"prefill": 1, "decode": 499}
+        assert len(report.kv_timeline) == 500
+    assert len(calls[True]) - len(calls[False]) == 498
+
+
 def test_a_lone_request_decodes_in_one_run(run):
     """Nothing happens between its first and last token: one event, every step counted."""
     report, _ = run("llama-2-7b", "1xa100-80gb", "vllm-tp1",
@@ -164,3 +214,21 @@ def test_cli_exact_steps_gives_the_same_json_and_progress_never_with_json(tmp_pa
     assert fast.exit_code == exact.exit_code == 0, fast.stderr + exact.stderr
     assert_close(json.loads(fast.stdout), json.loads(exact.stdout))
     assert fast.stderr == ""  # no progress with --json
+
+
+@pytest.mark.parametrize("model, cluster, tp, pp, engine", [
+    ("llama-2-70b", "4xa100-80gb", 4, 1, None),
+    ("llama-2-7b", "2xa100-80gb", 1, 2, "vllm-0.2-ray"),
+    ("llama-3-8b", "4xa100-80gb", 2, 2, None),
+])
+def test_decode_step_time_on_python_numbers_has_the_bits_of_the_array_model(model, cluster, tp, pp, engine):
+    """`decode_step_s` (fast-forward's short runs, Seesaw's decode runs) repeats
+    `batch_step_s`'s operations; any difference in order would show in the last bits."""
+    spec = DeploymentSpec.parse({"engine": engine}).engine if engine else None
+    it = IterationModel(load_model(model), load_cluster(cluster), Parallel(tp=tp, pp=pp), spec)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        new_tokens = int(rng.integers(1, 6))
+        groups = [(int(rng.integers(1, 300)), int(rng.integers(1, 10**6))) for _ in range(int(rng.integers(1, pp + 1)))]
+        sums = [BatchSums.decode(n, c, new_tokens, new_tokens) for n, c in groups]
+        assert it.decode_step_s(groups, new_tokens) == float(it.batch_step_s(sums))

@@ -20,10 +20,11 @@ give the same bits whether computed for one step or for an array of steps, and t
 advances by the same floating-point additions, so the times are exactly those of the
 step-by-step path.
 
-`DecodeBatch` mirrors the block manager's blocks of its sequences exactly, but tells the
-block manager about new tokens lazily: only when a sequence needs a new block (or is
-swapped out), and always before a sequence leaves, so every block the pool gives still
-goes through `BlockManager.append`.
+`DecodeBatch` keeps its sequences' KV blocks as an array and tells the block manager of
+their growth in bulk: one `BlockManager.append_batch` per event for the blocks the whole
+batch gained (or gave back), so the pool totals are exact after every event. A sequence's
+own entry in the block manager is brought up to date (`BlockManager.settle`) only when it is
+preempted; a finished one gives its batch blocks back in the same single call.
 """
 
 from __future__ import annotations
@@ -57,23 +58,43 @@ class DecodeBatch:
 
     One int array per field, views into a single (fields x capacity) block so that joining
     and leaving the batch is one array operation, not one per field.
+
+    KV blocks. Between events every sequence holds the blocks of its KV tokens (context - 1)
+    and no more: a step's reservation is either given back or used by the time the step
+    commits. So the batch keeps no per-sequence block count, only the total it holds
+    (`total_blocks`), how many of them are each sequence's own in the block manager (`own`),
+    and how many sequences are at each offset in their last block (`block_phase`): plain
+    decode steps move every sequence by the same offset, so that histogram only rotates,
+    and is kept as counts of (context - 1 - `steps`) modulo the block size.
     """
 
-    # id: the request's; ctx: context (input + generated tokens); end: the context at which the
-    # sequence is done; blocks: KV blocks held (what the block manager holds); synced: KV tokens
-    # the block manager was last told; accepted, rejected: speculative decoding's drafts
-    # accepted so far and steps that rejected a draft
-    id, ctx, end, blocks, synced, accepted, rejected = (_field(i) for i in range(7))
+    # id: the request's; end: the context at which the sequence is done; own: KV blocks in the
+    # sequence's entry of the block manager (the rest are in the batch's); accepted, rejected:
+    # speculative decoding's drafts accepted so far and steps that rejected a draft
+    id, end, own, accepted, rejected = (_field(i) for i in (0, 2, 3, 4, 5))
 
     def __init__(self, kv: BlockManager):
         self.kv, self.block_size = kv, kv.block_size
         self.n = 0
-        self._state = np.zeros((7, 16), _INT)
+        self._state = np.zeros((6, 16), _INT)
         self._rate = np.zeros(16)                    # per-token acceptance rate
-        self._seqs = np.empty(16, dtype=object)
+        self._seqs: list[Seq] = []
+        self.total_blocks = 0                        # KV blocks the sequences hold
+        self.steps = 0                               # plain decode steps taken (advance)
+        self._phase: np.ndarray | None = np.zeros(self.block_size, _INT)
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def ctx(self) -> np.ndarray:
+        """Context of each sequence (input + generated tokens)."""
+        return self._state[1, :self.n]
+
+    @ctx.setter
+    def ctx(self, value) -> None:
+        self._state[1, :self.n] = value
+        self._phase = None  # recounted when next asked for
 
     @property
     def rate(self) -> np.ndarray:
@@ -81,7 +102,11 @@ class DecodeBatch:
 
     @property
     def seqs(self) -> list[Seq]:
-        return self._seqs[:self.n].tolist()
+        return list(self._seqs)
+
+    def blocks_of(self, tokens):
+        """Blocks that hold `tokens` KV tokens (ceil division; ints or arrays)."""
+        return (tokens + self.block_size - 1) // self.block_size
 
     def append(self, seq: Seq) -> None:
         """A sequence whose prompt is cached (or swapped back in) starts decoding."""
@@ -89,61 +114,91 @@ class DecodeBatch:
         if n == self._state.shape[1]:
             self._state = np.concatenate([self._state, np.zeros_like(self._state)], axis=1)
             self._rate = np.concatenate([self._rate, np.zeros_like(self._rate)])
-            self._seqs = np.concatenate([self._seqs, np.empty_like(self._seqs)])
-        self._state[:, n] = (seq.id, seq.context, seq.req.input_tokens + seq.req.output_tokens,
-                             self.kv.blocks(seq.id), self.kv.tokens(seq.id), seq.spec_accepted, seq.spec_rejections)
+        blocks = self.kv.blocks(seq.id)
+        ctx = seq.context
+        self._state[:, n] = (seq.id, ctx, seq.req.input_tokens + seq.req.output_tokens,
+                             blocks, seq.spec_accepted, seq.spec_rejections)
         self._rate[n] = seq.acceptance
-        self._seqs[n] = seq
+        self._seqs.append(seq)
+        self.total_blocks += blocks
+        if self._phase is not None:
+            self._phase[(ctx - 1 - self.steps) % self.block_size] += 1
         self.n += 1
+
+    def advance(self, steps: int) -> None:
+        """Every sequence gains `steps` tokens (plain decode steps)."""
+        self._state[1, :self.n] += steps
+        self.steps += steps
+
+    def block_phase(self) -> list[int]:
+        """How many sequences hold each number of KV tokens modulo the block size: those at 0
+        need a new block for their next token, those at bs - 1 for the one after, and so on
+        (a sequence at phase p needs one at step j, from 0, when (p + j) % bs == 0)."""
+        bs = self.block_size
+        if self._phase is None:
+            self._phase = np.bincount((self.ctx - 1 - self.steps) % bs, minlength=bs)
+        counts, r = self._phase.tolist(), -self.steps % bs
+        return counts[r:] + counts[:r]
 
     def reserve_growth(self, grow: int) -> np.ndarray:
         """New blocks each sequence needs for `grow` more KV tokens than it has now."""
-        return (self.ctx - 1 + grow + self.block_size - 1) // self.block_size - self.blocks
+        tokens = self.ctx - 1
+        return self.blocks_of(tokens + grow) - self.blocks_of(tokens)
 
     def sync(self, kv_tokens: np.ndarray) -> None:
-        """The sequences now hold `kv_tokens` KV tokens: tell the block manager of those whose
-        blocks change (append, or truncate below a reservation)."""
-        need = (kv_tokens + self.block_size - 1) // self.block_size
-        blocks, synced = self.blocks, self.synced
-        changed = np.flatnonzero(need != blocks)
-        if changed.size:
-            kv = self.kv
-            for sid, tokens, old, grows in zip(self.id[changed].tolist(), kv_tokens[changed].tolist(),
-                                               synced[changed].tolist(), (need[changed] > blocks[changed]).tolist()):
-                if grows:
-                    kv.append(sid, tokens - old)
-                else:
-                    kv.truncate(sid, tokens)
-            synced[changed] = kv_tokens[changed]
-            blocks[:] = need
+        """The sequences now hold `kv_tokens` KV tokens (a reservation included): tell the block
+        manager how many blocks the batch gained or gave back, in one call."""
+        self.hold(int(self.blocks_of(kv_tokens).sum()))
 
-    def tell(self, i: int) -> None:
-        """Bring the block manager's token count of sequence i up to date (no new block)."""
-        tokens, synced = int(self.ctx[i]) - 1, int(self.synced[i])
-        if tokens != synced:
-            self.kv.append(int(self.id[i]), tokens - synced)
-            self.synced[i] = tokens
+    def hold(self, total_blocks: int) -> None:
+        """The sequences now hold `total_blocks` KV blocks in all: one call to the block manager."""
+        if total_blocks != self.total_blocks:
+            self.kv.append_batch(total_blocks - self.total_blocks)
+            self.total_blocks = total_blocks
 
-    def remove(self, drop: np.ndarray) -> list[Seq]:
-        """Take the sequences where `drop` is true out of the batch, their state written back."""
-        n = self.n
-        for i in np.flatnonzero(drop).tolist():
-            self.write_back(i)
-        out = self._seqs[:n][drop].tolist()
-        mask = ~drop
-        m = n - len(out)
-        self._state[:, :m] = self._state[:, :n][:, mask]
-        self._rate[:m] = self._rate[:n][mask]
-        self._seqs[:m] = self._seqs[:n][mask]
-        self._seqs[m:n] = None
-        self.n = m
+    def settle(self, i: int) -> None:
+        """Make sequence i's blocks its own in the block manager, at its current KV tokens
+        (before it is preempted)."""
+        tokens = int(self._state[1, i]) - 1
+        self.kv.settle(int(self._state[0, i]), tokens)
+        self._state[3, i] = self.blocks_of(tokens)
+
+    def remove(self, where: list[int], finished: bool = False) -> list[Seq]:
+        """Take the sequences at these (increasing) positions out of the batch, their state
+        written back: `finished` ones give their batch blocks back to the block manager, the
+        others must hold only their own (`settle`)."""
+        n, bs = self.n, self.block_size
+        rows = [self._state[:, where[0]].tolist()] if len(where) == 1 else self._state[:, where].T.tolist()
+        out = [self._seqs[i] for i in where]
+        held = blocks = 0
+        phase, steps = self._phase, self.steps
+        for seq, (_, ctx, _, own, accepted, rejected) in zip(out, rows):
+            seq.generated = ctx - seq.req.input_tokens
+            seq.spec_accepted, seq.spec_rejections = accepted, rejected
+            mine = (ctx - 1 + bs - 1) // bs
+            held += mine - own
+            blocks += mine
+            if phase is not None:
+                phase[(ctx - 1 - steps) % bs] -= 1
+        if finished and held:
+            self.kv.append_batch(-held)
+        elif held:
+            raise ValueError(f"sequences {[s.id for s in out]} leave holding {held} blocks of the batch")
+        self.total_blocks -= blocks
+        if len(where) == 1:  # the common case: shift the rows after it down by one
+            i = where[0]
+            self._state[:, i:n - 1] = self._state[:, i + 1:n]
+            self._rate[i:n - 1] = self._rate[i + 1:n]
+        else:
+            keep = np.ones(n, bool)
+            keep[where] = False
+            m = n - len(out)
+            self._state[:, :m] = self._state[:, :n][:, keep]
+            self._rate[:m] = self._rate[:n][keep]
+        for i in reversed(where):
+            del self._seqs[i]
+        self.n = n - len(out)
         return out
-
-    def write_back(self, i: int) -> None:
-        seq = self._seqs[i]
-        ctx, accepted, rejected = self._state[[1, 5, 6], i].tolist()
-        seq.generated = ctx - seq.req.input_tokens
-        seq.spec_accepted, seq.spec_rejections = accepted, rejected
 
     def group_context(self, ctx: np.ndarray, pp: int) -> list[tuple[int, np.ndarray]]:
         """(sequences, context sums over the last axis) of each non-empty micro-batch: the
@@ -163,12 +218,12 @@ class DecodeRun:
     """Steps 0..J-1 of a decode run: times[j] to times[j + 1] is step j."""
 
     k: int
-    times: np.ndarray       # J + 1 clock values, from the run's start
-    draft_s: np.ndarray     # draft time of each step (0 without speculation)
+    times: list[float]      # J + 1 clock values, from the run's start
+    draft_s: np.ndarray     # draft time of each step (speculation)
     ctx: np.ndarray | None       # (J, n) contexts before each step (speculation)
     accepted: np.ndarray | None  # (J, n) drafts accepted (speculation)
     swap_s: float           # KV swaps before step 0
-    grown: np.ndarray | None = None  # blocks the batch gained after step 0, by step (no speculation)
+    grown: list[int] | None = None  # blocks the batch gained after step 0, by step (no speculation)
 
     @property
     def steps(self) -> int:

@@ -48,6 +48,8 @@ class BatchScheduler(StaticScheduler):
         self.running = DecodeBatch(kv)
         self.reserved = 0  # blocks the planned step reserves that the block manager is not yet told of
         self.preempted = False  # whether planning the step preempted a sequence
+        self.phase: list[int] | None = None  # DecodeBatch.block_phase when the step was planned
+        self._prefill_s: dict[tuple[Work, ...], float] = {}  # step time of prefill-only steps
 
     # --- planning (the decisions of StaticScheduler) ---------------------------------------
     def _plan_prefill(self) -> BatchStep | None:
@@ -60,17 +62,17 @@ class BatchScheduler(StaticScheduler):
         block manager now, or (`reserve=False`, when nothing reads the pool before the step
         ends) counted in `self.reserved` and handed over when the step commits."""
         batch = self.running
-        growth = batch.reserve_growth(grow)
-        self.reserved = int(growth.sum())
+        self.phase = batch.block_phase() if grow == 1 else None  # for the run's later steps too
+        self.reserved = self.phase[0] if grow == 1 else int(batch.reserve_growth(grow).sum())
         short = self.reserved - self.kv.num_free_gpu_blocks
         self.preempted = short > 0
         if short > 0:  # each victim frees its blocks and needs no growth
+            growth = batch.reserve_growth(grow)
             n = len(batch)
-            victims = min(int(np.searchsorted(np.cumsum((growth + batch.blocks)[::-1]), short)) + 1, n)
+            victims = min(int(np.searchsorted(np.cumsum((growth + batch.blocks_of(batch.ctx - 1))[::-1]), short)) + 1, n)
             for i in range(n - victims, n):
-                batch.tell(i)
-            drop = np.arange(n) >= n - victims
-            for seq in reversed(batch.remove(drop)):  # the newest first
+                batch.settle(i)
+            for seq in reversed(batch.remove(list(range(n - victims, n)))):  # the newest first
                 self._preempt(seq)
             self.reserved = int(growth[:n - victims].sum())
         if reserve:
@@ -130,6 +132,17 @@ class BatchScheduler(StaticScheduler):
                 groups.append(sums)
         return groups
 
+    def step_s(self, step: BatchStep, model: IterationModel) -> float:
+        """Time of a single step; prefill-only steps (no context to read but their chunks'),
+        which repeat, are remembered."""
+        if step.decodes:
+            return float(model.batch_step_s(self.step_sums(step, model.layout.pp)))
+        key = tuple(step.works)
+        time_s = self._prefill_s.get(key)
+        if time_s is None:
+            time_s = self._prefill_s[key] = float(model.batch_step_s(self.step_sums(step, model.layout.pp)))
+        return time_s
+
     def decode_run(self, step: BatchStep, model: IterationModel, swap_s: float, start_s: float,
                    horizon_s: float) -> DecodeRun:
         """Decode steps from `start_s` (the first one planned, its preemptions done) up to the
@@ -145,16 +158,14 @@ class BatchScheduler(StaticScheduler):
             draft = self._draft_s(ctx, k)
             grown = None
         else:
-            grown = np.zeros(1, np.int64)
-            if steps > 1:  # step j >= 1 needs a block for each sequence whose KV tokens fill their last block
+            if steps > SCALAR_STEPS:  # step j >= 1 needs a block for each sequence whose KV tokens fill their last block
                 bs = self.kv.block_size
-                hist = np.bincount((batch.ctx - 1) % bs, minlength=bs)
-                grown = np.cumsum(np.concatenate(([0], hist[(-np.arange(1, steps)) % bs])))
+                grown = np.cumsum(np.concatenate(([0], np.asarray(self.phase)[(-np.arange(1, steps)) % bs])))
                 over = np.flatnonzero(grown > free)
                 if over.size:
                     steps = int(over[0])
             if steps <= SCALAR_STEPS:  # a busy replica's short runs: step by step, in scalars
-                return self._short_run(model, steps, swap_s, start_s, horizon_s, grown)
+                return self._short_run(model, steps, swap_s, start_s, horizon_s, free)
             js = np.arange(steps, dtype=np.int64)
             groups = [(n, c + n * js) for n, c in batch.group_context(batch.ctx, pp)]
             ctx = accepted = None
@@ -166,23 +177,28 @@ class BatchScheduler(StaticScheduler):
         if k and keep < steps:  # draw again exactly what the kept steps use
             self._rewind(k, keep)
         keep = min(keep, steps)
-        return DecodeRun(k, times[:keep + 1], draft[:keep], None if ctx is None else ctx[:keep],
+        return DecodeRun(k, times[:keep + 1].tolist(), draft[:keep], None if ctx is None else ctx[:keep],
                          None if accepted is None else accepted[:keep], swap_s,
-                         None if grown is None else grown[:keep])
+                         None if grown is None else grown[:keep].tolist())
 
     def _short_run(self, model: IterationModel, steps: int, swap_s: float, start_s: float,
-                   horizon_s: float, grown: np.ndarray) -> DecodeRun:
-        """`decode_run` without speculation for a few steps: the same sums and additions on
-        Python numbers, cheaper than arrays at this length."""
+                   horizon_s: float, free: int) -> DecodeRun:
+        """`decode_run` without speculation for a few steps: the same sums, block counts and
+        additions on Python numbers, cheaper than arrays at this length."""
         base = [(n, int(c)) for n, c in self.running.group_context(self.running.ctx, model.layout.pp)]
-        times, t = [start_s], start_s
-        for j in range(steps):
-            t = t + ((swap_s if j == 0 else 0.0) + 0.0 + float(run_step_s(model, [(n, c + n * j) for n, c in base])))
-            if j and t >= horizon_s:
+        step_s, phase, bs = model.decode_step_s, self.phase, self.kv.block_size
+        t = start_s + (swap_s + 0.0 + step_s(base))
+        times, grown, g = [start_s, t], [0], 0
+        for j in range(1, steps):
+            g += phase[-j % bs]  # step j needs a block for each sequence whose KV tokens fill their last block
+            if g > free:
+                break
+            t = t + (0.0 + 0.0 + step_s([(n, c + n * j) for n, c in base]))
+            if t >= horizon_s:
                 break
             times.append(t)
-        keep = len(times) - 1
-        return DecodeRun(0, np.array(times), np.zeros(keep), None, None, swap_s, grown[:keep])
+            grown.append(g)
+        return DecodeRun(0, times, None, None, None, swap_s, grown)
 
     def _draw(self, k: int, max_steps: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Steps of a speculative run before a completion or a preemption, with the contexts
@@ -197,7 +213,7 @@ class BatchScheduler(StaticScheduler):
         if done.size:
             steps = int(done[0]) + 1
         bs = self.kv.block_size
-        pool = self.kv.num_free_gpu_blocks + int(batch.blocks.sum())
+        pool = self.kv.num_free_gpu_blocks + batch.total_blocks
         over = np.flatnonzero(((ctx[1:steps] + k + bs - 1) // bs).sum(axis=1) > pool)
         if over.size:
             steps = int(over[0]) + 1
@@ -226,29 +242,31 @@ class BatchScheduler(StaticScheduler):
         if self.speculator:
             self.speculator.record_step(k, steps)
         if run.accepted is None:  # blocks after step j: the first step's reservation, and grown[j]
-            used = kv.num_used_gpu_blocks + self.reserved + run.grown
-            batch.ctx = batch.ctx + steps
+            base = kv.num_used_gpu_blocks + self.reserved
+            used = [base + g for g in run.grown]
+            batch.advance(steps)
+            batch.hold(batch.total_blocks + self.reserved + run.grown[-1])
         else:
             self.speculator.record_draws(k, run.accepted)
             batch.accepted = batch.accepted + run.accepted.sum(axis=0)
             batch.rejected = batch.rejected + (run.accepted < k).sum(axis=0)
             after = np.minimum(run.ctx + run.accepted + 1, batch.end)
-            others = kv.num_used_gpu_blocks - int(batch.blocks.sum())
-            used = others + ((after - 1 + bs - 1) // bs).sum(axis=1)
+            others = kv.num_used_gpu_blocks - batch.total_blocks
+            used = (others + ((after - 1 + bs - 1) // bs).sum(axis=1)).tolist()
             batch.ctx = after[-1]
-        batch.sync(batch.ctx - 1)
+            batch.sync(batch.ctx - 1)
         self.reserved = 0
         finished = self._finish(now)
-        used = used.astype(float)
         used[-1] = kv.num_used_gpu_blocks
-        return finished, used / kv.num_gpu_blocks if kv.num_gpu_blocks else used * 0.0
+        total = kv.num_gpu_blocks
+        return finished, [u / total for u in used] if total else [0.0] * len(used)
 
     def _finish(self, now: float) -> list[Seq]:
         batch = self.running
-        done = batch.ctx >= batch.end
-        if not done.any():
+        done = np.flatnonzero(batch.ctx >= batch.end).tolist()
+        if not done:
             return []
-        finished = batch.remove(done)
+        finished = batch.remove(done, finished=True)
         for seq in finished:
             seq.finish_s = now
             self.kv.free(seq.id)
@@ -258,7 +276,7 @@ class BatchScheduler(StaticScheduler):
         """Apply a single (prefill or mixed) step: its decodes gain a token, then its prompts."""
         finished = []
         if step.decodes:
-            self.running.ctx = self.running.ctx + 1
+            self.running.advance(1)
             self.running.sync(self.running.ctx - 1)
             finished = self._finish(now)
         for seq, chunk in zip(step.prompts, step.chunks):
@@ -289,9 +307,10 @@ class BatchReplica(Replica):
                 continue
             start = env.now
             swap_s = sched.take_swapped_tokens() * self.swap_s_per_token  # swaps stall the step
-            rec.box(i, "kv", "swap", start, start + swap_s)
+            if swap_s:
+                rec.box(i, "kv", "swap", start, start + swap_s)
             if step.prompts or not step.decodes:
-                yield env.timeout(swap_s + 0.0 + float(self.model.batch_step_s(sched.step_sums(step, self.model.layout.pp))))
+                yield env.timeout(swap_s + 0.0 + sched.step_s(step, self.model))
                 finished = sched.commit(step, env.now)
                 rec.step(i, step.kind, start, env.now, len(step.prompts) + step.decodes,
                          sum(step.chunks) + step.decodes, sched.kv.utilization)

@@ -112,6 +112,8 @@ class IterationModel:
         self.overhead = EngineOverhead.of(engine, eff.step_overhead_us)
         self._parts: dict[int, tuple[float, float, float]] = {}
         self._heads: dict[int, float] = {}
+        self._decode_parts: dict[tuple[int, int], tuple] = {}
+        self._peak_flops = self.device.peak_flops
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -194,6 +196,45 @@ class IterationModel:
         sequences = sum(g.sequences for g in groups)
         context_tokens = sum(g.context + g.new_tokens for g in groups)
         return _max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
+
+    def decode_step_s(self, groups: list[tuple[int, int]], new_tokens: int = 1) -> float:
+        """`batch_step_s` of a decode step on Python numbers: micro-batches of (sequences, sum of
+        their contexts), each sequence computing `new_tokens` with that many logits. The same
+        operations in the same order (so the same bits) with the per-token parts looked up
+        once per micro-batch: a fast-forward run of a few steps calls this once a step."""
+        parts = self._decode_parts.get((groups[0][0], new_tokens))
+        busy, trip, max_tokens, sequences, context_tokens = 0.0, 0.0, 0, 0, 0
+        pp = self.layout.pp
+        half = new_tokens * (new_tokens + 1) // 2
+        for n, context in groups:
+            if parts is None or parts[0] != n:
+                parts = self._decode_part(n, new_tokens)
+            _, tokens, scale, gemms, elementwise, tp, head_s = parts
+            pairs = new_tokens * context + n * half
+            decode_pairs = pairs if new_tokens == 1 else 0 * pairs
+            kv = self.kv_bytes_per_token * (context + tokens)
+            attention = self._attention_s(scale * (pairs - decode_pairs), scale * decode_pairs) + kv / self.kv_hbm
+            layers_s = self.layers_per_stage * (gemms + attention + elementwise + tp)
+            busy = busy + (layers_s + head_s)
+            trip = max(trip, pp * layers_s + head_s)
+            max_tokens = max(max_tokens, tokens)
+            sequences += n
+            context_tokens += context + tokens
+        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
+        return max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
+
+    def _decode_part(self, n: int, new_tokens: int) -> tuple:
+        """What a decode micro-batch of n sequences costs apart from its context."""
+        tokens = n * new_tokens
+        parts = (n, tokens, 4.0 * (self.model.hidden_size / self.layout.tp), *self._token_parts(tokens),
+                 self._lm_head_s(n * new_tokens))
+        self._decode_parts[(n, new_tokens)] = parts
+        return parts
+
+    def _attention_s(self, flops: float, decode_flops: float) -> float:
+        """`timing.attention_s` without a sequence length, with the device's numbers looked up once."""
+        e = self.device.efficiency
+        return (flops / e.attention + decode_flops / (e.attention_decode or e.attention)) / self._peak_flops
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

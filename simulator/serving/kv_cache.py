@@ -10,6 +10,12 @@ manager keeps integer counters per sequence (tokens, blocks) and two pool totals
 per-block objects or free lists. Block identity does not matter for timing; nothing here
 models prefix sharing or copy-on-write, which would need block tables.
 
+A decode batch that keeps its sequences' counts as arrays (`batch.DecodeBatch`) tells the
+manager of their growth in bulk, one `append_batch` per engine event for the whole batch,
+instead of one `append` per sequence and block: the pool totals stay exact after every
+event, and the blocks a sequence gained in the batch become its own (`settle`, through
+`append`) before it is preempted; a finished one gives them back with the batch's count.
+
 Admission rules follow vLLM v0 (`BlockSpaceManager`):
 - A new sequence (`allocate`) and a swapped-in one (`swap_in`) must leave at least
   `watermark_blocks = int(watermark * num_gpu_blocks)` blocks free, so that running
@@ -82,6 +88,7 @@ class BlockManager:
         self._on_cpu: set[SeqId] = set()
         self._used_gpu = 0
         self._used_cpu = 0
+        self._batch_blocks = 0  # GPU blocks a decode batch's sequences hold beyond their own counts
 
     # -- pool state ---------------------------------------------------------------------
 
@@ -172,6 +179,33 @@ class BlockManager:
         self._used_gpu -= self._blocks[seq_id] - keep
         self._tokens[seq_id], self._blocks[seq_id] = num_tokens, keep
 
+    def append_batch(self, new_blocks: int) -> None:
+        """The sequences of the decode batch take `new_blocks` more GPU blocks in all (give
+        back `-new_blocks` when negative); the batch keeps which sequence holds them."""
+        if new_blocks > self.num_gpu_blocks - self._used_gpu:
+            raise OutOfBlocks("decode batch", "append", new_blocks, self.num_free_gpu_blocks)
+        if new_blocks < -self._batch_blocks:
+            raise ValueError(f"new_blocks = {new_blocks!r}: the decode batch holds {self._batch_blocks}")
+        self._batch_blocks += new_blocks
+        self._used_gpu += new_blocks
+
+    @property
+    def num_batch_blocks(self) -> int:
+        """GPU blocks the decode batch holds beyond its sequences' own counts."""
+        return self._batch_blocks
+
+    def settle(self, seq_id: SeqId, num_tokens: int) -> None:
+        """A sequence leaves the decode batch holding `num_tokens` KV tokens: the blocks the
+        batch held for it become its own (the pool total does not change)."""
+        tokens = self._tokens[self._on_gpu(seq_id)]
+        moved = self.blocks_for(num_tokens) - self._blocks[seq_id]
+        if num_tokens < tokens or not 0 <= moved <= self._batch_blocks:
+            raise ValueError(f"num_tokens = {num_tokens!r} for sequence {seq_id!r}: it holds {tokens} "
+                             f"tokens and the decode batch {self._batch_blocks} blocks")
+        self._batch_blocks -= moved
+        self._used_gpu -= moved
+        self.append(seq_id, num_tokens - tokens)
+
     def free(self, seq_id: SeqId) -> int:
         """Release a sequence (on the GPU or the CPU); return how many blocks it held."""
         blocks = self._blocks.pop(self._known(seq_id))
@@ -255,6 +289,7 @@ class BlockManager:
         return -(-(tokens + new_tokens) // self.block_size) - self._blocks[seq_id]
 
     def __repr__(self) -> str:
-        return (f"BlockManager(gpu {self._used_gpu}/{self.num_gpu_blocks}, "
+        batch = f", {self._batch_blocks} held by the decode batch" if self._batch_blocks else ""
+        return (f"BlockManager(gpu {self._used_gpu}/{self.num_gpu_blocks}{batch}, "
                 f"cpu {self._used_cpu}/{self.num_cpu_blocks}, block_size={self.block_size}, "
                 f"{len(self._tokens)} sequences)")

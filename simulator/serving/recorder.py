@@ -40,14 +40,15 @@ class Recorder:
             self.events.append(TraceEvent(replica, "compute", kind, start_s, end_s,
                                           {"sequences": seqs, "tokens": tokens, "kv_utilization": round(kv_utilization, 4)}))
 
-    def steps_run(self, replica: int, kind: str, times_s: np.ndarray, seqs: int, tokens: int,
-                  kv_utilization: np.ndarray, boxes=None) -> None:
+    def steps_run(self, replica: int, kind: str, times_s: list[float] | np.ndarray, seqs: int, tokens: int,
+                  kv_utilization: list[float] | np.ndarray, boxes=None) -> None:
         """A run of len(times_s) - 1 steps of one kind back to back (step j from times_s[j]
         to times_s[j + 1]); `boxes(j)` gives step j's other boxes (swap, draft) for the trace,
         in the order a single step records them."""
         n = len(times_s) - 1
         self.steps[kind] += n
-        ts, kv = np.asarray(times_s).tolist(), np.asarray(kv_utilization, dtype=float).tolist()
+        ts = times_s if isinstance(times_s, list) else np.asarray(times_s).tolist()
+        kv = kv_utilization if isinstance(kv_utilization, list) else np.asarray(kv_utilization, dtype=float).tolist()
         self._ends.setdefault(replica, []).extend(ts[1:])
         if replica == 0:
             self._kv.extend(kv)

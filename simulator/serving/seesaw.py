@@ -15,11 +15,21 @@ As in the static schedulers, a pp-stage layout schedules pp micro-batches per st
 within max_batched_tokens and max_num_seqs. Transition-minimizing scheduling: switch to decode only when the CPU buffer is full or no
 request waits; switch back to prefill only when the buffer is empty and every buffered
 sequence has finished decoding. Each phase, copy and transition is a box in the trace.
+
+Fast-forward (unless `exact_steps`): within the decode phase, the steps between two events
+run as one simpy event, as the static schedulers' runs do (`batch.py`): the set of
+sequences that decode is the same until one completes, a prefetched KV copy arrives (the
+step starting at or after its arrival takes the sequence in), or the KV grows past the
+GPU pool; no sequence can be admitted in between, since the KV in use only grows. Step
+times come from `IterationModel.decode_step_s` on the same integer sums, and the clock
+advances by the same additions, so every time is that of the step-by-step loop.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 
 import simpy
 
@@ -45,8 +55,10 @@ def weight_reload_s(cluster: ClusterSpec, target: IterationModel) -> float:
 class SeesawReplica:
     def __init__(self, env: simpy.Environment, index: int, deployment: DeploymentSpec,
                  prefill: IterationModel, decode: IterationModel, capacity_tokens: dict[str, int],
-                 buffer_tokens: int, cluster: ClusterSpec, recorder: Recorder):
+                 buffer_tokens: int, cluster: ClusterSpec, recorder: Recorder,
+                 next_arrival_s: Callable[[], float] | None = None):
         self.env, self.index, self.dep, self.rec = env, index, deployment, recorder
+        self.next_arrival_s = next_arrival_s  # fast-forward the decode phase up to it (None: step by step)
         self.models = {"prefill": prefill, "decode": decode}
         self.capacity = capacity_tokens
         self.buffer_tokens = buffer_tokens
@@ -138,10 +150,21 @@ class SeesawReplica:
                 yield self.env.timeout(min(t for t, _ in running) - self.env.now)
                 continue
             start = self.env.now
-            yield self.env.timeout(model.step_s([Work(1, s.context, True) for s in ready]))
+            if self.next_arrival_s is None:
+                yield self.env.timeout(model.step_s([Work(1, s.context, True) for s in ready]))
+                steps = 1
+            else:
+                times = self._run(model, ready, used, min((t for t, _ in running if t > start), default=math.inf))
+                steps = len(times) - 1
+                yield self.env.timeout_at(times[-1])
+                n = len(ready)
+                if steps > 1:  # the steps before the last change nothing but counters
+                    self.rec.steps_run(self.index, "decode", times[:-1], n, n,
+                                       [(used + n * (j + 1)) / cap for j in range(steps - 1)])
+                start = times[-2]
             for seq in ready:
-                seq.emit(self.env.now)
-                used += 1
+                seq.emit(self.env.now, steps)
+                used += steps
             finished = [s for s in ready if s.done]
             self.outstanding -= len(finished)
             used -= sum(s.context for s in finished)
@@ -153,3 +176,22 @@ class SeesawReplica:
                 self.buffered += seq.context
                 self._copy(seq.context, "decode", "kv to cpu")
             self.rec.step(self.index, "decode", start, self.env.now, len(ready), len(ready), used / cap)
+
+    def _run(self, model: IterationModel, ready: list[Seq], used: int, copy_s: float) -> list[float]:
+        """Clock values of the decode steps of `ready` from now up to the next event: the step
+        that completes a sequence, or takes the KV past the pool, or ends at or after the next
+        KV copy arrival (`copy_s`) or, but for the first, the next request's arrival."""
+        pp, n, cap = model.layout.pp, len(ready), self.capacity["decode"]
+        base = [(len(ready[g::pp]), sum(s.context for s in ready[g::pp])) for g in range(min(pp, n))]
+        steps = min(s.req.output_tokens - s.generated for s in ready)  # the first completion
+        steps = min(steps, max(1, -(-(cap + 1 - used) // n)))            # the KV past the pool
+        arrival = self.next_arrival_s()
+        times = [self.env.now]
+        for j in range(steps):
+            end = times[-1] + model.decode_step_s([(m, c + m * j) for m, c in base])
+            if j and end >= arrival:  # a later step must end before the router looks at this replica
+                break
+            times.append(end)
+            if end >= copy_s:  # the next step takes the arrived sequence in
+                break
+        return times

@@ -5,7 +5,8 @@ requests -> a simpy run of DP replicas behind a router (join the replica with th
 outstanding requests) -> report. Static deployments run the vllm or sarathi scheduler in
 `batch_scheduler.BatchReplica`, which fast-forwards through runs of identical decode steps
 (`batch.py`), or with `exact_steps=True` in `replica.Replica`, one event per engine step, with
-the same results; re-sharding deployments run `seesaw.SeesawReplica` (step by step).
+the same results; re-sharding deployments run `seesaw.SeesawReplica`, whose decode phase
+fast-forwards the same way (step by step with `exact_steps=True`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def _replicas(env, model, cluster, dep, caps, rec, requests, seed, next_arrival_
     if dep.scheduler == "seesaw":
         decode = IterationModel(model, cluster, dep.decode, dep.engine)
         buffer_tokens = cpu_buffer_tokens(model, dep)
-        return [SeesawReplica(env, i, dep, prefill, decode, caps, buffer_tokens, cluster, rec) for i in range(dep.dp)]
+        return [SeesawReplica(env, i, dep, prefill, decode, caps, buffer_tokens, cluster, rec, next_arrival_s)
+                for i in range(dep.dp)]
     out = []
     for i in range(dep.dp):
         cpu_blocks = int(dep.cpu_kv_buffer_GB * GB // (prefill.kv_bytes_per_token_per_device() * dep.block_size))
