@@ -373,13 +373,22 @@ def _float8(plan: TrainingPlan, compiled: bool, approx: Approximations) -> str:
     return f"[Float8LinearConverter.Config(model_compile_enabled={compiled})]"
 
 
+def selective(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> bool:
+    """Whether the plan recomputes selectively; torchtitan (either release) then checkpoints
+    no layer in full, which is noted when the plan also asks for that."""
+    if plan.recompute not in ("selective", "selective_op"):
+        return False
+    ckpt = plan.stage_checkpointed(model)
+    if any(ckpt):
+        approx.add("torchtitan applies one checkpointing mode: wrote per-op selective, so the "
+                   f"fully checkpointed layers per stage {ckpt} are not recomputed in full")
+    return True
+
+
 def _checkpointing(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> str:
     """The activation_checkpoint expression: None, FullAC or SelectiveAC (per-op)."""
     layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
-    if plan.recompute in ("selective", "selective_op"):
-        if any(ckpt):
-            approx.add("torchtitan applies one checkpointing mode: wrote per-op selective, so the "
-                       f"fully checkpointed layers per stage {ckpt} are not recomputed in full")
+    if selective(model, plan, approx):
         if plan.recompute == "selective":
             approx.add("torchtitan's selective checkpointing is per-op (it saves matmul and "
                        "attention outputs by an op policy): recompute selective (the attention "

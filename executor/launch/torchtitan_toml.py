@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 from executor.launch.base import Approximations, LaunchFile, header
-from executor.launch.torchtitan import flavor_of, parallelism, training
+from executor.launch.torchtitan import flavor_of, parallelism, selective, training
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
@@ -67,10 +67,7 @@ def write(model: TransformerSpec, cluster: ClusterSpec, plan: TrainingPlan) -> l
 
 def _checkpointing(model: TransformerSpec, plan: TrainingPlan, approx: Approximations) -> dict:
     layers, ckpt = plan.stage_layers(model), plan.stage_checkpointed(model)
-    if plan.recompute in ("selective", "selective_op"):
-        if any(ckpt):
-            approx.add("torchtitan applies one checkpointing mode: wrote per-op selective, so the "
-                       f"fully checkpointed layers per stage {ckpt} are not recomputed in full")
+    if selective(model, plan, approx):
         return {"mode": "selective", "selective_ac_option": "op"}
     if not any(ckpt):
         return {"mode": "none"}
