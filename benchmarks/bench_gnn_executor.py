@@ -19,6 +19,7 @@ Writes benchmarks/results/gnn_executor.json and .md atomically.
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -54,6 +55,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def run(quick: bool) -> dict[str, Any]:
     repeats = 1 if quick else 3
+    load_before = os.getloadavg()[0]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in CONFIGS}
     for i in range(repeats):  # interleaved: a slow minute of the shared machine hits every configuration
         for label, ranks, method in CONFIGS:
@@ -87,6 +89,7 @@ def run(quick: bool) -> dict[str, Any]:
                                                          if metis["predicted_epoch_time_s"] else None),
     }
     return {**common.run_fields("gnn_executor", quick, {"repeats": repeats, "epochs": EPOCHS, "timed_epochs": EPOCHS - 1}),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "graph": GRAPH, "model": MODEL, "plan": PLAN, "target_abs_error": TARGET, "rows": rows,
             "metis_vs_random": comparison}
 
@@ -102,9 +105,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['cpu_model']} ({m['cpu_count']} cores, shared). Epoch time: the slowest rank, median over "
         f"{result['repetitions']['timed_epochs']} epochs after the first, then the median (min-max) over "
         f"{result['repetitions']['repeats']} interleaved repeats. Predicted: `simulate_gnn` on `Nxcpu` with the profile named, "
-        f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}.", "",
+        f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}."
+        + _load_note(result), "",
         "| run | edge cut | iterations | measured epoch s (min-max) | predicted s | error | remote MB/epoch "
-        "(predicted) | sample / fetch remote / compute / all-reduce s |",
+        "(predicted) | sample / fetch remote / compute / all-reduce s, measured (predicted) |",
         "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         e, b = r["epoch_time_s"], r["breakdown"]
@@ -114,13 +118,26 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['edge_cut_fraction']:.1%} | {r['iterations_per_epoch']} | {e['median']:.3f} "
             f"({e['min']:.3f}-{e['max']:.3f}) | {pred} | {err} | {r['remote_bytes_per_epoch'] / 1e6:.2f} "
-            f"({'-' if prb is None else f'{prb / 1e6:.2f}'}) | {b['sample']:.3f} / {b['fetch_remote']:.3f} / "
-            f"{b['compute']:.3f} / {b['allreduce']:.3f} |")
+            f"({'-' if prb is None else f'{prb / 1e6:.2f}'}) | "
+            + " / ".join(f"{b[k]:.3f}" + _predicted_part(r, k) for k in ("sample", "fetch_remote", "compute", "allreduce"))
+            + " |")
     pr = c["predicted_epoch_time_ratio_random_over_metis"]
     lines += ["", f"Random over METIS on 2 ranks: remote feature bytes {c['remote_bytes_ratio_random_over_metis']:.2f}x, "
               f"epoch time {t['median']:.2f}x (paired repeats {t['min']:.2f}-{t['max']:.2f}x)"
               + ("" if pr is None else f"; the simulator predicts {pr:.2f}x") + ".", ""]
     return "\n".join(lines)
+
+
+def _predicted_part(row: dict[str, Any], key: str) -> str:
+    """' (x.xxx)': the simulator's seconds per epoch for that part, when it predicted."""
+    pb = row.get("predicted_breakdown")
+    return "" if not pb else f" ({pb.get(key, 0.0):.3f})"
+
+
+def _load_note(result: dict[str, Any]) -> str:
+    load = result.get("load_average_1min")
+    return "" if not load else (f" One-minute load average {load['before']:.1f} before and {load['after']:.1f} after "
+                                f"the run, on {result['machine']['cpu_count']} cores.")
 
 
 def main() -> None:

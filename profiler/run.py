@@ -78,7 +78,7 @@ def run_profile(out: Path | str, device: str = "cpu", ops: Sequence[str] = OPS, 
     if bad:
         raise SpecError("ranks", bad[0], "collectives need at least 2 ranks")
     torch.set_num_threads(threads)
-    store = ProfileStore.open(Path(out), device, threads)
+    store = ProfileStore.open(Path(out), device, threads, ops)
     ctx = ProfileContext(device=device, quick=quick, threads=threads, ranks=tuple(ranks))
     progress = progress or _Silent()
     plan: list[tuple[str, ModuleType, list[dict[str, Any]]]] = []

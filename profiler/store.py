@@ -8,7 +8,8 @@ The simulator reads only this directory (`simulator.specs.profile.load_profile`)
 
 Every write replaces the whole file through a temporary file and `os.replace`, so an
 interrupted run leaves the last complete table, and a rerun measures only the shapes that
-table does not have yet (`Table.has`).
+table does not have yet (`Table.has`). A run that adds only new families may come from another
+machine of the same kind; their tables then keep that machine's block (`tables.<op>.device`).
 """
 
 from __future__ import annotations
@@ -69,18 +70,24 @@ def _cuda_driver() -> str | None:
 class ProfileStore:
     """A profile directory being written: its metadata and one `Table` per op family."""
 
-    def __init__(self, root: Path, meta: dict[str, Any]):
+    def __init__(self, root: Path, meta: dict[str, Any], table_device: dict[str, Any] | None = None):
         self.root = Path(root)
         self.meta = meta
+        self.table_device = table_device  # the machine of tables this run adds, when not the profile's
 
     @classmethod
-    def open(cls, root: Path, device: str, threads: int) -> ProfileStore:
-        """Open `root` for measuring, resuming it if it is a profile of the same device and threads."""
+    def open(cls, root: Path, device: str, threads: int, ops: Iterable[str] = ()) -> ProfileStore:
+        """Open `root` for measuring, resuming it if it is a profile of the same device and threads.
+
+        A run that only adds families the directory has no table of (`ops`) may come from another
+        machine of the same kind and thread count: those tables record their own `device` block."""
         root = Path(root)
         fresh = machine_meta(device, threads)
         if (root / META_FILE).exists():
             meta = read_meta(root)
             old = meta["device"]
+            if old.get("name") != fresh["name"] and _own_tables(meta, fresh, list(ops)):
+                return cls(root, meta, table_device=fresh)
             for field in ("kind", "name", "threads"):
                 if old.get(field) != fresh[field]:
                     raise ProfileError(root / META_FILE, f"device.{field}", old.get(field),
@@ -99,6 +106,15 @@ class ProfileStore:
 
     def save_meta(self) -> None:
         write_text_atomic(self.root / META_FILE, json.dumps(self.meta, indent=2, sort_keys=False) + "\n")
+
+
+def _own_tables(meta: dict[str, Any], fresh: dict[str, Any], ops: list[str]) -> bool:
+    """Whether a run of `ops` on machine `fresh` may write into a profile of another machine: same
+    kind and threads, and each of its tables is new or was measured on `fresh`'s machine."""
+    if not ops or any(meta["device"].get(f) != fresh[f] for f in ("kind", "threads")):
+        return False
+    return all(op not in meta["tables"] or (meta["tables"][op].get("device") or {}).get("name") == fresh["name"]
+               for op in ops)
 
 
 class Table:
@@ -140,5 +156,7 @@ class Table:
 
     def save(self) -> None:
         write_text_atomic(self.path, self.frame().to_csv(index=False))
-        self.store.meta["tables"][self.op] = {"file": self.spec.file, "rows": len(self.rows)}
+        entry = {"file": self.spec.file, "rows": len(self.rows)}
+        own = self.store.table_device or self.store.meta["tables"].get(self.op, {}).get("device")
+        self.store.meta["tables"][self.op] = {**entry, "device": own} if own else entry
         self.store.save_meta()

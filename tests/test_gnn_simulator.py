@@ -229,3 +229,43 @@ def test_a_slow_server_shows_as_serve_in_the_breakdown():
     b = _breakdown(stages, GNNPlan(samplers_per_trainer=2))
     assert b["serve"] == pytest.approx(0.2) and sum(b.values()) == pytest.approx(0.5)
     assert _breakdown({**stages, "serve": 0.1}, GNNPlan(samplers_per_trainer=2))["serve"] == 0
+
+
+def test_cpu_ranks_are_priced_from_the_profiles_measured_gnn_operations(graph):
+    plan = GNNPlan(batch_size_per_trainer=1000)
+    profiled, datasheet = load_cluster("1xcpu"), load_cluster("1xcpu", profile="none")
+    fits = costs.measured_ops(profiled)
+    assert fits is not None and "gnn" in profiled.device.cost_sources
+    assert costs.measured_ops(datasheet) is None
+    assert costs.measured_ops(load_cluster("4xm5n-24xlarge")) is None   # no profile: physics as before
+    report = simulate_gnn(graph, "graphsage-3", profiled, plan)
+    counts, stages = report.trainer_loads[0], report.trainer_loads[0].stages_s
+    nodes, edges = report.sampled_nodes_per_layer, report.sampled_edges_per_layer
+    from simulator.specs.catalog import load_gnn_model
+    model = load_gnn_model("graphsage-3")
+    assert stages["compute"] == pytest.approx(costs.measured_compute_s(fits, model, graph.feature_dim,
+                                                                       graph.num_classes, nodes, edges))
+    assert stages["sample"] == pytest.approx(costs.measured_sample_s(fits, nodes, edges))
+    assert counts.input_nodes == nodes[-1]
+    fallback = simulate_gnn(graph, "graphsage-3", datasheet, plan).trainer_loads[0].stages_s
+    layers = costs.layer_costs(model, graph.feature_dim, graph.num_classes, nodes, edges)
+    assert fallback["compute"] == pytest.approx(costs.compute_s(datasheet, layers, 1.0))
+    # GAT layers are not in the family: they keep the FLOP-based model even with the profile
+    gat = simulate_gnn(graph, "gat-3", profiled, plan).trainer_loads[0].stages_s
+    assert gat["compute"] > 0
+
+
+def test_measured_operation_costs_add_up_term_by_term():
+    fits = {op: dict.fromkeys(terms, 0.0) for op, terms in costs.OP_TERMS.items()}
+    fits["aggregate"]["s_per_edge"] = 1e-7
+    fits["aggregate_input"]["s_per_edge"] = 2e-7
+    fits["optimizer"]["overhead_s"] = 1e-3
+    fits["relu_dropout"]["s_per_element"] = 1e-8
+    from simulator.specs.catalog import load_gnn_model
+    model = load_gnn_model("graphsage-3")
+    nodes, edges = [1000.0, 5000.0, 12000.0, 16000.0], [15000.0, 50000.0, 60000.0]
+    # input layer aggregates the outermost hop's 60,000 edges; two hidden layers of 256 get dropout
+    expected = 1e-3 + 2e-7 * 60000 + 1e-7 * (50000 + 15000) + 1e-8 * 256 * (12000 + 5000)
+    assert costs.measured_compute_s(fits, model, 32, 8, nodes, edges) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="unknown gnn op"):
+        costs.op_terms("spmm")

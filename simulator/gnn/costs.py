@@ -63,11 +63,21 @@ DistDGL's processes on a machine whose cores the cluster spec gives (`host_cores
 A cluster without core counts (`Nxcpu`: one-core ranks of simtune's own executor, which answer
 their peers' pulls themselves through all-to-alls) keeps the simpler layout: the owners' gather
 is charged to the requesting trainer's remote fetch and no server or core sharing is modelled.
+
+Measured operation costs (a profile's `gnn` family, `profiler/gnn.py`): where the cluster's
+profile timed simtune's GNN executor's own operations on its device, a batch is priced from
+them instead of from FLOPs and bytes (`measured_compute_s`, `measured_sample_s`): per layer the
+two (GraphSAGE) or one (GCN) linear layers, the sparse mean aggregation (building the sparse
+matrix and its product, forward and backward), ReLU and dropout between layers, and per batch
+the optimizer's step; per hop the sampler's draw and the block's relabelling. Each cost is the
+linear model `OP_TERMS` names, the same terms the profiler fits. GAT layers, which the family
+does not time, keep the FLOP-based model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from simulator.costs.comm import Link, allreduce_s
 from simulator.costs.timing import gemm_efficiency
@@ -88,6 +98,83 @@ CORE_COPY_BYTES_PER_S = 8e9
 SERVER_EDGE_S = 2 * SAMPLE_EDGE_S
 SERVER_REQUEST_S = 100e-6
 SERVERS_PER_MACHINE = 1
+
+
+OP_TERMS: dict[str, tuple[str, ...]] = {
+    "sample": ("s_per_edge", "s_per_row", "overhead_s"),
+    "to_block": ("s_per_id", "s_per_node", "overhead_s"),
+    "aggregate": ("s_per_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
+    "aggregate_input": ("s_per_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
+    "linear": ("s_per_flop", "s_per_element", "overhead_s"),
+    "linear_input": ("s_per_flop", "s_per_element", "overhead_s"),
+    "relu_dropout": ("s_per_element", "overhead_s"),
+    "optimizer": ("s_per_param", "overhead_s"),
+}
+"""The cost model of each operation of the profile's `gnn` family: seconds = sum of coefficient x term."""
+
+
+def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, width: float = 0, d_out: float = 0,
+             elements: float = 0, params: float = 0) -> tuple[float, ...]:
+    """The terms of `op`'s cost model (in OP_TERMS order) for one call. `rows`: frontier nodes
+    (sample, to_block), dst nodes (aggregate) or input rows (linear); `src`: a block's source
+    nodes; `width`: feature width (a linear layer's input); `d_out`: a linear layer's output."""
+    if op == "sample":
+        return edges, rows, 1.0
+    if op == "to_block":
+        return rows + edges, src, 1.0
+    if op in ("aggregate", "aggregate_input"):
+        return edges * width, edges, (src + rows) * width, 1.0
+    if op in ("linear", "linear_input"):
+        return 2.0 * rows * width * d_out, rows * (width + d_out), 1.0
+    if op == "relu_dropout":
+        return elements, 1.0
+    if op == "optimizer":
+        return params, 1.0
+    raise ValueError(f"unknown gnn op {op!r}; known: {', '.join(OP_TERMS)}")
+
+
+def op_s(fits: dict[str, Any], op: str, **counts: float) -> float:
+    """Seconds of one call of `op` from a profile's `gnn` fits."""
+    fit = fits[op]
+    return float(sum(fit[name] * term for name, term in zip(OP_TERMS[op], op_terms(op, **counts))))
+
+
+def measured_ops(cluster: ClusterSpec) -> dict[str, Any] | None:
+    """The `gnn` fits of the cluster's profile, when it timed every operation a batch needs on
+    this device (`DeviceSpec.cost_sources` names 'gnn' once `apply_profile` accepted it)."""
+    if "gnn" not in cluster.device.cost_sources or cluster.profile is None:
+        return None
+    from simulator.specs.profile import load_profile  # noqa: PLC0415 - only profiled clusters read it
+
+    fits = load_profile(cluster.profile).fit("gnn") or {}
+    return fits if all(isinstance(fits.get(op), dict) for op in OP_TERMS) else None
+
+
+def measured_compute_s(fits: dict[str, Any], model: GNNModelSpec, feature_dim: int, num_classes: int,
+                       nodes: list[float], edges: list[float]) -> float:
+    """Forward, backward and optimizer step of one mini-batch from measured operation costs
+    (GraphSAGE-mean or GCN, as simtune's executor runs them: `executor/gnn/model.py`)."""
+    L = model.num_layers
+    total = op_s(fits, "optimizer", params=parameter_count(model, feature_dim, num_classes))
+    for l, (d_in, d_out) in enumerate(layer_dims(model, feature_dim, num_classes)):
+        src, dst, e = nodes[L - l], nodes[L - l - 1], edges[L - l - 1]
+        suffix = "_input" if l == 0 else ""   # the input features need no gradient
+        if model.architecture == "gcn":       # mean over the neighbors and a self loop, then one linear
+            total += op_s(fits, "aggregate" + suffix, rows=dst, src=src, edges=e + dst, width=d_in)
+            total += op_s(fits, "linear" + suffix, rows=dst, width=d_in, d_out=d_out)
+        else:                                 # fc_self on the dst nodes, fc_neigh on the mean
+            total += op_s(fits, "aggregate" + suffix, rows=dst, src=src, edges=e, width=d_in)
+            total += 2 * op_s(fits, "linear" + suffix, rows=dst, width=d_in, d_out=d_out)
+        if l < L - 1:
+            total += op_s(fits, "relu_dropout", elements=dst * d_out)
+    return total
+
+
+def measured_sample_s(fits: dict[str, Any], nodes: list[float], edges: list[float]) -> float:
+    """One trainer's sampler work for one mini-batch, hop by hop: the draw over the frontier and
+    the relabelling into a block (the exchange with the owners is charged apart)."""
+    return sum(op_s(fits, "sample", rows=nodes[h], edges=edges[h])
+               + op_s(fits, "to_block", rows=nodes[h], edges=edges[h], src=nodes[h + 1]) for h in range(len(edges)))
 
 
 @dataclass(frozen=True)
@@ -163,7 +250,10 @@ def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[flo
     sampler receives, deserialises and merges their responses."""
     far = remote_edges(nodes, edges, remote_frontier) if machines > 1 else [0.0] * len(edges)
     served = has_cores(cluster)
-    work = SAMPLE_EDGE_S * (sum(edges) - (sum(far) if served else 0.0)) + SAMPLE_NODE_S * sum(nodes[1:])
+    if (fits := measured_ops(cluster)) is not None and not served:
+        work = measured_sample_s(fits, nodes, edges)
+    else:
+        work = SAMPLE_EDGE_S * (sum(edges) - (sum(far) if served else 0.0)) + SAMPLE_NODE_S * sum(nodes[1:])
     net = trainer_network_bytes_per_s(cluster, trainers_per_machine)
     for e in far:
         if e <= 0:

@@ -190,7 +190,7 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, q: PartitionQ
         "sample": costs.sampling_s(counts.nodes, counts.edges, counts.frontier_remote, machines, cluster, tpm),
         "fetch_local": costs.fetch_local_s(local_rows * row, cluster, tpm),
         "fetch_remote": costs.fetch_remote_s(remote_rows * row, machines - 1, cluster, tpm, remote_rows),
-        "compute": costs.compute_s(cluster, layers, per_device),
+        "compute": _compute_s(cluster, model, layers, per_device, dims, counts),
         "h2d_copy": costs.h2d_s(cluster, counts.input_nodes * dims[0] * costs.FP32 + block_bytes),
         "allreduce": costs.allreduce_grad_s(cluster, plan, costs.parameter_count(model, *dims) * costs.FP32),
         "sparse_update": costs.sparse_update_s(counts.input_nodes, remote_share, model, cluster, plan),
@@ -210,6 +210,16 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, q: PartitionQ
         remote_bytes_per_iteration=remote_rows * row + sampled_remote * costs.SAMPLED_EDGE_BYTES
         + remote_share * counts.input_nodes * (model.embedding_dim or 0) * costs.FP32,
         iteration_time_s=iteration_time(stages, plan), stages_s=stages)
+
+
+def _compute_s(cluster: ClusterSpec, model: GNNModelSpec, layers: list[costs.LayerCost], per_device: float,
+               dims: tuple[int, int], counts: HopCounts) -> float:
+    """A mini-batch's compute: from the profile's measured GNN operations where it has them (the
+    trainers of a device time-share it), else from FLOPs and bytes (costs.py)."""
+    fits = costs.measured_ops(cluster)
+    if fits is None or model.architecture == "gat":
+        return costs.compute_s(cluster, layers, per_device)
+    return per_device * costs.measured_compute_s(fits, model, dims[0], dims[1], counts.nodes, counts.edges)
 
 
 def iteration_time(stages: dict[str, float], plan: GNNPlan) -> float:

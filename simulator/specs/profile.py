@@ -16,6 +16,7 @@ DIR/memory.csv      op, elements, dtype, bytes, timing
 DIR/copies.csv      direction, pinned, bytes, timing
 DIR/collectives.csv backend, collective, bytes, ranks, timing
 DIR/decode.csv      phase, batch, context, new_tokens, timing
+DIR/gnn.csv         op, rows, fanout, width, d_out, src, edges, elements, params, timing   (optional)
 ```
 One row per measured shape, SI units (seconds, bytes, FLOPs); `timing` is median_s, p10_s,
 p90_s and reps. The key columns of each table (TABLES) identify a shape.
@@ -33,6 +34,11 @@ The fits (see `profiler/fit.py`) are physical quantities, not efficiencies:
 - `decode`: {intercept_s, per_token_s, per_context_token_s, per_attention_pair_s,
   step_overhead_s} of the real decoder's steps (`step_overhead_s`: its `host` row, the Python
   and dispatch time of a step whose kernels do almost no work).
+- `gnn` (optional): {op: {<coefficient>: seconds per term, ..., cv_median_abs_error, samples}}
+  for the GNN executor's operations (sample, to_block, aggregate[_input], linear[_input],
+  relu_dropout, optimizer); the terms of each are `simulator.gnn.costs.OP_TERMS`.
+A table may carry its own `device` block (`tables.<op>.device`) when a later run added it on
+another machine of the same kind and thread count; it then describes where that table was measured.
 `apply_profile` turns them into a device's `Efficiency` by dividing by its datasheet peaks,
 and records which cost came from where (`DeviceSpec.cost_sources`).
 """
@@ -73,6 +79,7 @@ TABLES: dict[str, TableSpec] = {
     "copies": TableSpec("copies.csv", ("direction", "pinned", "bytes")),
     "collectives": TableSpec("collectives.csv", ("backend", "collective", "bytes", "ranks")),
     "decode": TableSpec("decode.csv", ("phase", "batch", "context", "new_tokens")),
+    "gnn": TableSpec("gnn.csv", ("op", "rows", "fanout", "width", "d_out"), ("src", "edges", "elements", "params")),
 }
 OPS = tuple(TABLES)
 
@@ -270,6 +277,9 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         eff["intra_node"] = {"alpha_us": float(fit["alpha_s"]) * 1e6 / (2 * (ranks - 1)), "efficiency": 1.0}
         cluster_update["intra_node_bandwidth_GBps"] = float(fit["bus_bytes_per_s"]) / 1e9
         sources["collectives"] = profile.label
+    if isinstance(profile.fit("gnn"), dict) and profile.fit("gnn").get("samples"):
+        own = profile.tables.get("gnn", {}).get("device")   # measured on another machine than the rest
+        sources["gnn"] = f"measured {str(own['date'])[:10]} ({profile.root.name})" if own else profile.label
     if (d := profile.fit("decode")) is not None and "step_overhead_s" in d:
         eff["step_overhead_us"] = float(d["step_overhead_s"]) * 1e6
         sources["step_overhead"] = profile.label

@@ -1,0 +1,203 @@
+"""GNN training on one CPU core: the operations simtune's GNN executor (`executor/gnn/`) runs.
+
+A mini-batch of the executor costs far more than its FLOPs at GEMM rate and its bytes at
+memory bandwidth: the sparse aggregation builds and coalesces a sparse matrix per layer, the
+sampler sorts and relabels ids in numpy, dropout draws a random number per element, and
+Python and the optimizer cost a fixed amount per batch. This family times each of those
+through the executor's own functions, at shapes around what its batches produce, so the
+simulator prices a batch from measured per-operation costs (`simulator/gnn/costs.py`).
+
+Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_out)
+------------------------------------------------------------------------------------
+- `sample`: one hop of `DistSampler._one_hop` on one rank (`rows` frontier nodes, up to
+  `fanout` neighbors each, drawn without replacement, put back into frontier order), on the
+  catalog's generated `community-20k` graph: the per-edge cost includes the sort over each
+  row's candidate edges, so it holds for graphs of similar degrees (mean ~20).
+- `to_block`: relabelling that hop's nodes into a block (`executor.gnn.sampler.to_block`:
+  np.unique over frontier + neighbors, order of first appearance).
+- `aggregate` / `aggregate_input`: `mean_of_neighbors` forward and backward on a block of
+  `rows` dst nodes, `fanout` sampled edges each, `src` = rows + edges / 4 source nodes and
+  `width` features: the sparse mean matrix (built and coalesced) times the features; `_input`
+  is the input layer, whose features need no gradient.
+- `linear` / `linear_input`: one `nn.Linear(width, d_out)` on `rows` rows, forward and
+  backward (the weight's gradient; the input's too unless `_input`).
+- `relu_dropout`: the executor's ReLU and inverted dropout (p = 0.5) between layers, forward
+  and backward, over rows x width elements.
+- `optimizer`: a batch's fixed cost: zero_grad, the loss on 1,000 seeds and Adam's step over a
+  3-layer GraphSAGE of hidden `width` (input 32, 8 classes), forward and backward of its layers
+  excluded (`params` its parameter count).
+
+Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator.gnn.costs.OP_TERMS`)
+------------------------------------------------------------------------------------------------
+    sample          per_edge edges + per_row rows + overhead
+    to_block        per_id (rows + edges) + per_node src + overhead
+    aggregate*      per_edge_element edges width + per_edge edges + per_node_element (src + dst) width + overhead
+    linear*         per_flop flops + per_element rows (width + d_out) + overhead
+    relu_dropout    per_element elements + overhead
+    optimizer       per_param params + overhead
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cache
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from profiler.context import ProfileContext
+from profiler.fit import fit_linear, shape_groups
+from simulator.gnn.costs import OP_TERMS, op_terms
+
+GRAPH = "community-20k"
+SAMPLE_ROWS, SAMPLE_FANOUTS = (250, 1000, 4000, 16000), (5, 10, 15)
+AGG_ROWS, AGG_FANOUTS, AGG_WIDTHS = (500, 2000, 8000), (4, 12), (32, 128, 256)
+LINEAR_ROWS, LINEAR_DIMS = (1000, 4000, 16000), ((32, 256), (256, 256), (256, 8))
+DROPOUT_ROWS, DROPOUT_WIDTHS = (1000, 4000, 16000), (64, 256)
+OPTIMIZER_WIDTHS = (32, 64, 128, 256, 512)
+QUICK = {"sample_rows": (500, 4000), "agg_rows": (500, 4000), "agg_widths": (32, 256), "linear_rows": (1000, 8000),
+         "optimizer_widths": (32, 128, 256)}
+OPTIMIZER_SEEDS, OPTIMIZER_IN, OPTIMIZER_CLASSES = 1000, 32, 8
+DROPOUT_P = 0.5
+
+
+def sweep(ctx: ProfileContext) -> list[dict]:
+    """The shapes to time: none on a GPU (the GNN executor trains on CPU ranks)."""
+    if ctx.is_cuda:
+        return []
+    q = ctx.quick
+    sample_rows = QUICK["sample_rows"] if q else SAMPLE_ROWS
+    agg_rows, agg_widths = (QUICK["agg_rows"], QUICK["agg_widths"]) if q else (AGG_ROWS, AGG_WIDTHS)
+    shapes = [_shape(op, r, f) for op in ("sample", "to_block") for r in sample_rows for f in SAMPLE_FANOUTS]
+    shapes += [_shape(op, r, f, w) for op in ("aggregate", "aggregate_input") for r in agg_rows
+               for f in AGG_FANOUTS for w in agg_widths]
+    shapes += [_shape(op, r, 0, d_in, d_out) for op in ("linear", "linear_input")
+               for r in (QUICK["linear_rows"] if q else LINEAR_ROWS) for d_in, d_out in LINEAR_DIMS]
+    shapes += [_shape("relu_dropout", r, 0, w) for r in DROPOUT_ROWS for w in DROPOUT_WIDTHS]
+    shapes += [_shape("optimizer", 0, 0, w) for w in (QUICK["optimizer_widths"] if q else OPTIMIZER_WIDTHS)]
+    return shapes
+
+
+def _shape(op: str, rows: int, fanout: int, width: int = 0, d_out: int = 0) -> dict:
+    return {"op": op, "rows": rows, "fanout": fanout, "width": width, "d_out": d_out}
+
+
+@cache
+def _graph():
+    from simulator.gnn.graph import build_graph  # noqa: PLC0415 - built only when sampling is measured
+    from simulator.specs.catalog import load_graph  # noqa: PLC0415
+
+    return build_graph(load_graph(GRAPH))
+
+
+def _sampler():
+    from executor.gnn.exchange import Exchange  # noqa: PLC0415 - the executor's own sampler, one rank
+    from executor.gnn.sampler import DistSampler  # noqa: PLC0415
+
+    g = _graph()
+    return DistSampler(g.indptr, g.indices, np.arange(g.num_nodes), np.zeros(g.num_nodes, dtype=np.int64),
+                       [1], Exchange(0, 1), seed=0)
+
+
+def _frontier(rows: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(_graph().num_nodes, size=min(rows, _graph().num_nodes), replace=False).astype(np.int64)
+
+
+def _random_block(rows: int, fanout: int, rng: np.random.Generator):
+    from executor.gnn.sampler import Block  # noqa: PLC0415
+
+    edges = rows * fanout
+    src_nodes = rows + edges // 4
+    dst = torch.from_numpy(np.repeat(np.arange(rows), fanout))
+    src = torch.from_numpy(rng.integers(0, src_nodes, edges))
+    return Block(src_nodes, rows, src, dst, np.arange(src_nodes))
+
+
+def _gnn_params(width: int) -> list[torch.nn.Parameter]:
+    dims = [OPTIMIZER_IN, width, width, OPTIMIZER_CLASSES]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])]
+    layers += [torch.nn.Linear(a, b, bias=False) for a, b in zip(dims[:-1], dims[1:])]  # GraphSAGE's fc_neigh
+    return [p for layer in layers for p in layer.parameters()]
+
+
+def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
+    """The timed callable for `shape` and the counts it handles (src, edges, elements, params)."""
+    from executor.gnn.model import dropout, mean_of_neighbors  # noqa: PLC0415
+    from executor.gnn.sampler import to_block  # noqa: PLC0415
+
+    op, rows, fanout, width, d_out = (shape[k] for k in ("op", "rows", "fanout", "width", "d_out"))
+    counts = {"src": 0, "edges": 0, "elements": 0, "params": 0}
+    if op in ("sample", "to_block"):
+        sampler, frontier = _sampler(), _frontier(rows, rng)
+        dst_of_edge, nbrs = sampler._one_hop(frontier, fanout)
+        block, _ = to_block(frontier, dst_of_edge, nbrs)
+        counts.update(src=block.num_src, edges=int(nbrs.size))
+        if op == "sample":
+            return (lambda: sampler._one_hop(frontier, fanout)), counts
+        return (lambda: to_block(frontier, dst_of_edge, nbrs)), counts
+    if op.startswith("aggregate"):
+        block = _random_block(rows, fanout, rng)
+        h = torch.randn(block.num_src, width, requires_grad=op == "aggregate")
+        counts.update(src=block.num_src, edges=rows * fanout)
+
+        def aggregate():
+            out = mean_of_neighbors(h, block)
+            out.backward(torch.ones_like(out)) if h.requires_grad else None
+        return aggregate, counts
+    if op.startswith("linear"):
+        layer = torch.nn.Linear(width, d_out)
+        x = torch.randn(rows, width, requires_grad=op == "linear")
+
+        def linear():
+            layer(x).sum().backward()
+        return linear, counts
+    if op == "relu_dropout":
+        x = torch.randn(rows, width, requires_grad=True)
+        counts.update(elements=rows * width)
+        return (lambda: dropout(F.relu(x), DROPOUT_P, True).sum().backward()), counts
+    if op == "optimizer":
+        params = _gnn_params(width)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        adam = torch.optim.Adam(params, lr=3e-3)
+        logits = torch.randn(OPTIMIZER_SEEDS, OPTIMIZER_CLASSES, requires_grad=True)
+        labels = torch.from_numpy(rng.integers(0, OPTIMIZER_CLASSES, OPTIMIZER_SEEDS))
+        counts.update(params=sum(p.numel() for p in params))
+
+        def step():
+            adam.zero_grad(set_to_none=False)
+            F.cross_entropy(logits, labels).backward()
+            adam.step()
+        return step, counts
+    raise ValueError(f"unknown gnn op {op!r}")
+
+
+def measure(ctx: ProfileContext, shapes: list[dict]) -> Iterator[dict]:
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        fn, counts = _operation(shape, rng)
+        timing = ctx.timer.measure(fn)
+        yield {**{k: shape[k] for k in ("op", "rows", "fanout", "width", "d_out")}, **counts, **timing.row()}
+
+
+def features(df: pd.DataFrame, op: str) -> pd.DataFrame:
+    """The cost model's terms of `op` for every row (the simulator computes the same ones)."""
+    cols = [op_terms(op, rows=r.rows, src=r.src, edges=r.edges, width=r.width, d_out=r.d_out,
+                     elements=r.elements, params=r.params) for r in df.itertuples()]
+    return pd.DataFrame(cols, index=df.index, columns=list(OP_TERMS[op]), dtype=float)
+
+
+def fit(df: pd.DataFrame, device_meta: dict) -> dict:
+    out: dict = {}
+    errors = []
+    for op, part in df.groupby("op", sort=False):
+        if str(op) not in OP_TERMS or len(part) < 2:
+            continue
+        lf = fit_linear(features(part, str(op)), part["median_s"],
+                        shape_groups(part, ["rows", "fanout", "width", "d_out"]))
+        out[str(op)] = {**lf.coef, **lf.summary()}
+        errors.append(lf.cv_errors)
+    pooled = np.concatenate(errors) if errors else np.array([])
+    return {**out, "cv_median_abs_error": float(np.median(pooled)) if len(pooled) else None, "samples": len(df)}

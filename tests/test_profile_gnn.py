@@ -1,0 +1,93 @@
+"""The profiler's GNN family: it times the executor's operations and fits every cost model on a
+cut-down sweep; a profile may gain it from another machine of the same kind; old profiles load."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+import profiler.gnn as gnn
+import profiler.store
+from profiler.context import ProfileContext
+from profiler.run import fit_tables, run_profile
+from profiler.store import ProfileStore
+from profiler.timers import Timer
+from simulator.gnn.costs import OP_TERMS
+from simulator.specs.catalog import load_cluster
+from simulator.specs.profile import ProfileError, apply_profile, load_profile
+from tests.test_profile_format import write_profile
+
+FAST = Timer("cpu", warmup=0, reps=1, min_reps=1, budget_s=0.0)
+FULL_SWEEP = gnn.sweep
+
+
+def small_sweep(ctx: ProfileContext) -> list[dict]:
+    """The three smallest shapes of each operation of the quick sweep."""
+    shapes = FULL_SWEEP(ProfileContext(quick=True, timer=FAST))
+    size = {"sample": lambda s: s["rows"] * s["fanout"], "aggregate": lambda s: s["rows"] * s["fanout"] * s["width"]}
+    out = []
+    for op in OP_TERMS:
+        mine = [s for s in shapes if s["op"] == op]
+        key = size.get(op.removesuffix("_input").replace("to_block", "sample"),
+                       lambda s: s["rows"] * max(s["width"], 1) * max(s["d_out"], 1))
+        out += sorted(mine, key=key)[:3]
+    return out
+
+
+def test_every_operation_is_swept_on_cpu_and_none_on_cuda():
+    shapes = gnn.sweep(ProfileContext(quick=True, timer=FAST))
+    assert {s["op"] for s in shapes} == set(OP_TERMS)
+    assert gnn.sweep(ProfileContext(device="cuda", quick=True, timer=FAST)) == []
+
+
+def test_gnn_family_fits_every_operation_on_a_cut_down_sweep():
+    rows = list(gnn.measure(ProfileContext(quick=True, timer=FAST), small_sweep(None)))
+    df = pd.DataFrame(rows)
+    assert set(df["op"]) == set(OP_TERMS) and (df["median_s"] > 0).all()
+    assert (df.loc[df["op"] == "sample", "edges"] > 0).all()
+    assert (df.loc[df["op"] == "optimizer", "params"] > 0).all()
+    fit = gnn.fit(df, {"kind": "cpu"})
+    assert fit["samples"] == len(df)
+    for op, terms in OP_TERMS.items():
+        assert set(terms) <= set(fit[op])
+        assert all(math.isfinite(fit[op][t]) and fit[op][t] >= 0 for t in terms)
+        assert sum(fit[op][t] for t in terms) > 0
+
+
+def test_simtune_profile_writes_the_gnn_table_and_its_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(gnn, "sweep", small_sweep)
+    monkeypatch.setattr(profiler.run.ProfileContext, "__post_init__", _fast_timer)
+    root = run_profile(tmp_path / "p", ops=("gnn",))
+    profile = load_profile(root)
+    assert profile.tables["gnn"]["rows"] == len(small_sweep(None))
+    assert set(OP_TERMS) <= set(profile.fit("gnn"))
+    assert "gnn" in fit_tables(root)
+
+
+def _fast_timer(self):
+    object.__setattr__(self, "dtypes", ("fp32",))
+    object.__setattr__(self, "timer", FAST)
+
+
+def test_a_new_family_may_come_from_another_machine_of_the_same_kind(tmp_path, monkeypatch):
+    root = write_profile(tmp_path / "p")       # gemm measured on this machine
+    real = profiler.store.machine_meta
+    monkeypatch.setattr(profiler.store, "machine_meta", lambda d, t: {**real(d, t), "name": "Another CPU"})
+    with pytest.raises(ProfileError, match="device.name"):
+        ProfileStore.open(root, "cpu", threads=1, ops=("gemm",))     # its own table: refused
+    store = ProfileStore.open(root, "cpu", threads=1, ops=("gnn",))  # a new table: kept apart
+    store.table("gnn").add({"op": "optimizer", "rows": 0, "fanout": 0, "width": 32, "d_out": 0, "src": 0,
+                            "edges": 0, "elements": 0, "params": 10, "median_s": 1e-3, "p10_s": 1e-3,
+                            "p90_s": 1e-3, "reps": 1})
+    profile = load_profile(root)
+    assert profile.tables["gnn"]["device"]["name"] == "Another CPU"
+    assert profile.device["name"] != "Another CPU"
+    ProfileStore.open(root, "cpu", threads=1, ops=("gnn",))          # and resumes there
+
+
+def test_a_profile_without_the_family_still_loads_and_names_no_gnn_source(tmp_path):
+    root = write_profile(tmp_path / "old")
+    cluster = apply_profile(load_cluster("1xcpu", profile="none"), root)
+    assert "gnn" not in cluster.device.cost_sources and "gemm" in cluster.device.cost_sources
