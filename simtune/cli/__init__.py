@@ -50,5 +50,6 @@ app.command()(catalog)
 app.command()(profile)
 app.command()(partition)
 app.command("serve")(serve_http)
+from simtune.cli import sweep as _sweep  # noqa: E402,F401  (registers `simtune sweep` on app)
 
 __all__ = ["app", "fmt_seconds", "to_jsonable"]

@@ -146,6 +146,12 @@ class ClusterSpec(Spec):
         "simulator shares them among a machine's trainer, sampler and server processes")
     host_vcpus_per_node: int | None = Field(
         default=None, ge=1, description="hardware threads (vCPUs) of one node; default: host_cores_per_node")
+    price_per_device_hour: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="USD per device per hour (a node's hourly "
+        "price over its devices); None: unknown. Reports and sweeps then add costs")
+    price_source: str | None = Field(
+        default=None, description="where price_per_device_hour comes from (a list price with its date, or "
+        "'estimate: ...')")
 
     @field_validator("device", mode="before")
     @classmethod
@@ -159,6 +165,13 @@ class ClusterSpec(Spec):
     @property
     def num_devices(self) -> int:
         return self.num_nodes * self.devices_per_node
+
+    @property
+    def price_per_s(self) -> float | None:
+        """USD per second for all devices of the cluster, or None when the price is unknown."""
+        if self.price_per_device_hour is None:
+            return None
+        return self.price_per_device_hour * self.num_devices / 3600.0
 
     def bandwidth_bytes_per_s(self, level: Literal["intra_node", "inter_node"]) -> float:
         gbps = (

@@ -43,14 +43,32 @@ class TrainingReport:
     stages: list[StageReport]
     plan: dict[str, Any] = field(default_factory=dict)
     cost_sources: dict[str, str] = field(default_factory=dict)  # cost -> datasheet | measured <date> (<profile>)
+    price_per_device_hour: float | None = None  # USD, from the cluster spec; None: costs unknown
 
     @property
     def model_tflops_per_device(self) -> float:
         return self.model_flops_per_iteration / self.iteration_time_s / self.num_devices / 1e12
 
+    @property
+    def cost_per_iteration_usd(self) -> float | None:
+        """All devices' rent for one iteration, at the cluster's price per device-hour."""
+        if self.price_per_device_hour is None:
+            return None
+        return self.price_per_device_hour * self.num_devices * self.iteration_time_s / 3600.0
+
+    @property
+    def cost_per_million_tokens_usd(self) -> float | None:
+        """Rent per million trained tokens: cost per iteration over tokens per iteration."""
+        cost = self.cost_per_iteration_usd
+        if cost is None:
+            return None
+        return cost / (self.tokens_per_s * self.iteration_time_s) * 1e6
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model_tflops_per_device"] = self.model_tflops_per_device
+        out["cost_per_iteration_usd"] = self.cost_per_iteration_usd
+        out["cost_per_million_tokens_usd"] = self.cost_per_million_tokens_usd
         return out
 
     def plot_memory(self, ax=None):

@@ -128,4 +128,5 @@ def _report(model, cluster, plan, costs: TrainingCostModel, result, breakdown) -
         model_flops_per_iteration=model_flops, peak_memory_bytes=worst.memory_bytes,
         device_memory_bytes=limit, feasible=feasible, infeasible_reason=reason,
         breakdown=breakdown, stages=reports, plan=plan.to_dict(), cost_sources=cluster.device.sources(),
+        price_per_device_hour=cluster.price_per_device_hour,
     )
