@@ -43,15 +43,17 @@ import torch
 
 from executor.serving.model import LlamaDecoder
 from executor.serving.paged import PagedKV
+from executor.serving.parallel import check_deployment, check_layout
 from executor.serving.runner import Item, PagedRunner
 from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
+from executor.serving.workers import RankGroup, ShardJob
 from simulator.engine.trace import write_chrome_trace
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.recorder import Recorder
 from simulator.serving.schedulers import StaticScheduler, Step
 from simulator.serving.sequence import Seq
 from simulator.serving.workload import Request
-from simulator.specs.serving import DeploymentSpec
+from simulator.specs.serving import DeploymentSpec, Parallel
 
 
 class RequestRejected(ValueError):
@@ -75,21 +77,28 @@ class EngineConfig:
     max_model_len: int = 2048
     seed: int = 0
     trace: bool = False              # record Chrome trace events (the simulator's recorder)
+    tp: int = 1                      # tensor parallel ranks (the deployment's prefill.tp)
+    pp: int = 1                      # pipeline stages (the deployment's prefill.pp)
+    timeout_s: float = 60.0          # parallel: limit on a rank's start and on each collective
 
     def deployment(self) -> DeploymentSpec:
-        """The deployment the shared scheduler reads (one rank: tp = pp = 1)."""
+        """The deployment the shared scheduler reads (one static layout of tp x pp ranks)."""
         swap = self.num_cpu_blocks > 0
-        return DeploymentSpec(scheduler=self.scheduler, max_num_seqs=self.max_num_seqs,
+        return DeploymentSpec(prefill=Parallel(tp=self.tp, pp=self.pp), scheduler=self.scheduler,
+                              max_num_seqs=self.max_num_seqs,
                               max_batched_tokens=self.max_batched_tokens, chunk_size=self.chunk_size,
                               block_size=self.block_size, preemption="swap" if swap else "recompute",
                               cpu_kv_buffer_GB=1.0 if swap else 0.0)
 
     @classmethod
     def from_deployment(cls, dep: DeploymentSpec, **overrides) -> EngineConfig:
-        """The engine settings of a single-rank deployment spec (see simtune serve)."""
+        """The engine settings of a deployment spec (see simtune serve); SpecError, naming the
+        field, for what the engine does not run (dp > 1, re-sharding, seesaw, speculation)."""
+        check_deployment(dep)
         return cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
                       "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
-                      "block_size": dep.block_size, **overrides})
+                      "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
+                      **overrides})
 
 
 class EngineSeq(Seq):
@@ -145,9 +154,20 @@ class Engine:
             raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark)
         self.scheduler = StaticScheduler(config.deployment(), self.blocks)
-        self.kv = PagedKV(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.num_blocks, config.block_size,
-                          config.num_cpu_blocks, decoder.dtype, decoder.device)
-        self.runner = PagedRunner(decoder, self.kv)
+        self.group: RankGroup | None = None
+        if config.tp * config.pp > 1:  # rank 0 keeps its shard; the other ranks start here
+            layout = check_layout(config.tp, config.pp, cfg)
+            self.group = RankGroup(ShardJob(layout, str(decoder.dtype).removeprefix("torch."),
+                                            decoder.device.type, config.num_blocks,
+                                            config.block_size, config.num_cpu_blocks, torch.get_num_threads(),
+                                            config.timeout_s))
+            self.decoder = self.group.start(decoder)
+            self.kv = self.group.kv(self.decoder)
+            self.runner = self.group.runner(self.decoder, self.kv)
+        else:
+            self.kv = PagedKV(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.num_blocks, config.block_size,
+                              config.num_cpu_blocks, decoder.dtype, decoder.device)
+            self.runner = PagedRunner(decoder, self.kv)
         self.clock, self.t0 = clock, clock()
         self.seqs: dict[int, EngineSeq] = {}        # unfinished, by id
         self.arrivals: list[tuple[float, int, EngineSeq]] = []   # heap of requests not arrived yet
@@ -155,6 +175,17 @@ class Engine:
         self.recorder = Recorder(trace=True) if config.trace else None
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(config.seed)
+
+    def close(self) -> None:
+        """Stop the other ranks of a parallel engine (nothing to do on one rank)."""
+        if self.group is not None:
+            self.group.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # --- requests -----------------------------------------------------------------------------
     @property

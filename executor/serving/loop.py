@@ -10,7 +10,9 @@ Back-pressure: `submit` refuses a request (`QueueFull`) when `max_queue` request
 wait to be admitted, counting those still in the inbox, so a burst is answered at once
 instead of piling up unbounded. An exception inside a step is a bug, not a client's
 doing: the loop ends every live request with finish reason "error", counts it, prints the
-traceback, and keeps serving.
+traceback, and keeps serving. A `RankFailed` (a rank of a parallel engine died) is different:
+no step can run any more, so the loop ends the live requests the same way, stops the other
+ranks, keeps the error in `fatal` and ends; `submit` then raises it (the server answers 503).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 from executor.serving.engine import Engine, EngineSeq
 from executor.serving.sampling import SamplingParams
+from executor.serving.workers import RankFailed
 
 
 class QueueFull(RuntimeError):
@@ -48,6 +51,7 @@ class EngineThread:
         self.engine, self.max_queue = engine, max_queue
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.step_errors = 0
+        self.fatal: RankFailed | None = None   # set when a rank died; the loop has ended
         self._in_inbox = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -73,6 +77,8 @@ class EngineThread:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                on_output: Callable[[EngineSeq], None]) -> Handle:
         """Queue a request (RequestRejected if it can never run, QueueFull if too many wait)."""
+        if self.fatal is not None:
+            raise self.fatal
         ids = self.engine.check_request(prompt_ids, params)
         with self._lock:
             if self.queue_length >= self.max_queue:
@@ -99,10 +105,22 @@ class EngineThread:
                 break
             try:
                 eng.step()
+            except RankFailed as exc:  # a rank of a parallel engine is gone: nothing can step
+                self.step_errors += 1
+                self.fatal = exc
+                print(f"serving engine stopped: {exc}", file=sys.stderr)
+                self._end_live()
+                eng.close()
+                break
             except Exception:  # a bug: end what is live, keep serving
                 self.step_errors += 1
                 traceback.print_exc(file=sys.stderr)
-                for seq in list(eng.seqs.values()):
+                self._end_live()
+
+    def _end_live(self) -> None:
+        """End every live request with finish reason "error" (and tell its stream)."""
+        eng = self.engine
+        for seq in list(eng.seqs.values()):
                     notify, seq.on_output = seq.on_output, None
                     try:
                         eng.abort(seq.id)

@@ -51,6 +51,7 @@ class PagedKV:
         self.tables: dict[int, list[int]] = {}       # sequence id -> GPU block ids
         self.cpu_tables: dict[int, list[int]] = {}   # sequence id -> CPU block ids (swapped out)
         self.swapped_blocks = 0                      # blocks copied either way, since creation
+        self.ops: list[tuple[str, list[int], list[int]]] | None = None   # swap copies to replay elsewhere
 
     @property
     def used_blocks(self) -> int:
@@ -85,22 +86,30 @@ class PagedKV:
     def _swap_out(self, sid: int) -> None:
         gpu = self.tables.pop(sid)
         cpu = [self.cpu_free.pop() for _ in gpu]
-        src, dst = torch.tensor(gpu), torch.tensor(cpu)
-        for pool, cpool in zip((*self.k, *self.v), (*self.cpu_k, *self.cpu_v)):
-            cpool.index_copy_(1, dst, pool.index_select(1, src).cpu())
+        self.copy_blocks("out", gpu, cpu)
         self.free.extend(reversed(gpu))
         self.cpu_tables[sid] = cpu
-        self.swapped_blocks += len(gpu)
 
     def _swap_in(self, sid: int) -> None:
         cpu = self.cpu_tables.pop(sid)
         gpu = [self.free.pop() for _ in cpu]
-        src, dst = torch.tensor(cpu), torch.tensor(gpu)
-        for pool, cpool in zip((*self.k, *self.v), (*self.cpu_k, *self.cpu_v)):
-            pool.index_copy_(1, dst, cpool.index_select(1, src).to(pool.device))
+        self.copy_blocks("in", cpu, gpu)
         self.cpu_free.extend(reversed(cpu))
         self.tables[sid] = gpu
-        self.swapped_blocks += len(cpu)
+
+    def copy_blocks(self, direction: str, src: list[int], dst: list[int]) -> None:
+        """Copy blocks to the CPU pool ("out": GPU ids `src` to CPU ids `dst`) or back ("in").
+        With `ops` a list (set by a parallel engine's rank 0), the copy is also logged there,
+        so that the other ranks repeat it on their own shards of the cache."""
+        s, d = torch.tensor(src), torch.tensor(dst)
+        for pool, cpool in zip((*self.k, *self.v), (*self.cpu_k, *self.cpu_v)):
+            if direction == "out":
+                cpool.index_copy_(1, d, pool.index_select(1, s).cpu())
+            else:
+                pool.index_copy_(1, d, cpool.index_select(1, s).to(pool.device))
+        self.swapped_blocks += len(src)
+        if self.ops is not None:
+            self.ops.append((direction, list(src), list(dst)))
 
     # --- addressing ---------------------------------------------------------------------------
     def slots(self, sid: int, start: int, n: int) -> tuple[list[int], list[int]]:

@@ -24,6 +24,7 @@ output equal the sequential decoder's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,17 +44,47 @@ class Item:
     logits: bool          # whether the last token's logits are needed (it emits a token)
 
 
+@dataclass
+class Batch:
+    """What every layer of one forward needs, worked out once from the step's items."""
+
+    items: list[Item]
+    spans: list[tuple[int, int]]          # (first row, rows) of each item in the flat batch
+    tokens: torch.Tensor                  # [T] token ids
+    slots: torch.Tensor                   # [T] flat KV slots (block * block_size + offset)
+    cos: torch.Tensor                     # [T, 1, head_dim]
+    sin: torch.Tensor
+    decodes: list[int]                    # items of one token, attended together
+    rows_d: torch.Tensor                  # their rows in the flat batch
+    tables: torch.Tensor | None           # their padded block tables [decodes, nb]
+    mask_d: torch.Tensor | None           # their key masks
+    others: list[int]                     # items of several tokens, attended one by one
+    last: torch.Tensor                    # rows whose logits are wanted, in item order
+
+
 class PagedRunner:
-    def __init__(self, decoder: LlamaDecoder, kv: PagedKV):
+    """Runs a step on one shard of the model. On one rank the shard is the whole decoder;
+    under tensor/pipeline parallelism (executor/serving/parallel.py) it holds some layers and
+    some heads, and `reduce` sums the partial outputs of the row-parallel projections (o,
+    down) over the tensor-parallel ranks. `forward` = prepare -> embed -> layers -> head; a
+    pipeline stage runs the middle part on activations it receives."""
+
+    def __init__(self, decoder: LlamaDecoder, kv: PagedKV,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.decoder, self.kv = decoder, kv
+        self.reduce = reduce
         self.gather_s = 0.0   # time spent gathering blocks for attention, since creation
 
     @torch.inference_mode()
     def forward(self, items: list[Item]) -> torch.Tensor:
         """Logits [number of items with logits, vocab] in the order of `items`."""
-        dec, cfg, kv = self.decoder, self.decoder.cfg, self.kv
+        batch = self.prepare(items)
+        x = self.layers(self.embed(batch), batch)
+        return self.head(x[batch.last])
+
+    def prepare(self, items: list[Item]) -> Batch:
+        dec, kv = self.decoder, self.kv
         dev, dtype = dec.device, dec.dtype
-        nh, kvh, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.group, cfg.head_dim
         tokens, pos, blocks, offsets, spans = [], [], [], [], []
         for it in items:
             n = len(it.tokens)
@@ -66,42 +97,59 @@ class PagedRunner:
         pos_t = torch.tensor(pos, device=dev)
         slots = torch.tensor(blocks, device=dev) * kv.block_size + torch.tensor(offsets, device=dev)
         cos, sin = dec.cos[pos_t][:, None].to(dtype), dec.sin[pos_t][:, None].to(dtype)  # [T, 1, d]
-
         decodes = [i for i, it in enumerate(items) if len(it.tokens) == 1]
-        rows_d = torch.tensor([spans[i][0] for i in decodes], device=dev)
-        ctx_d = torch.tensor([items[i].start + 1 for i in decodes], device=dev)
+        rows_d = torch.tensor([spans[i][0] for i in decodes], device=dev, dtype=torch.long)
+        tables = mask_d = None
         if decodes:
+            ctx_d = torch.tensor([items[i].start + 1 for i in decodes], device=dev)
             nb = -(-int(ctx_d.max()) // kv.block_size)
             tables = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev)
             mask_d = (torch.arange(nb * kv.block_size, device=dev)[None, :] < ctx_d[:, None])[:, None, None]
         others = [i for i in range(len(items)) if len(items[i].tokens) > 1]
+        last = torch.tensor([s + n - 1 for (s, n), it in zip(spans, items) if it.logits], device=dev,
+                            dtype=torch.long)
+        return Batch(items, spans, torch.tensor(tokens, device=dev), slots, cos, sin, decodes, rows_d,
+                     tables, mask_d, others, last)
 
-        x = dec.embed[torch.tensor(tokens, device=dev)]                       # [T, hidden]
-        t_all = x.shape[0]
+    def embed(self, batch: Batch) -> torch.Tensor:
+        return self.decoder.embed[batch.tokens]                                # [T, hidden]
+
+    @torch.inference_mode()
+    def layers(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The residual stream [T, hidden] through this shard's layers."""
+        dec, cfg, kv = self.decoder, self.decoder.cfg, self.kv
+        nh, kvh, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.group, cfg.head_dim
+        reduce = self.reduce or (lambda t: t)
+        t_all, items, spans, decodes = x.shape[0], batch.items, batch.spans, batch.decodes
         for layer, w in enumerate(dec.layers):
             qkv = _linear(dec._rms(x, w.attn_norm), w.qkv)
             q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
-            q = dec._rope(q.view(t_all, nh, d), cos, sin)
-            k = dec._rope(k.view(t_all, kvh, d), cos, sin)
+            q = dec._rope(q.view(t_all, nh, d), batch.cos, batch.sin)
+            k = dec._rope(k.view(t_all, kvh, d), batch.cos, batch.sin)
             v = v.view(t_all, kvh, d)
-            kv.write(layer, slots, k, v)
-            o = torch.empty(t_all, nh * d, dtype=dtype, device=dev)
+            kv.write(layer, batch.slots, k, v)
+            o = torch.empty(t_all, nh * d, dtype=x.dtype, device=x.device)
             if decodes:
                 t0 = time.perf_counter()
-                kd, vd = kv.gather(layer, tables)
+                kd, vd = kv.gather(layer, batch.tables)
                 self.gather_s += time.perf_counter() - t0
-                qd = q[rows_d].view(len(decodes), kvh, g, d)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask_d)
-                o[rows_d] = od.reshape(len(decodes), nh * d)
-            for i in others:
+                qd = q[batch.rows_d].view(len(decodes), kvh, g, d)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.mask_d)
+                o[batch.rows_d] = od.reshape(len(decodes), nh * d)
+            for i in batch.others:
                 o[spans[i][0]:sum(spans[i])] = self._chunk_attention(layer, items[i], spans[i], q, k, v)
-            x = x + _linear(o, w.o)
+            x = x + reduce(_linear(o, w.o))
             gate, up = _linear(dec._rms(x, w.ffn_norm), w.gate_up).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, w.down)
-        last = [s + n - 1 for (s, n), it in zip(spans, items) if it.logits]
-        if not last:
-            return x.new_zeros(0, cfg.vocab)
-        return _linear(dec._rms(x[torch.tensor(last, device=dev)], dec.norm), dec.embed)
+            x = x + reduce(_linear(F.silu(gate) * up, w.down))
+        return x
+
+    @torch.inference_mode()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] of final-layer rows [rows, hidden] (final norm, tied LM head)."""
+        dec = self.decoder
+        if not x.shape[0]:
+            return x.new_zeros(0, dec.cfg.vocab)
+        return _linear(dec._rms(x, dec.norm), dec.embed)
 
     def _chunk_attention(self, layer: int, it: Item, span: tuple[int, int], q: torch.Tensor,
                          k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

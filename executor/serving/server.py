@@ -34,8 +34,8 @@ from starlette.exceptions import HTTPException
 from executor.serving.engine import EngineConfig, EngineSeq, RequestRejected
 from executor.serving.loop import EngineThread, Handle, QueueFull
 from executor.serving.sampling import SamplingParams
+from executor.serving.workers import RankFailed
 from simulator.errors import SpecError
-from simulator.specs.serving import DeploymentSpec
 
 SERVED_MODEL = "smollm2-135m"   # the one model the engine loads (SmolLM2-135M-Instruct)
 
@@ -129,6 +129,8 @@ class OpenAIServer:
             raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
         except QueueFull as exc:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
+        except RankFailed as exc:
+            raise APIError(503, f"the engine has stopped: {exc}", "server_error", code="rank_failed") from exc
 
     @staticmethod
     async def _updates(q: asyncio.Queue) -> AsyncIterator[tuple[str, int, str | None]]:
@@ -249,7 +251,8 @@ class OpenAIServer:
         @app.get("/health")
         async def health():
             if not self.loop_thread.alive:
-                return error_response(503, "the engine thread has stopped", "server_error")
+                why = f": {self.loop_thread.fatal}" if self.loop_thread.fatal else ""
+                return error_response(503, f"the engine thread has stopped{why}", "server_error")
             return {"status": "ok"}
 
         @app.get("/v1/models")
@@ -312,22 +315,6 @@ def prometheus_text(loop_thread: EngineThread) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_single_rank(dep: DeploymentSpec) -> None:
-    """SpecError unless the deployment is one rank (what the engine runs today)."""
-    if dep.dp != 1:
-        raise SpecError("dp", dep.dp, "the serving engine runs one replica (dp = 1) for now")
-    for phase in ("prefill", "decode"):
-        layout = getattr(dep, phase)
-        if layout.devices != 1:
-            raise SpecError(f"{phase}", layout.describe(),
-                            "the serving engine runs a single rank (tp = pp = 1); tensor/pipeline "
-                            "parallel ranks and re-sharding are not supported yet")
-    if dep.scheduler not in ("vllm", "sarathi"):
-        raise SpecError("scheduler", dep.scheduler, "the serving engine runs 'vllm' or 'sarathi'")
-    if dep.speculation is not None:
-        raise SpecError("speculation", dep.speculation.model_dump(), "not supported by the serving engine yet")
-
-
 def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, dtype: str = "bfloat16",
                   model_name: str = SERVED_MODEL, max_queue: int = 256, log_level: str = "info") -> None:
     """Load SmolLM2, start the engine thread and serve HTTP until interrupted."""
@@ -340,9 +327,13 @@ def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 800
     if dtype not in ("bfloat16", "float32"):
         raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
     tokenizer = load_tokenizer()
-    engine = Engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)
-    loop_thread = EngineThread(engine, max_queue).start()
+    engine = Engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)  # starts tp x pp ranks
     try:
-        uvicorn.run(OpenAIServer(loop_thread, tokenizer, model_name).app, host=host, port=port, log_level=log_level)
+        loop_thread = EngineThread(engine, max_queue).start()
+        try:
+            uvicorn.run(OpenAIServer(loop_thread, tokenizer, model_name).app, host=host, port=port,
+                        log_level=log_level)
+        finally:
+            loop_thread.stop()
     finally:
-        loop_thread.stop()
+        engine.close()

@@ -1,7 +1,9 @@
 """`simtune serve`: the OpenAI-compatible server over the real serving engine (SmolLM2-135M).
 
 Not `simulate serve` (which predicts a deployment): this one runs the model and answers HTTP.
-A deployment spec selects the scheduler and its limits; only single-rank deployments run yet.
+A deployment spec selects the scheduler, its limits and the layout: `prefill: {tp, pp}` starts
+tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers);
+dp > 1 and re-sharding (a decode layout unlike prefill) are refused with a SpecError.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to serve: smollm2-135m.")] = "smollm2-135m",
     deployment: Annotated[str | None, typer.Option(
         "--deployment", "-d", help="Deployment (catalog name or YAML): scheduler, limits, KV block size. "
-        "Single rank only for now.")] = None,
+        "prefill {tp, pp} selects tensor/pipeline parallel ranks (gloo on CPU, NCCL on GPU).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_num_seqs: Annotated[int | None, typer.Option(help="Most sequences per step (default: the "
@@ -35,19 +37,18 @@ def serve(
     """Serve SmolLM2-135M with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics)."""
     from executor.serving.engine import EngineConfig
-    from executor.serving.server import SERVED_MODEL, check_single_rank, serve_forever
+    from executor.serving.server import SERVED_MODEL, serve_forever
 
     if model != SERVED_MODEL:
         raise SpecError("model", model, f"the serving engine runs {SERVED_MODEL!r} only")
     if scheduler is not None and scheduler not in ("vllm", "sarathi"):
         raise SpecError("scheduler", scheduler, "one of 'vllm', 'sarathi'")
     dep = load_deployment(deployment) if deployment else None
-    if dep is not None:
-        check_single_rank(dep)
     overrides = {k: v for k, v in (("scheduler", scheduler), ("max_num_seqs", max_num_seqs)) if v is not None}
     overrides |= {"num_blocks": num_blocks, "max_model_len": max_model_len}
     config = (EngineConfig.from_deployment(dep, **overrides) if dep is not None
               else EngineConfig(**{"max_num_seqs": 64, **overrides}))
-    err.print(f"serving {model} on http://{host}:{port}/v1 ({config.scheduler}, up to {config.max_num_seqs} "
+    err.print(f"serving {model} on http://{host}:{port}/v1 (tp{config.tp} pp{config.pp}, {config.scheduler}, "
+              f"up to {config.max_num_seqs} "
               f"sequences, {config.num_blocks} KV blocks of {config.block_size}, {dtype})")
     serve_forever(config, host, port, dtype, model, max_queue)

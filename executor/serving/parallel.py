@@ -1,0 +1,209 @@
+"""Tensor and pipeline parallel layouts of the serving model: which rank holds what, and one step.
+
+A layout is the deployment's `{tp, pp}` (simulator/specs/serving.py). Rank r is stage
+`r // tp` and tensor-parallel rank `r % tp` of that stage; rank 0 (stage 0, TP rank 0) also
+runs the scheduler, the sampler and the HTTP server (executor/serving/workers.py).
+
+    per layer (Megatron's split)          what a TP rank holds
+    ----------------------------          --------------------
+    Q, K, V projection (column-parallel)  its K/V heads (kv_heads / tp) and the query heads
+                                          of their groups (heads / tp); its KV cache holds
+                                          those heads only
+    attention                             local heads, as on one rank
+    o projection (row-parallel)           the columns of its query heads -> partial sums,
+                                          one all-reduce
+    gate, up (column-parallel)            ffn / tp columns of each
+    down (row-parallel)                   the matching rows -> partial sums, one all-reduce
+    embedding, final norm, LM head        whole on every rank (tied; 28 M parameters)
+
+Pipeline stages hold consecutive layers (earlier stages one more when pp does not divide the
+layer count). A step runs as `run_step`: its items are cut into up to `pp` micro-batches;
+stage 0 embeds each and sends its activations on (non-blocking), so while stage 1 runs
+micro-batch 0, stage 0 already runs micro-batch 1; the last stage sends the final-layer rows
+whose logits are wanted back to rank 0, which applies the final norm and the tied LM head
+(rows of `hidden` floats instead of `vocab`: 576 vs 49152 for SmolLM2) and samples. A step
+is still a barrier: the next step's decodes need this step's tokens, so micro-batches overlap
+inside a step, not across steps.
+
+Which degrees a model allows: tp must divide the K/V heads (GQA groups stay whole on one
+rank: no K/V head is replicated) and the MLP width; pp at most the layer count. SmolLM2-135M
+has 3 K/V heads (9 query heads), so tp is 1 or 3; anything else is a SpecError naming
+`deployment.prefill.tp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+
+from executor.serving.model import LayerWeights, LlamaConfig, LlamaDecoder
+from executor.serving.runner import Item, PagedRunner
+from simulator.errors import SpecError
+from simulator.specs.serving import DeploymentSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def stage(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def rank(self, stage: int, tp_rank: int) -> int:
+        return stage * self.tp + tp_rank
+
+    def layers(self, n_layers: int, stage: int) -> range:
+        """Layers of a stage: consecutive, the first `n_layers % pp` stages one more."""
+        base, extra = divmod(n_layers, self.pp)
+        start = stage * base + min(stage, extra)
+        return range(start, start + base + (stage < extra))
+
+    def describe(self) -> str:
+        return f"tp{self.tp} pp{self.pp}"
+
+
+def check_deployment(dep: DeploymentSpec) -> None:
+    """SpecError, naming the field, for what the engine does not run: dp > 1, re-sharding
+    between a prefill and a decode layout, the seesaw scheduler, speculation."""
+    if dep.dp != 1:
+        raise SpecError("deployment.dp", dep.dp, "the serving engine runs one replica (dp = 1)")
+    if (dep.prefill.tp, dep.prefill.pp) != (dep.decode.tp, dep.decode.pp):
+        raise SpecError("deployment.decode", dep.decode.describe(),
+                        f"re-sharding between phases is not supported by the serving engine yet; use "
+                        f"the prefill layout ({dep.prefill.describe()}) for decode too")
+    if dep.scheduler not in ("vllm", "sarathi"):
+        raise SpecError("deployment.scheduler", dep.scheduler, "the serving engine runs 'vllm' or 'sarathi'")
+    if dep.speculation is not None:
+        raise SpecError("deployment.speculation", dep.speculation.model_dump(),
+                        "not supported by the serving engine yet")
+
+
+def check_layout(tp: int, pp: int, cfg: LlamaConfig) -> Layout:
+    """The layout (tp, pp) on this model, or SpecError naming `deployment.prefill.tp`/`.pp`."""
+    allowed = [t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0 and cfg.ffn % t == 0]
+    if tp not in allowed:
+        raise SpecError("deployment.prefill.tp", tp,
+                        f"must divide the model's {cfg.n_kv_heads} K/V heads ({cfg.n_heads} query heads) "
+                        f"and its MLP width {cfg.ffn}: one of {allowed}")
+    if not 1 <= pp <= cfg.n_layers:
+        raise SpecError("deployment.prefill.pp", pp, f"from 1 to the model's {cfg.n_layers} layers")
+    return Layout(tp, pp)
+
+
+def shard_decoder(decoder: LlamaDecoder, layout: Layout, rank: int) -> LlamaDecoder:
+    """The part of `decoder` that `rank` holds: its stage's layers, its heads and MLP columns.
+
+    The config of the result counts the local heads, layers and MLP width, so the runner and
+    the paged cache work on a shard as on a whole model."""
+    cfg, tp, r = decoder.cfg, layout.tp, layout.tp_rank(rank)
+    d, heads, kv_heads, ffn = cfg.head_dim, cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn // tp
+    q_rows = slice(r * heads * d, (r + 1) * heads * d)          # query heads of this rank's groups
+    k0, v0 = cfg.n_heads * d, (cfg.n_heads + cfg.n_kv_heads) * d
+    kv_rows = slice(r * kv_heads * d, (r + 1) * kv_heads * d)
+    f = slice(r * ffn, (r + 1) * ffn)
+
+    def part(w: LayerWeights) -> LayerWeights:
+        qkv = torch.cat([w.qkv[q_rows], w.qkv[k0:v0][kv_rows], w.qkv[v0:][kv_rows]])
+        gate, up = w.gate_up.chunk(2)
+        return LayerWeights(attn_norm=w.attn_norm, qkv=qkv.contiguous(), o=w.o[:, q_rows].contiguous(),
+                            ffn_norm=w.ffn_norm, gate_up=torch.cat([gate[f], up[f]]).contiguous(),
+                            down=w.down[:, f].contiguous())
+
+    layers = layout.layers(cfg.n_layers, layout.stage(rank))
+    local = replace(cfg, n_layers=len(layers), n_heads=heads, n_kv_heads=kv_heads, ffn=ffn)
+    shard = LlamaDecoder(local, decoder.embed, decoder.norm, [part(decoder.layers[i]) for i in layers])
+    shard.full_cfg = cfg
+    return shard
+
+
+class Comm:
+    """This rank's place in the layout and its process groups (one per stage's TP ranks).
+
+    Every rank must build it, in the same order: `new_group` is itself collective."""
+
+    def __init__(self, layout: Layout, rank: int):
+        self.layout, self.rank = layout, rank
+        self.stage, self.tp_rank = layout.stage(rank), layout.tp_rank(rank)
+        self.tp_group = None
+        for s in range(layout.pp):
+            ranks = [layout.rank(s, t) for t in range(layout.tp)]
+            group = dist.new_group(ranks) if layout.tp > 1 else None
+            if s == self.stage:
+                self.tp_group = group
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.layout.pp - 1
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()   # in place: a transposed view (what `_linear` returns) must not be reduced
+        dist.all_reduce(t, group=self.tp_group)
+        return t
+
+
+def micro_batches(items: list[Item], n: int) -> list[list[Item]]:
+    """`items` cut into up to n consecutive groups of near-equal token counts (every rank cuts
+    the same way: the cut depends on the items only)."""
+    n = max(1, min(n, len(items)))
+    total = sum(len(it.tokens) for it in items)
+    out: list[list[Item]] = [[]]
+    done = 0
+    for it in items:
+        if out[-1] and len(out) < n and done >= total * len(out) / n:
+            out.append([])
+        out[-1].append(it)
+        done += len(it.tokens)
+    return out
+
+
+@torch.inference_mode()
+def run_step(runner: PagedRunner, comm: Comm, items: list[Item]) -> torch.Tensor | None:
+    """This rank's part of one step (see the module docstring); the logits on rank 0."""
+    layout, dec = comm.layout, runner.decoder
+    hidden = dec.embed.shape[1]
+    prev = layout.rank(comm.stage - 1, comm.tp_rank) if not comm.first else None
+    nxt = layout.rank(comm.stage + 1, comm.tp_rank) if not comm.last else None
+    last_rank = layout.rank(layout.pp - 1, 0)
+    pending, outs = [], []
+    mbs = micro_batches(items, layout.pp)
+    for mb in mbs:
+        batch = runner.prepare(mb)
+        if comm.first:
+            x = runner.embed(batch)
+        else:
+            x = torch.empty(batch.tokens.shape[0], hidden, dtype=dec.dtype, device=dec.device)
+            dist.recv(x, src=prev)
+        x = runner.layers(x, batch)
+        if not comm.last:
+            pending.append((dist.isend(x, dst=nxt), x))
+            continue
+        rows = x[batch.last].contiguous()
+        if comm.rank == 0:
+            outs.append(rows)
+        elif comm.tp_rank == 0 and rows.shape[0]:
+            pending.append((dist.isend(rows, dst=0), rows))
+    if comm.rank == 0 and layout.pp > 1:
+        for mb in mbs:
+            rows = torch.empty(sum(it.logits for it in mb), hidden, dtype=dec.dtype, device=dec.device)
+            if rows.shape[0]:  # the last stage sends nothing for a micro-batch without logits
+                dist.recv(rows, src=last_rank)
+                outs.append(rows)
+    for work, _ in pending:
+        work.wait()
+    if comm.rank != 0:
+        return None
+    return runner.head(torch.cat(outs)) if outs else dec.embed.new_zeros(0, dec.cfg.vocab)
