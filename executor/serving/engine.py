@@ -28,6 +28,16 @@ Two things the simulator never needs are added around it, without editing it:
   decoding; the engine then preempts the newest prefilling one by recompute.
 Requests are checked on arrival so that one alone always fits the pool: prompt + max_tokens
 <= the context and <= the blocks outside the watermark. Then the step loop cannot wedge.
+
+Tensor and pipeline parallel (`EngineConfig(tp=, pp=)`, from a deployment's `prefill`): the
+engine is rank 0. Its constructor starts the other ranks (executor/serving/workers.py) and
+keeps rank 0's shard of the weights (executor/serving/parallel.py); the scheduler, the block
+manager, the block tables and sampling stay here alone, and `ParallelRunner.forward` sends
+each step's items and tables to the workers before running rank 0's part. The shared
+scheduler already plans for pipelines as the simulator does: with pp stages it admits up to
+pp x `max_num_seqs` sequences and pp x the token budgets per step, and the runner cuts the
+step into pp micro-batches. `close()` (or `with Engine(...)`) stops the ranks; a rank that
+dies makes `step` raise `RankFailed` naming it.
 """
 
 from __future__ import annotations
