@@ -56,6 +56,7 @@ from executor.serving.paged import PagedKV
 from executor.serving.parallel import check_deployment, check_layout
 from executor.serving.runner import Item, PagedRunner
 from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
+from executor.serving.spec_engine import SpecDecoder, check_speculation, speculative_tokens
 from executor.serving.workers import RankGroup, ShardJob
 from simulator.engine.trace import write_chrome_trace
 from simulator.serving.kv_cache import BlockManager
@@ -63,7 +64,7 @@ from simulator.serving.recorder import Recorder
 from simulator.serving.schedulers import StaticScheduler, Step
 from simulator.serving.sequence import Seq
 from simulator.serving.workload import Request
-from simulator.specs.serving import DeploymentSpec, Parallel
+from simulator.specs.serving import DeploymentSpec, Parallel, SpeculationSpec
 
 
 class RequestRejected(ValueError):
@@ -90,6 +91,9 @@ class EngineConfig:
     tp: int = 1                      # tensor parallel ranks (the deployment's prefill.tp)
     pp: int = 1                      # pipeline stages (the deployment's prefill.pp)
     timeout_s: float = 60.0          # parallel: limit on a rank's start and on each collective
+    speculation: SpeculationSpec | None = None   # n-gram speculative decoding (one rank, vllm)
+    speculation_cluster: str = "1xcpu"   # speculation: the cluster whose profile prices the steps
+    speculation_context: int = 256       # adaptive: the context its k*(b) table is computed at
 
     def deployment(self) -> DeploymentSpec:
         """The deployment the shared scheduler reads (one static layout of tp x pp ranks)."""
@@ -103,12 +107,16 @@ class EngineConfig:
     @classmethod
     def from_deployment(cls, dep: DeploymentSpec, **overrides) -> EngineConfig:
         """The engine settings of a deployment spec (see simtune serve); SpecError, naming the
-        field, for what the engine does not run (dp > 1, re-sharding, seesaw, speculation)."""
-        check_deployment(dep)
-        return cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
-                      "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
-                      "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
-                      **overrides})
+        field, for what the engine does not run (dp > 1, re-sharding, seesaw, speculation with
+        a draft model or on several ranks)."""
+        check_deployment(dep.model_copy(update={"speculation": None}))
+        config = cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
+                        "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
+                        "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
+                        "speculation": dep.speculation, **overrides})
+        if config.speculation is not None:
+            check_speculation(config)
+        return config
 
 
 class EngineSeq(Seq):
@@ -163,7 +171,8 @@ class Engine:
         if not 1 <= config.max_model_len <= cfg.max_positions:
             raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark)
-        self.scheduler = StaticScheduler(config.deployment(), self.blocks)
+        self.spec = SpecDecoder(self) if config.speculation is not None else None
+        self.scheduler = StaticScheduler(config.deployment(), self.blocks, self.spec and self.spec.speculator)
         self.group: RankGroup | None = None
         if config.tp * config.pp > 1:  # rank 0 keeps its shard; the other ranks start here
             layout = check_layout(config.tp, config.pp, cfg)
@@ -201,8 +210,10 @@ class Engine:
     @property
     def max_request_tokens(self) -> int:
         """Prompt + output tokens one request may hold: the context, and the pool outside the
-        watermark."""
+        watermark (less the draft slots a speculative step reserves)."""
         pool = (self.blocks.num_gpu_blocks - self.blocks.watermark_blocks) * self.blocks.block_size
+        if self.config.speculation is not None:
+            pool -= speculative_tokens(self.config.speculation)
         return min(self.config.max_model_len, pool)
 
     def now(self) -> float:
@@ -295,13 +306,19 @@ class Engine:
             plan = self._unstick()
         self.kv.sync(self.blocks, self.seqs)
         start = self.now()
-        items = [self._item(seq, chunk) for seq, chunk in zip(plan.seqs, plan.chunks)]
+        speculative = self.spec is not None and plan.k > 0
+        items = (self.spec.items(plan) if speculative else
+                 [self._item(seq, chunk) for seq, chunk in zip(plan.seqs, plan.chunks)])
         logits = self.runner.forward(items)
         emitting = [seq for seq, it in zip(plan.seqs, items) if it.logits]
         prompt_tokens = sum(len(it.tokens) for seq, it in zip(plan.seqs, items) if not seq.decoding)
-        tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
-        for seq, tok in zip(emitting, tokens):
-            self._accept(seq, tok)
+        if speculative:  # verify the drafts: one or more tokens per sequence
+            emitted = self.spec.accept(emitting, logits)
+        else:
+            tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
+            for seq, tok in zip(emitting, tokens):
+                self._accept(seq, tok)
+            emitted = len(emitting)
         end = self.now()
         finished = self.scheduler.commit(plan, end)
         for seq in finished:
@@ -309,7 +326,7 @@ class Engine:
             if seq.finish_reason is None:
                 seq.finish_reason = "length"
         self.kv.sync(self.blocks, self.seqs)
-        self._record(plan, start, end, len(emitting), prompt_tokens)
+        self._record(plan, start, end, emitted, prompt_tokens)
         self.stats.finished += len(finished)
         for seq in emitting:
             if seq.on_output:

@@ -42,6 +42,7 @@ class Item:
     tokens: list[int]
     start: int            # position of tokens[0]
     logits: bool          # whether the last token's logits are needed (it emits a token)
+    all_logits: bool = False   # logits of every token (a speculative verification: k + 1 rows)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class PagedRunner:
 
     @torch.inference_mode()
     def forward(self, items: list[Item]) -> torch.Tensor:
-        """Logits [number of items with logits, vocab] in the order of `items`."""
+        """Logits [rows, vocab] in the order of `items`: one row per item with `logits`, all
+        its rows for an item with `all_logits`."""
         batch = self.prepare(items)
         x = self.layers(self.embed(batch), batch)
         return self.head(x[batch.last])
@@ -106,7 +108,8 @@ class PagedRunner:
             tables = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev)
             mask_d = (torch.arange(nb * kv.block_size, device=dev)[None, :] < ctx_d[:, None])[:, None, None]
         others = [i for i in range(len(items)) if len(items[i].tokens) > 1]
-        last = torch.tensor([s + n - 1 for (s, n), it in zip(spans, items) if it.logits], device=dev,
+        last = torch.tensor([r for (s, n), it in zip(spans, items) if it.logits
+                             for r in (range(s, s + n) if it.all_logits else (s + n - 1,))], device=dev,
                             dtype=torch.long)
         return Batch(items, spans, torch.tensor(tokens, device=dev), slots, cos, sin, decodes, rows_d,
                      tables, mask_d, others, last)
