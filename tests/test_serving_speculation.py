@@ -112,6 +112,13 @@ def test_goodput_and_sampled_requests_run(decoder, prompts):
     outs = eng.generate(prompts, [GREEDY, sampled, GREEDY, sampled])
     assert [len(s.output_ids) for s in outs] == [NEW, 8, NEW, 8]
     assert eng.spec.stats()["decode_steps"] > 0 and eng.kv.used_blocks == 0
+    pytest.importorskip("fastapi")
+    from types import SimpleNamespace
+
+    from executor.serving.server import prometheus_text
+
+    text = prometheus_text(SimpleNamespace(engine=eng, queue_length=0, step_errors=0))
+    assert f"simtune_spec_accepted_tokens_total {eng.spec.speculator.accepted}" in text
 
 
 def test_verify_greedy_takes_the_matching_prefix_and_one_more():
@@ -153,3 +160,20 @@ def test_bad_combinations_are_refused_by_field(decoder):
         EngineConfig.from_deployment(dep)
     config = EngineConfig.from_deployment(DeploymentSpec(speculation=spec("adaptive")))
     assert config.speculation.policy == "adaptive"
+
+
+def test_simtune_serve_refuses_speculation_it_cannot_run(tmp_path):
+    """Refused before the model loads, with the field named."""
+    from typer.testing import CliRunner
+
+    from simtune.cli import app
+
+    runner = CliRunner()
+    for extra, field in [("prefill: {tp: 2, pp: 1}\n", "deployment.speculation"),
+                         ("", "deployment.speculation.draft")]:
+        draft = "ngram" if extra else "llama-68m"
+        path = tmp_path / "dep.yaml"
+        path.write_text(f"{extra}scheduler: vllm\nspeculation:\n  draft: {draft}\n  policy: fixed\n  k: 3\n"
+                        f"  acceptance: {{distribution: fixed, mean: 0.6}}\n")
+        result = runner.invoke(app, ["serve", "--deployment", str(path)])
+        assert result.exit_code != 0 and field in result.output + result.stderr

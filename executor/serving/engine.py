@@ -38,6 +38,13 @@ scheduler already plans for pipelines as the simulator does: with pp stages it a
 pp x `max_num_seqs` sequences and pp x the token budgets per step, and the runner cuts the
 step into pp micro-batches. `close()` (or `with Engine(...)`) stops the ranks; a rank that
 dies makes `step` raise `RankFailed` naming it.
+
+Speculative decoding (`EngineConfig(speculation=)`, from a deployment's `speculation`; one
+rank, vllm scheduler): the scheduler is given a `Speculator` (simulator/speculation), so its
+decode steps carry a k and reserve k + 1 KV slots per sequence; `SpecDecoder`
+(executor/serving/spec_engine.py) builds the verification items from n-gram drafts and
+accepts, and the scheduler's commit truncates the rejected slots, which `PagedKV.sync` then
+returns to the free list.
 """
 
 from __future__ import annotations

@@ -307,6 +307,14 @@ def prometheus_text(loop_thread: EngineThread) -> str:
         ("simtune_step_errors_total", "counter", "Steps that raised an error.", loop_thread.step_errors),
         ("simtune_max_batch_size", "gauge", "Most sequences in one step so far.", st.max_batch_size),
     ]
+    if eng.spec is not None:  # speculative decoding (n-gram drafts)
+        sp = eng.spec.speculator
+        rows += [
+            ("simtune_spec_drafted_tokens_total", "counter", "Draft tokens verified.", sp.drafted),
+            ("simtune_spec_accepted_tokens_total", "counter", "Draft tokens accepted.", sp.accepted),
+            ("simtune_spec_decode_steps_total", "counter", "Decode steps under speculation (k = 0 included).",
+             sp.steps),
+        ]
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

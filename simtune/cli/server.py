@@ -3,7 +3,10 @@
 Not `simulate serve` (which predicts a deployment): this one runs the model and answers HTTP.
 A deployment spec selects the scheduler, its limits and the layout: `prefill: {tp, pp}` starts
 tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers);
-dp > 1 and re-sharding (a decode layout unlike prefill) are refused with a SpecError.
+dp > 1 and re-sharding (a decode layout unlike prefill) are refused with a SpecError. A
+deployment's `speculation` (draft 'ngram'; policy fixed, adaptive or goodput) turns on
+speculative decoding, on one rank with the vllm scheduler; other combinations are refused
+with a SpecError naming the field.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to serve: smollm2-135m.")] = "smollm2-135m",
     deployment: Annotated[str | None, typer.Option(
         "--deployment", "-d", help="Deployment (catalog name or YAML): scheduler, limits, KV block size. "
-        "prefill {tp, pp} selects tensor/pipeline parallel ranks (gloo on CPU, NCCL on GPU).")] = None,
+        "prefill {tp, pp} selects tensor/pipeline parallel ranks (gloo on CPU, NCCL on GPU); "
+        "speculation (draft: ngram) turns on speculative decoding on one rank.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_num_seqs: Annotated[int | None, typer.Option(help="Most sequences per step (default: the "
