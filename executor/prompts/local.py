@@ -4,7 +4,9 @@ The engine (`executor.serving.engine`) runs its step loop in a thread (`EngineTh
 every call the runtime makes is one request submitted to it, so concurrent calls are batched
 together by its continuous batching, as they would be by a server, without HTTP in between.
 Chat messages become a prompt through the model's own chat template. The first call loads
-the model (a few seconds); `close()` stops the loop.
+the model (a few seconds); `close()` stops the loop. The engine computes with `threads` torch
+threads (1 by default: with more, a CPU shared with other work slows down many times over
+as the threads wait for each other; this sets the whole process's torch thread count).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ class LocalBackend(Backend):
     name = "local"
 
     def __init__(self, dtype: str = "bfloat16", max_num_seqs: int = 64, max_concurrency: int = 256,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, threads: int | None = 1):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype = {dtype!r}: allowed bfloat16, float32")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads = {threads}: must be >= 1 (or None to keep torch's setting)")
+        self.threads = threads
         self.dtype, self.max_num_seqs = dtype, max_num_seqs
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self._loop = None
@@ -36,6 +41,8 @@ class LocalBackend(Backend):
                 from executor.serving.loop import EngineThread
                 from executor.serving.model import load_decoder, load_tokenizer
 
+                if self.threads is not None:
+                    torch.set_num_threads(self.threads)
                 self._tokenizer = load_tokenizer()
                 engine = Engine(load_decoder(dtype=getattr(torch, self.dtype)),
                                 EngineConfig(max_num_seqs=self.max_num_seqs), self._tokenizer)
