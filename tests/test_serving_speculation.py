@@ -177,3 +177,13 @@ def test_simtune_serve_refuses_speculation_it_cannot_run(tmp_path):
                         f"  acceptance: {{distribution: fixed, mean: 0.6}}\n")
         result = runner.invoke(app, ["serve", "--deployment", str(path)])
         assert result.exit_code != 0 and field in result.output + result.stderr
+
+
+
+def test_preemption_under_speculation_keeps_greedy_output(decoder, prompts, plain):
+    # 12 blocks of 4 admit both prompts (18 and 21 tokens), then cannot grow both to the end
+    # (prompt + 14 tokens + 3 draft slots: 9 and 10 blocks)
+    eng = Engine(decoder, EngineConfig(num_blocks=12, block_size=4, watermark=0.0, speculation=spec("fixed", k=3)))
+    outs = eng.generate([prompts[0], prompts[3]], GREEDY)
+    assert eng.scheduler.preemptions > 0
+    assert [s.output_ids for s in outs] == [plain[0], plain[3]] and eng.kv.used_blocks == 0
