@@ -79,10 +79,10 @@ def _run(spec_path: Path, out_dir: Path | None, workers: int | None, ray: str | 
     spec = load_sweep(spec_path)
     out_dir = out_dir or Path(f"{spec_path.stem}-sweep")
     if ray is not None:
-        try:
-            import ray as _  # noqa: F401
-        except ImportError:
-            raise SpecError("--ray", ray, "needs Ray: pip install 'simtune[ray]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # not imported: tuner.sweep sets Ray's environment first
+            raise SpecError("--ray", ray, "needs Ray: pip install 'simtune[ray]'")
     with nullcontext() if as_json else SweepProgress() as progress:
         result = run_sweep(spec, out_dir, workers=workers, ray=ray, resume=resume, progress=progress)
     import pandas as pd

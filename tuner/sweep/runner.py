@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,9 @@ class RayBackend:
                  workers: int) -> Iterator[list[dict]]:
         import tempfile
 
-        import ray
+        with tempfile.TemporaryDirectory(prefix="simtune-ray-") as tmp, _ray_env(tmp, self.address):
+            import ray  # after _ray_env: Ray reads the loopback switch when it is first imported
 
-        with tempfile.TemporaryDirectory(prefix="simtune-ray-") as tmp:
             if self.address == "auto":
                 ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=tmp,
                          _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
@@ -150,6 +151,28 @@ class RayBackend:
                     yield ray.get(done[0])
             finally:
                 ray.shutdown()
+
+
+@contextmanager
+def _ray_env(folder: str, address: str) -> Iterator[None]:
+    """The environment Ray runs in. A local instance ('auto') keeps HOME in `folder` (Ray writes
+    its auth token and state under HOME). For it, and for a cluster on this machine's loopback
+    address, Ray's switch for single-machine instances is on: its servers bind 127.0.0.1 (its C++
+    servers read the switch too), and a driver does not swap 127.0.0.1 for the machine's external
+    address. A driver joining a cluster keeps the user's token and RAY_AUTH_MODE."""
+    changes = {"HOME": folder} if address == "auto" else {}
+    if address == "auto" or address.split(":")[0] in ("127.0.0.1", "localhost"):
+        changes["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    before = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- the sweep -------------------------------------------------------------------------------
