@@ -84,7 +84,9 @@ def test_measure_times_every_phase_of_the_bf16_decoder():
     for r in rows:
         assert set(TABLES["decode"].columns) <= set(r)
         assert 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"] and r["reps"] >= 1
-    assert rows[0]["median_s"] < rows[1]["median_s"]  # the tiny decoder's step: host time only
+    # the tiny decoder's step is host time only; the 10th percentiles, which other work on a
+    # shared machine disturbs least
+    assert rows[0]["p10_s"] < rows[1]["p10_s"]
 
 
 @needs_model
