@@ -8,8 +8,10 @@
     requests both modes are repeated, interleaved (median and spread) and checked to give the
     same report; at 100,000 fast-forward runs once, and step by step only for ShareGPT (one run
     of about two minutes; the other two are left out to bound the benchmark's time). Then the
-    serving tuner's wall time on the first cases of the Seesaw grid, step by step and with
-    fast-forward, interleaved (Seesaw deployments are simulated step by step in both).
+    serving tuner's wall time on the first cases of the Seesaw grid (`--tuner-cases N` of its 8
+    (model, cluster) pairs, each with both workloads; 8 = the whole grid), step by step and
+    with fast-forward, interleaved case by case. The machine's load average is recorded
+    before and after each part (the machine is shared).
 (b) The Seesaw grid (Su et al., MLSys'25, Sec. 6): Llama-3 15B-class, CodeLlama-34B and
     Llama-2-70B on A10G, L4 and A100 nodes, each with ShareGPT-like (2,000 requests) and
     arXiv-summarization-like (500 requests) offline workloads. Every case is tuned by
@@ -19,7 +21,8 @@
     average over vLLM) are printed beside ours for reference only: they are measurements of
     a different system, not ours.
 
-Usage: python benchmarks/bench_serving.py [--quick] [--speed-only] [--screen-requests N] [--out PATH] [--markdown-only]
+Usage: python benchmarks/bench_serving.py [--quick] [--speed-only] [--tuner-cases N] [--screen-requests N]
+       [--out PATH] [--markdown-only]
 Writes JSON (default benchmarks/results/serving.json) atomically, and the grid as a markdown
 table (benchmarks/results/serving.md) generated from that JSON; `--speed-only` runs (a) alone
 into benchmarks/results/serving_speed.json and .md.
@@ -28,6 +31,7 @@ into benchmarks/results/serving_speed.json and .md.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -64,7 +68,7 @@ SEESAW_PUBLISHED = {"min": 1.06, "max": 1.78, "average": 1.36}  # Su et al. MLSy
 SCREEN_REQUESTS = 300  # tune_serving's default; the full grid takes ~5 min on 2 cores with it
 
 # Repetitions at 10,000 requests (fast-forward, step by step), full run and --quick.
-REPS = {"fast": (3, 1), "exact": (2, 1)}
+REPS = {"fast": (5, 1), "exact": (2, 1)}
 
 
 # --- (a) simulator speed ------------------------------------------------------------------------
@@ -126,8 +130,8 @@ def bench_tuner(cases: list[tuple[str, str, str]], screen_requests: int) -> dict
             t0 = time.perf_counter()
             try:
                 tune_serving(model, cluster, workload, screen_requests=screen_requests, exact_steps=exact)
-            except (InfeasiblePlan, SpecError):
-                pass
+            except (InfeasiblePlan, SpecError) as exc:  # timed all the same, and said
+                row[key[:-2] + "_error"] = str(exc)[:300]
             row[key] = time.perf_counter() - t0
         rows.append(row)
     before, after = sum(r["exact_steps_s"] for r in rows), sum(r["fast_forward_s"] for r in rows)
@@ -135,12 +139,22 @@ def bench_tuner(cases: list[tuple[str, str, str]], screen_requests: int) -> dict
             "screen_requests": screen_requests}
 
 
-def bench_speed(reps: dict[str, int], screen_requests: int, quick: bool) -> dict:
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages (2 cores: above 2, other work competes for them)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def bench_speed(reps: dict[str, int], screen_requests: int, quick: bool, tuner_cases: int = TUNER_CASES) -> dict:
     for exact in (False, True):  # warm up: the cost model's first compilation is not the simulator's
         _simulate("sharegpt", 100, exact)
-    out = {case: bench_case(case, reps) for case in (("sharegpt",) if quick else SPEED_CASES)}
-    cases = [(m, c, w) for m, c in CASES[:1 if quick else TUNER_CASES] for w in WORKLOADS]
-    return {"cases": out, "tuner": bench_tuner(cases, screen_requests)}
+    out = {}
+    for case in (("sharegpt",) if quick else SPEED_CASES):
+        before = load_average()
+        out[case] = {**bench_case(case, reps), "load_average_before": before, "load_average_after": load_average()}
+    cases = [(m, c, w) for m, c in CASES[:1 if quick else tuner_cases] for w in WORKLOADS]
+    before = load_average()
+    tuner = bench_tuner(cases, screen_requests)
+    return {"cases": out, "tuner": {**tuner, "load_average_before": before, "load_average_after": load_average()}}
 
 
 # --- (b) the Seesaw grid ------------------------------------------------------------------------
@@ -241,13 +255,24 @@ def speed_lines(a: dict) -> list[str]:
                 line += f"; {row['note']}"
             lines.append(line)
         lines.append(f"  cost per request at 100,000 / at 10,000 (fast-forward): {r['cost_per_request_100k_over_10k']:.2f}x")
+        if "load_average_before" in r:
+            lines.append(f"  load average (1, 5, 15 min) before / after: {_load(r['load_average_before'])} / "
+                         f"{_load(r['load_average_after'])}")
     t = a["tuner"]
     lines.append(f"tune_serving on {len(t['cases'])} Seesaw-grid cases (screened on {t['screen_requests']} requests): "
                  f"step by step {t['exact_steps_s']:.1f} s, fast-forward {t['fast_forward_s']:.1f} s, "
-                 f"ratio {t['ratio']:.2f}x")
+                 f"ratio {t['ratio']:.2f}x"
+                 + (f"; load average before / after: {_load(t['load_average_before'])} / {_load(t['load_average_after'])}"
+                    if "load_average_before" in t else ""))
     for c in t["cases"]:
-        lines.append(f"  {c['model']} on {c['cluster']}, {c['workload']}: {c['exact_steps_s']:.1f} s -> {c['fast_forward_s']:.1f} s")
+        errors = [c[k] for k in ("exact_steps_error", "fast_forward_error") if k in c]
+        lines.append(f"  {c['model']} on {c['cluster']}, {c['workload']}: {c['exact_steps_s']:.1f} s -> {c['fast_forward_s']:.1f} s"
+                     + (f" (the tuner refused: {errors[0][:120]})" if errors else ""))
     return lines
+
+
+def _load(avg: list[float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in avg)
 
 
 def speed_markdown(result: dict) -> str:
@@ -341,6 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="requests per screening simulation in tune_serving")
     parser.add_argument("--speed-only", action="store_true",
                         help="only (a), into benchmarks/results/serving_speed.json (unless --out)")
+    parser.add_argument("--tuner-cases", type=int, default=TUNER_CASES, choices=range(1, len(CASES) + 1),
+                        metavar=f"1..{len(CASES)}",
+                        help=f"(model, cluster) pairs of the Seesaw grid whose tuning (a) times both ways, "
+                             f"each with both workloads; {len(CASES)} = the whole grid")
     args = parser.parse_args(argv)
     if args.speed_only and args.out == DEFAULT_OUT:
         args.out = DEFAULT_SPEED_OUT
@@ -349,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reps = {k: v[1] if args.quick else v[0] for k, v in REPS.items()}
     if args.speed_only:
-        speed = bench_speed(reps, args.screen_requests, args.quick)
+        speed = bench_speed(reps, args.screen_requests, args.quick, args.tuner_cases)
         print("\n".join(speed_lines(speed)))
         result = {**common.run_fields("serving_speed", args.quick, reps), "speed": speed}
         common.write_results(result, args.out, speed_markdown)
