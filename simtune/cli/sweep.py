@@ -145,7 +145,8 @@ def sweep(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder of the table (default: SPEC-sweep).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes (default: CPU count); 1: this one.")] = None,
     ray: Annotated[str | None, typer.Option(
-        "--ray", metavar="ADDRESS|auto", help="Run on Ray: a cluster's address, or 'auto' for a local one.")] = None,
+        "--ray", metavar="ADDRESS|auto|cluster", help="Run on Ray: a cluster's head address (host:port), 'auto' "
+        "for a local one started for the run, 'cluster' for the one this machine belongs to.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep the table in --out; run what is missing.")] = False,
     rank_by: Annotated[str, typer.Option(help="time | cost")] = "time",
     top: Annotated[int, typer.Option(min=0, help="Best scenarios listed after a run.")] = 5,

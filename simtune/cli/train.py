@@ -79,6 +79,10 @@ def _headline_table(r: TrainingReport) -> Table:
     table.add_row("peak memory", f"{fmt_gib(r.peak_memory_bytes)} GiB of "
                   f"{fmt_gib(r.device_memory_bytes)} GiB ({mem_share:.0%})")
     table.add_row("feasible", feasible)
+    if r.cost_per_iteration_usd is not None:
+        table.add_row("cost per iteration", f"${r.cost_per_iteration_usd:,.4g} "
+                      f"(${r.price_per_device_hour:g} per GPU-hour)")
+        table.add_row("cost per million tokens", f"${r.cost_per_million_tokens_usd:,.4g}")
     return table
 
 

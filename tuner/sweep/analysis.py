@@ -111,3 +111,13 @@ def plot_heatmap(df: pd.DataFrame, x: str, y: str, value: str, ax=None):
     ax.set_ylabel(y)
     ax.figure.colorbar(im, ax=ax, label=f"best {value}")
     return ax
+
+
+def largest_fitting(df: pd.DataFrame, index: str, columns: str, along: str) -> pd.DataFrame:
+    """For each (index, columns) cell, the largest value of `along` whose scenario ran and fits
+    (status ok); NaN where none fits. Where a configuration stops fitting is one step past it."""
+    rows = df[df["status"] == "ok"]
+    grid = rows.groupby([index, columns])[along].max().unstack(columns)
+    order_i = [v for v in pd.unique(df[index])]
+    order_c = [v for v in pd.unique(df[columns])]
+    return grid.reindex(index=order_i, columns=order_c)

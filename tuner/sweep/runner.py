@@ -125,7 +125,9 @@ def _pool(command: str, chunks: list[Chunk], timeout_s: float | None, workers: i
 
 @dataclass
 class RayBackend:
-    """Ray tasks on a cluster at `address`, or on a local one started for the run ('auto').
+    """Ray tasks on a cluster at `address` ('cluster': the one this machine belongs to), or on a
+    local one started for the run ('auto'). Every node needs simtune installed, and the YAML
+    paths a sweep names readable at the same path (workers load the specs).
 
     The local one listens on 127.0.0.1 only and keeps its files in a temporary folder."""
 
@@ -141,8 +143,9 @@ class RayBackend:
             if self.address == "auto":
                 ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=tmp,
                          _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            else:  # 'cluster': the one this machine belongs to (RAY_ADDRESS, or a head running here)
+                address = "auto" if self.address == "cluster" else self.address
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
             try:
                 task = ray.remote(num_cpus=1, max_retries=0)(run_chunk)
                 pending = [task.remote(command, c, timeout_s) for c in chunks]
