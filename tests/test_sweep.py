@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from simtune.cli import app
@@ -276,3 +278,50 @@ def test_cli_runs_reports_and_plots(tmp_path):
     assert load_sweep(tmp_path / "out" / "sweep.yaml").axes == parse_sweep(yaml.safe_load(spec_path.read_text())).axes
     res = runner.invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "--resume" in res.output
+
+
+# --- robustness: any spec mapping and any filter text ends in a spec or a named error ---------
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.text(max_size=12),
+                    st.floats(allow_nan=True, allow_infinity=True))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4), max_leaves=12)
+NAMES = st.sampled_from(["model", "cluster", "plan", "plan.tp", "workload.seed", "modle", "", "a.b.c"])
+SPECS = st.fixed_dictionaries({}, optional={
+    "command": st.sampled_from([*COMMANDS, "simulate", 3, None]),
+    "options": st.one_of(VALUES, st.dictionaries(NAMES, SCALARS, max_size=3)),
+    "axes": st.one_of(VALUES, st.dictionaries(NAMES, st.lists(SCALARS, max_size=4), max_size=3)),
+    "where": st.one_of(st.text(max_size=30), SCALARS),
+    "timeout_s": SCALARS,
+    "colour": SCALARS,
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(SPECS)
+def test_any_spec_mapping_is_a_sweep_or_a_named_error(data):
+    try:
+        spec = parse_sweep(data)
+    except SpecError as e:
+        assert e.field.startswith("sweep")
+        return
+    assert spec.command in COMMANDS and spec.axes
+
+
+WHERE_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.sampled_from(["model", "plan.micro_batch_size", "==", "<", "and", "or", "not", "(", ")", "1", "0",
+                              "'gpt-debug'", "+", "**", "/", "in", "[1, 2]", "devices(cluster)", "len(", ",",
+                              "9 ** 99", "model.startswith('g')", "1e308 * 1e308", "-"]), max_size=12).map(" ".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(WHERE_TEXT)
+def test_any_filter_text_filters_or_is_a_named_error(text):
+    try:
+        spec = parse_sweep({**TRAIN, "where": text})
+        kept = spec.scenarios()
+    except SpecError as e:
+        assert e.field == "sweep.where"
+        return
+    assert len(kept) <= 12

@@ -57,11 +57,13 @@ class Where:
             self.tree = ast.parse(text, mode="eval")
         except SyntaxError as e:
             raise SpecError("sweep.where", text, f"is not a valid expression: {e.msg}") from None
+        except (ValueError, RecursionError, MemoryError) as e:  # a NUL byte; nesting too deep to parse
+            raise SpecError("sweep.where", text[:200], f"is not a valid expression: {type(e).__name__}") from None
         self._check(self.tree.body, names)
 
     def __call__(self, values: Mapping[str, Any]) -> bool:
         try:
-            return bool(self._eval(self.tree.body, values))
+            return _truth(self._eval(self.tree.body, values))
         except SpecError:
             raise
         except Exception as e:  # a type error between values, a division by zero, an unknown name
@@ -146,6 +148,12 @@ class Where:
                 raise TypeError(f"{node.func.attr} needs a string, not {type(target).__name__}")
             return getattr(target, node.func.attr)(*args)
         raise AssertionError(f"unchecked node {type(node).__name__}")  # _check admits nothing else
+
+
+def _truth(value: Any) -> bool:
+    if hasattr(value, "__len__") and not isinstance(value, (str, list)):
+        raise TypeError(f"the filter gives {type(value).__name__}, not a truth value")
+    return bool(value)
 
 
 def _dotted(node: ast.AST) -> str | None:
