@@ -21,6 +21,7 @@ Usage: python benchmarks/bench_prompts.py [--quick] [--skip-workflows] [--backen
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -195,7 +196,7 @@ def run_workflow(program, make_backend, max_concurrency: int | None, trace: Path
         return time.perf_counter() - t0, len(rt.calls)
 
 
-def bench_workflows(backends: list[str], tmp: Path) -> dict:
+def bench_workflows(backends: list[str], tmp: Path, only: set[str] | None = None) -> dict:
     from simulator.workflows import dag_from_trace, predict_workflow
 
     out: dict = {}
@@ -210,9 +211,11 @@ def bench_workflows(backends: list[str], tmp: Path) -> dict:
             else:
                 make = server.backend
             rows = {}
+            run_workflow(lambda: gen("Say hi.", max_tokens=4), make, None, None)  # load and warm up
             for name, program in _workflows().items():
+                if only and name not in only:
+                    continue
                 trace = tmp / f"{kind}-{name}.jsonl"
-                run_workflow(program, make, None, None)  # warm-up
                 seq_s, calls = run_workflow(program, make, 1, None)
                 par_s, _ = run_workflow(program, make, None, trace)
                 p = predict_workflow(dag_from_trace(trace), *SERVE_DEPLOYMENT)
@@ -222,7 +225,8 @@ def bench_workflows(backends: list[str], tmp: Path) -> dict:
                               "simulated_speedup": p.simulated_speedup,
                               "simulated_sequential_s": p.simulated_sequential_s,
                               "simulated_parallel_s": p.simulated_parallel_s,
-                              "appl_estimated_speedup": est, "appl_measured_speedup": meas}
+                              "appl_estimated_speedup": est, "appl_measured_speedup": meas,
+                              "load_average": os.getloadavg()[0]}
                 print(f"  {kind:6} {name:22} seq {seq_s:6.2f} s  par {par_s:6.2f} s  "
                       f"measured {seq_s / par_s:4.2f}x  Amdahl {p.amdahl_speedup:4.2f}x  "
                       f"replay {p.simulated_speedup:4.2f}x", flush=True)
@@ -270,12 +274,15 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0], "fewer repetitions, no workflows", DEFAULT_OUT)
     p.add_argument("--skip-workflows", action="store_true")
     p.add_argument("--backends", default="local,serve", help="workflow backends: local, serve")
+    p.add_argument("--only", default=None, help="rerun these workflows (comma-separated) and keep the other "
+                   "rows of the existing results")
     args = p.parse_args()
     if args.markdown_only:
         common.rewrite_markdown(args.out, markdown)
         return
     reps = 2 if args.quick else 5
     result = common.run_fields("prompts", args.quick, {"overhead": reps})
+    result["load_average_at_start"] = os.getloadavg()[0]  # other work on the machine
     print("(a) ten calls against a server answering in 0.5 s", flush=True)
     result["overhead"] = bench_overhead(reps)
     print(f"  one {result['overhead']['one_call_s']:.3f} s, ten {result['overhead']['ten_calls_s']:.3f} s "
@@ -286,8 +293,15 @@ def main() -> None:
           f"({result['per_call']['runtime_traced_overhead_ms_per_call']:.3f} ms traced)")
     if not (args.quick or args.skip_workflows):
         print("(c) workflows: sequential vs parallel", flush=True)
+        only = {n.strip() for n in args.only.split(",")} if args.only else None
         with tempfile.TemporaryDirectory() as tmp:
-            result["workflows"] = bench_workflows([b.strip() for b in args.backends.split(",") if b.strip()], Path(tmp))
+            rows = bench_workflows([b.strip() for b in args.backends.split(",") if b.strip()], Path(tmp), only)
+        if only and args.out.exists():  # keep the rows not rerun
+            kept = json.loads(args.out.read_text()).get("workflows", {})
+            for kind, table in rows.items():
+                kept.setdefault(kind, {}).update(table)
+            rows = kept
+        result["workflows"] = rows
     common.write_results(result, args.out, markdown)
 
 

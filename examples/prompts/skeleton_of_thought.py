@@ -16,8 +16,8 @@ MAX_POINTS = 5
 
 @ppl
 def skeleton(topic: str):
-    """You write outlines: 3 to 5 numbered points, a few words each, nothing else."""
-    f"Outline an answer to: {topic}"
+    """You are a helpful assistant."""
+    f"List 4 key points for: {topic}. Write each point on its own line as a short phrase, numbered 1 to 4."
     return gen(max_tokens=64)
 
 
@@ -31,7 +31,7 @@ def expand(topic: str, outline: str, point: str):
 
 
 def points_of(outline: str) -> list[str]:
-    found = [m.strip() for m in re.findall(r"^\s*\d+[.)]\s*(.+)$", outline, flags=re.M)]
+    found = [m.strip().strip("*").strip() for m in re.findall(r"^\s*\d+[.)]\s*(.+)$", outline, flags=re.M)]
     return found[:MAX_POINTS] or [line.strip() for line in outline.splitlines() if line.strip()][:MAX_POINTS]
 
 
