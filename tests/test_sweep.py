@@ -325,3 +325,15 @@ def test_any_filter_text_filters_or_is_a_named_error(text):
         assert e.field == "sweep.where"
         return
     assert len(kept) <= 12
+
+
+def test_an_unwritable_folder_is_a_named_error_and_leaves_no_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SpecError, match="cannot write sweep.yaml"):
+        run_sweep(parse_sweep(TRAIN), blocker / "out", workers=1)
+    example = Path(__file__).resolve().parents[1] / "examples" / "sweeps" / "gpt3-clusters.yaml"
+    res = CliRunner().invoke(app, ["sweep", str(example), "--out", str(blocker / "out"),
+                                   "--workers", "1"])
+    assert res.exit_code == 2 and "error:" in res.stderr and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

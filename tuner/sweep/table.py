@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from simulator.errors import SpecError
 from simulator.files import write_text_atomic
 
 MAX_DEPTH = 4
@@ -80,11 +83,23 @@ class SweepTable:
     def write_spec(self) -> None:
         import yaml
 
-        write_text_atomic(self.dir / "sweep.yaml", yaml.safe_dump(self.spec.to_dict(), sort_keys=False))
+        with _writing(self.dir / "sweep.yaml"):
+            write_text_atomic(self.dir / "sweep.yaml", yaml.safe_dump(self.spec.to_dict(), sort_keys=False))
 
     def flush(self) -> None:
         if self.rows:
-            write_parquet_atomic(self.frame(), self.path)
+            with _writing(self.path):
+                write_parquet_atomic(self.frame(), self.path)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An unwritable folder or a full disk is the user's to fix: a SpecError naming the path (the
+    temporary file is gone and the last complete table, if any, is still in place)."""
+    try:
+        yield
+    except OSError as e:
+        raise SpecError("--out", str(path.parent), f"cannot write {path.name}: {e.strerror or e}") from None
 
 
 def _missing(v: Any) -> bool:
