@@ -337,3 +337,15 @@ def test_an_unwritable_folder_is_a_named_error_and_leaves_no_file(tmp_path):
                                    "--workers", "1"])
     assert res.exit_code == 2 and "error:" in res.stderr and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install simtune[ray])")
+def test_local_ray_twice_in_one_process(tmp_path):
+    """`--ray auto` starts a local instance and ends it; a second sweep in the same process
+    (a notebook, a script) starts another."""
+    spec = parse_sweep({**TRAIN, "axes": {**TRAIN["axes"], "cluster": ["2xa100-80gb"], "plan.micro_batch_size": [1]}})
+    serial = pd.read_parquet(run_sweep(spec, tmp_path / "serial", workers=1).table_path)
+    for n in range(2):
+        on_ray = run_sweep(spec, tmp_path / f"ray{n}", workers=2, ray="auto")
+        assert on_ray.status["ok"] == 2
+        _same(serial, pd.read_parquet(on_ray.table_path))

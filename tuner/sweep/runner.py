@@ -135,11 +135,11 @@ class RayBackend:
 
     def __call__(self, command: str, chunks: list[Chunk], timeout_s: float | None,
                  workers: int) -> Iterator[list[dict]]:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="simtune-ray-") as tmp, _ray_env(tmp, self.address):
+        tmp = _local_ray_folder()
+        with _ray_env(tmp, self.address):
             import ray  # after _ray_env: Ray reads the loopback switch when it is first imported
 
+            _forget_ray_token()
             if self.address == "auto":
                 ray.init(address="local", num_cpus=workers, include_dashboard=False, _temp_dir=tmp,
                          _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
@@ -154,6 +154,36 @@ class RayBackend:
                     yield ray.get(done[0])
             finally:
                 ray.shutdown()
+
+
+def _forget_ray_token() -> None:
+    """Ray caches the auth token it read first for the life of the process; an earlier sweep on
+    another cluster (another token) would make this one's connection fail. Ray releases without
+    token authentication have no cache to reset."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):
+        pass
+
+
+_RAY_FOLDER: list[str] = []
+
+
+def _local_ray_folder() -> str:
+    """One temporary folder per process for local Ray instances, removed when the process exits.
+
+    Ray keeps its auth token (under HOME) for the life of the process: a second local instance
+    in a folder of its own would not find the token the first one left, and would not start."""
+    if not _RAY_FOLDER:
+        import atexit
+        import shutil
+        import tempfile
+
+        _RAY_FOLDER.append(tempfile.mkdtemp(prefix="simtune-ray-"))
+        atexit.register(shutil.rmtree, _RAY_FOLDER[0], True)
+    return _RAY_FOLDER[0]
 
 
 @contextmanager
