@@ -14,6 +14,7 @@ from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+SLOW = {"training_tuning.ipynb", "training_simulation.ipynb"}  # `make test-all` runs them too
 
 
 def test_notebooks_exist():
@@ -28,7 +29,8 @@ def test_notebook_committed_without_outputs(path: Path):
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; regenerate or clear them"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")  # inherited by the kernel process
     nb = nbformat.read(path, as_version=4)

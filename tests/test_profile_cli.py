@@ -111,6 +111,7 @@ def test_gemm_stream_fit_recovers_bandwidth_and_call_cost():
     assert fit["flops_per_s"] == pytest.approx(3e11, rel=0.05)
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_on_the_cpu(tmp_path):
     """profiler/gpu_quick.sh end to end with DEVICE=cpu on the cheapest family."""
     out = tmp_path / "gpu"

@@ -62,7 +62,7 @@ def reference(decoder, prompts):
     return [s.output_ids for s in engine.generate(prompts, GREEDY)]
 
 
-@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), pytest.param(3, 2, marks=pytest.mark.slow)])
 def test_parallel_greedy_output_equals_one_rank(decoder, prompts, reference, tp, pp):
     with Engine(decoder, EngineConfig(num_blocks=64, tp=tp, pp=pp, timeout_s=60)) as engine:
         assert engine.kv.k[0].shape[0] == 3 // tp               # this rank's K/V heads only
@@ -130,6 +130,7 @@ def test_a_killed_rank_ends_the_engine_with_a_named_error(decoder, prompts):
     engine.close()
 
 
+@pytest.mark.slow
 def test_simtune_serve_with_a_pipeline_deployment_answers_the_openai_client(tmp_path):
     openai = pytest.importorskip("openai")
     from profiler.ranks import free_port

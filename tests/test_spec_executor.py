@@ -59,6 +59,7 @@ def greedy(decoder, prompts):
 
 # -- the model ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_logits_and_greedy_output_match_transformers(decoder, prompts, greedy):
     hf = M.load_hf_model(GGUF)
     ids = torch.tensor([prompts[1]])
