@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import common
 sys.path.insert(0, str(common.ROOT / "examples" / "prompts"))
 
 from executor.prompts import Backend, Completion, OpenAIBackend, Runtime, gen  # noqa: E402
+from profiler.ranks import free_port  # noqa: E402
 
 DEFAULT_OUT = common.RESULTS / "prompts.json"
 FIXED_S = 0.5
@@ -139,11 +139,6 @@ def bench_per_call(n: int) -> dict:
 # --- (c) workflows ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class _SimtuneServe:
     """`simtune serve` in a child process on a free loopback port, stopped by its PID."""
@@ -151,7 +146,7 @@ class _SimtuneServe:
     def __init__(self):
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "simtune.cli", "serve", "--model", "smollm2-135m",
                                       "--host", "127.0.0.1", "--port", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

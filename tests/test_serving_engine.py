@@ -11,20 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from smollm2 import GGUF, one_torch_thread, torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gguf")
-
-from executor.serving import model as M  # noqa: E402
-from executor.serving.engine import Engine, EngineConfig, RequestRejected  # noqa: E402
-from executor.serving.paged import PagedKV  # noqa: E402
-from executor.serving.sampling import SamplingParams, StopChecker, nucleus_probs, sample  # noqa: E402
-from simulator.serving.kv_cache import BlockManager  # noqa: E402
-
-try:
-    GGUF = M.find_gguf()
-except M.ModelFileMissing as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+from executor.serving import model as M
+from executor.serving.engine import Engine, EngineConfig, RequestRejected
+from executor.serving.paged import PagedKV
+from executor.serving.sampling import SamplingParams, StopChecker, nucleus_probs, sample
+from simulator.serving.kv_cache import BlockManager
 
 NEW = 12
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -32,12 +25,8 @@ GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread: on 2 shared cores, two threads that wait on each other ran these
-    small forwards 2-6x slower than one whenever another process held a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

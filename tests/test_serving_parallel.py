@@ -18,36 +18,26 @@ import threading
 import time
 
 import pytest
+from smollm2 import GGUF, one_torch_thread, torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gguf")
-
-from executor.serving import model as M  # noqa: E402
-from executor.serving.engine import Engine, EngineConfig  # noqa: E402
-from executor.serving.loop import EngineThread  # noqa: E402
-from executor.serving.parallel import Layout, check_deployment, check_layout, micro_batches  # noqa: E402
-from executor.serving.runner import Item  # noqa: E402
-from executor.serving.sampling import SamplingParams  # noqa: E402
-from executor.serving.workers import RankFailed  # noqa: E402
-from simulator.errors import SpecError  # noqa: E402
-from simulator.specs.serving import DeploymentSpec  # noqa: E402
-
-try:
-    GGUF = M.find_gguf()
-except M.ModelFileMissing as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+from executor.serving import model as M
+from executor.serving.engine import Engine, EngineConfig
+from executor.serving.loop import EngineThread
+from executor.serving.parallel import Layout, check_deployment, check_layout, micro_batches
+from executor.serving.runner import Item
+from executor.serving.sampling import SamplingParams
+from executor.serving.workers import RankFailed
+from simulator.errors import SpecError
+from simulator.specs.serving import DeploymentSpec
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def decoder():
-    """The model, with one intra-op thread per rank (the ranks take this process's count; see
-    tests/test_serving_engine.py for why one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield M.load_decoder(GGUF)
-    torch.set_num_threads(before)
+    """The model, with one intra-op thread per rank (the ranks take this process's count)."""
+    with one_torch_thread():
+        yield M.load_decoder(GGUF)
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ test that started it. fp32, short prompts, a few output tokens.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from smollm2 import GGUF, one_torch_thread
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gguf")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
@@ -29,38 +27,27 @@ from executor.serving.engine import Engine, EngineConfig  # noqa: E402
 from executor.serving.loop import EngineThread  # noqa: E402
 from executor.serving.sampling import SamplingParams  # noqa: E402
 from executor.serving.server import OpenAIServer  # noqa: E402
-
-try:
-    GGUF = M.find_gguf()
-except M.ModelFileMissing as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+from profiler.ranks import free_port  # noqa: E402
 
 MODEL = "smollm2-135m"
 CONFIG = EngineConfig(max_num_seqs=8, num_blocks=256, block_size=16, max_model_len=256)
 MAX_QUEUE = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def parts():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_serving_engine.py: one thread on 2 shared cores
-    tokenizer = M.load_tokenizer(GGUF)
-    engine = Engine(M.load_decoder(GGUF), CONFIG, tokenizer)
-    yield engine, tokenizer
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        tokenizer = M.load_tokenizer(GGUF)
+        engine = Engine(M.load_decoder(GGUF), CONFIG, tokenizer)
+        yield engine, tokenizer
 
 
 @pytest.fixture(scope="module")
 def server(parts):
     engine, tokenizer = parts
     loop_thread = EngineThread(engine, max_queue=MAX_QUEUE).start()
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(OpenAIServer(loop_thread, tokenizer, MODEL).app, host="127.0.0.1",
                                         port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

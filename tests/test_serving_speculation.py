@@ -9,21 +9,14 @@ prompts and a dozen output tokens.
 from __future__ import annotations
 
 import pytest
+from smollm2 import GGUF, one_torch_thread, torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("gguf")
-
-from executor.serving import model as M  # noqa: E402
-from executor.serving.engine import Engine, EngineConfig  # noqa: E402
-from executor.serving.sampling import SamplingParams, nucleus_probs  # noqa: E402
-from executor.serving.spec_engine import verify_greedy, verify_sampled  # noqa: E402
-from simulator.errors import SpecError  # noqa: E402
-from simulator.specs.serving import DeploymentSpec, SpeculationSpec  # noqa: E402
-
-try:
-    GGUF = M.find_gguf()
-except M.ModelFileMissing as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+from executor.serving import model as M
+from executor.serving.engine import Engine, EngineConfig
+from executor.serving.sampling import SamplingParams, nucleus_probs
+from executor.serving.spec_engine import verify_greedy, verify_sampled
+from simulator.errors import SpecError
+from simulator.specs.serving import DeploymentSpec, SpeculationSpec
 
 NEW = 14
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
@@ -36,10 +29,8 @@ def spec(policy: str = "fixed", **kw) -> SpeculationSpec:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+
+from smollm2 import GGUF, torch  # noqa: E402  (skips the module without the model)
 
 from executor.serving import model as M  # noqa: E402
 from executor.serving.drafts import NgramDrafter, SelfDrafter  # noqa: E402
@@ -22,11 +22,6 @@ from executor.serving.speculative import (  # noqa: E402
     speculative_generate,
     table_policy,
 )
-
-try:
-    GGUF = M.find_gguf()
-except M.ModelFileMissing as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
 
 MAX_NEW = 24
 

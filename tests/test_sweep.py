@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from profiler.ranks import free_port
 from simtune.cli import app
 from simulator.errors import SpecError
 from simulator.specs.catalog import load_cluster
@@ -195,11 +196,6 @@ def test_serving_sweep_is_deterministic_across_processes(tmp_path):
 # --- Ray: a head on 127.0.0.1, as a multi-node cluster's head would be -------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _listening(port: int) -> bool:
     with socket.socket() as s:
@@ -210,7 +206,7 @@ def _listening(port: int) -> bool:
 def test_ray_cluster_gives_the_same_table_as_one_process_and_the_pool(tmp_path, monkeypatch):
     # Ray's socket paths must stay under 108 bytes: its folder is a short one in /tmp, not tmp_path.
     short = Path(tempfile.mkdtemp(prefix="st-ray-", dir="/tmp"))
-    home, port = short / "home", _free_port()
+    home, port = short / "home", free_port()
     token = home / ".ray" / "auth_token"  # the cluster's token: the head and the driver read it
     token.parent.mkdir(parents=True)
     token.write_text(secrets.token_hex(32))
