@@ -11,14 +11,19 @@ from functools import lru_cache
 
 from simulator.serving.iteration import IterationModel, Work
 from simulator.specs.catalog import load_cluster, load_deployment, load_model
+from simulator.specs.serving import DeploymentSpec
+
+
+def serving_models(model: str, cluster: str, deployment: str) -> tuple[IterationModel, IterationModel, DeploymentSpec]:
+    """The prefill and decode iteration models of a deployment, and the deployment."""
+    m, c, dep = load_model(model), load_cluster(cluster), load_deployment(deployment)
+    return (IterationModel(m, c, dep.prefill, dep.engine),
+            IterationModel(m, c, dep.decode or dep.prefill, dep.engine), dep)
 
 
 class CallLatency:
     def __init__(self, model: str, cluster: str, deployment: str):
-        self.model, self.cluster = load_model(model), load_cluster(cluster)
-        dep = load_deployment(deployment)
-        self.prefill = IterationModel(self.model, self.cluster, dep.prefill, dep.engine)
-        self.decode = IterationModel(self.model, self.cluster, dep.decode or dep.prefill, dep.engine)
+        self.prefill, self.decode, _ = serving_models(model, cluster, deployment)
         self._cached = lru_cache(maxsize=4096)(self._seconds)
 
     def seconds(self, prompt_tokens: int, output_tokens: int, batch: int = 1) -> float:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from simulator.serving.iteration import IterationModel, Work
-from simulator.specs.catalog import load_cluster, load_deployment, load_model
 from simulator.workflows.dag import CallNode, WorkflowDAG
+from simulator.workflows.latency import serving_models
 
 
 def stages(dag: WorkflowDAG) -> dict[str, int]:
@@ -145,10 +145,7 @@ def predict_workflow(dag: WorkflowDAG, model: str | None = None, cluster: str | 
         if not (model and cluster and deployment):
             raise ValueError(f"model={model!r}, cluster={cluster!r}, deployment={deployment!r}: "
                              "the serving replay needs all three")
-        m, c, dep = load_model(model), load_cluster(cluster), load_deployment(deployment)
-        pre = IterationModel(m, c, dep.prefill, dep.engine)
-        dec = IterationModel(m, c, dep.decode or dep.prefill, dep.engine)
-        serving = (pre, dec, dep)
+        serving = serving_models(model, cluster, deployment)
     measured = {i: n.measured_s for i, n in dag.calls.items() if n.measured_s is not None}
     if len(measured) == len(dag.calls):
         durations, source = measured, "measured"
