@@ -1,5 +1,6 @@
 """Tensor and pipeline parallel serving across real gloo ranks on the CPU: greedy output equals
-the one-rank engine's token for token (TP3, PP2, TP3 x PP2 with two micro-batches in flight),
+the one-rank engine's token for token (TP3, TP2 split unevenly: 6 + 3 query heads, PP2, TP3 x PP2
+with two micro-batches in flight),
 degrees the model does not allow are refused naming the field, a killed rank ends the engine
 with `RankFailed` and leaves no process behind, and `simtune serve --deployment` with pp = 2
 answers the openai client.
@@ -23,7 +24,14 @@ from smollm2 import GGUF, one_torch_thread, torch
 from executor.serving import model as M
 from executor.serving.engine import Engine, EngineConfig
 from executor.serving.loop import EngineThread
-from executor.serving.parallel import Layout, check_deployment, check_layout, micro_batches
+from executor.serving.parallel import (
+    Layout,
+    check_deployment,
+    check_layout,
+    even_split,
+    micro_batches,
+    shard_decoder,
+)
 from executor.serving.runner import Item
 from executor.serving.sampling import SamplingParams
 from executor.serving.workers import RankFailed
@@ -52,10 +60,10 @@ def reference(decoder, prompts):
     return [s.output_ids for s in engine.generate(prompts, GREEDY)]
 
 
-@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), pytest.param(3, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tp,pp", [(3, 1), (2, 1), (1, 2), pytest.param(3, 2, marks=pytest.mark.slow)])
 def test_parallel_greedy_output_equals_one_rank(decoder, prompts, reference, tp, pp):
     with Engine(decoder, EngineConfig(num_blocks=64, tp=tp, pp=pp, timeout_s=60)) as engine:
-        assert engine.kv.k[0].shape[0] == 3 // tp               # this rank's K/V heads only
+        assert engine.kv.k[0].shape[0] == -(-3 // tp)            # this rank's K/V heads only (2 of 3 at tp 2)
         assert len(engine.kv.k) == Layout(tp, pp).layers(30, 0).stop   # its stage's layers only
         out = [s.output_ids for s in engine.generate(prompts, GREEDY)]
         procs = engine.group.procs
@@ -72,8 +80,10 @@ def test_sarathi_chunks_under_pipeline_parallel(decoder, prompts, reference):
 
 def test_layouts_the_model_does_not_allow_are_refused_by_field(decoder):
     cfg = decoder.cfg
-    with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 2: .*3 K/V heads.*\[1, 3\]"):
-        check_layout(2, 1, cfg)
+    with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 4: .*3 K/V heads.*\[1, 2, 3\]"):
+        check_layout(4, 1, cfg)
+    with pytest.raises(SpecError, match=r"deployment\.decode\.tp = 0"):
+        check_layout(0, 1, cfg, "decode")
     with pytest.raises(SpecError, match=r"deployment\.prefill\.pp = 31"):
         check_layout(1, 31, cfg)
     with pytest.raises(SpecError, match=r"deployment\.dp"):
@@ -81,8 +91,22 @@ def test_layouts_the_model_does_not_allow_are_refused_by_field(decoder):
     with pytest.raises(SpecError, match=r"deployment\.decode"):
         check_deployment(DeploymentSpec(prefill={"tp": 1, "pp": 3}, decode={"tp": 3, "pp": 1},
                                         scheduler="seesaw", cpu_kv_buffer_GB=1))
-    with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 2"):
-        Engine(decoder, EngineConfig(tp=2))
+    with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 4"):
+        Engine(decoder, EngineConfig(tp=4))
+
+
+def test_uneven_tensor_parallel_shards_hold_whole_groups(decoder):
+    """TP2 of 3 K/V heads: rank 0 groups 0-1 (query heads 0-5), rank 1 group 2 (6-8); 768 MLP
+    columns each; the shards' rows together are the whole layer's."""
+    cfg, layout = decoder.cfg, Layout(2, 1)
+    assert even_split(3, 2) == [2, 1] and even_split(1536, 2) == [768, 768] and even_split(30, 4) == [8, 8, 7, 7]
+    shards = [shard_decoder(decoder, layout, r) for r in range(2)]
+    assert [(s.cfg.n_heads, s.cfg.n_kv_heads, s.cfg.ffn) for s in shards] == [(6, 2, 768), (3, 1, 768)]
+    d, w = cfg.head_dim, decoder.layers[0]
+    o = torch.cat([s.layers[0].o for s in shards], dim=1)
+    assert torch.equal(o, w.o)
+    q = torch.cat([s.layers[0].qkv[:s.cfg.n_heads * d] for s in shards])
+    assert torch.equal(q, w.qkv[:cfg.n_heads * d])
 
 
 def test_micro_batches_split_tokens_evenly_and_keep_order():

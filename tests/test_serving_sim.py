@@ -331,15 +331,31 @@ def test_pipeline_prefills_a_batch_of_prompts_faster_over_pcie():
     assert pp4 == pytest.approx(step_s("4xl4", prompts[:1], pp=4), rel=0.02)  # the pipeline fills
 
 
+def test_an_uneven_tensor_split_costs_its_largest_shard():
+    """SmolLM2-135M (3 K/V heads, MLP 1536) on tp 2: the device with 2 of 3 GQA groups holds
+    attention as at tp 1.5, each holds half the MLP; the step sits between tp 1 and tp 3."""
+    model, cluster = load_model("smollm2-135m"), load_cluster("2xa100-80gb")
+    its = {t: IterationModel(model, cluster, Parallel(tp=t)) for t in (1, 2, 3)}
+    assert (its[2].t_attn, its[2].t_mlp) == (1.5, 2) and (its[3].t_attn, its[3].t_mlp) == (3, 3)
+    h, kv_width, f = model.hidden_size, model.hidden_size * 3 // 9, model.ffn_hidden_size
+    attention, mlp = 2 * (h * (h + 2 * kv_width) + h * h), 2 * 3 * h * f   # 16-bit bytes
+    assert its[2].weight_bytes == pytest.approx(attention * 2 / 3 + mlp / 2)
+    assert its[2].kv_bytes_per_token == pytest.approx(its[1].kv_bytes_per_token * 2 / 3)
+    assert its[2].flops_per_token == pytest.approx(its[2].weight_bytes)   # 2 FLOPs per 16-bit weight
+    assert its[3].weight_bytes < its[2].weight_bytes < its[1].weight_bytes
+    report = simulate_serving(model, "2xa100-80gb", DeploymentSpec(prefill=Parallel(tp=2)), fixed(4, 64, 8))
+    assert report.output_tokens_per_s > 0
+
+
 # -- 7. deployments that cannot run --------------------------------------------------------------
 
 SMALL = fixed(2, 512, 16)
 
 
 @pytest.mark.parametrize("model, cluster, deployment, workload, field, message", [
-    (MODEL, "4xa100-80gb", {"prefill": {"tp": 3}}, SMALL,
+    (MODEL, "4xa100-80gb", {"prefill": {"tp": 64}}, SMALL,
      "deployment.prefill.tp", "must divide num_attention_heads = 32"),
-    ("llama-3-15b-class", "4xa100-80gb", {"prefill": {"tp": 5}}, SMALL,
+    ("llama-3-15b-class", "4xa100-80gb", {"prefill": {"tp": 12}}, SMALL,
      "deployment.prefill.tp", "num_kv_heads = 8"),
     ("llama-debug", "8xa100-80gb", {"prefill": {"pp": 8}}, SMALL,
      "deployment.prefill.pp", "must be <= num_layers = 4"),

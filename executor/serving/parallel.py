@@ -25,10 +25,19 @@ whose logits are wanted back to rank 0, which applies the final norm and the tie
 is still a barrier: the next step's decodes need this step's tokens, so micro-batches overlap
 inside a step, not across steps.
 
-Which degrees a model allows: tp must divide the K/V heads (GQA groups stay whole on one
-rank: no K/V head is replicated) and the MLP width; pp at most the layer count. SmolLM2-135M
-has 3 K/V heads (9 query heads), so tp is 1 or 3; anything else is a SpecError naming
-`deployment.prefill.tp`.
+Uneven splits. A TP rank holds whole GQA groups (a K/V head and its query heads: no K/V
+head is replicated), as evenly as the group count allows, earlier ranks one more
+(`even_split`); the MLP columns likewise. SmolLM2-135M (3 K/V heads, 9 query heads, MLP
+1536) under tp 2: rank 0 holds groups 0-1 (query heads 0-5), rank 1 group 2 (query heads
+6-8), each 768 MLP columns; the row-parallel o projection takes the columns of each rank's
+query heads, so the all-reduce sums partial outputs of 6 and 3 heads. The slowest rank (the
+one with the most heads) sets the step time, which is what the simulator charges for an
+uneven split (simulator/serving/iteration.py: the largest shard).
+
+Which degrees a model allows: 1 <= tp <= the K/V heads (so every rank holds at least one
+whole group) and pp at most the layer count. SmolLM2-135M allows tp 1, 2 or 3; anything else
+is a SpecError naming `deployment.prefill.tp` (or `.decode.tp` for a re-sharding
+deployment's decode layout).
 """
 
 from __future__ import annotations
@@ -88,15 +97,21 @@ def check_deployment(dep: DeploymentSpec) -> None:
                         "not supported by the serving engine yet")
 
 
-def check_layout(tp: int, pp: int, cfg: LlamaConfig) -> Layout:
-    """The layout (tp, pp) on this model, or SpecError naming `deployment.prefill.tp`/`.pp`."""
-    allowed = [t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0 and cfg.ffn % t == 0]
+def even_split(n: int, parts: int) -> list[int]:
+    """`n` units over `parts` ranks as evenly as possible, earlier ranks one more: 3 over 2 is [2, 1]."""
+    base, extra = divmod(n, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def check_layout(tp: int, pp: int, cfg: LlamaConfig, phase: str = "prefill") -> Layout:
+    """The layout (tp, pp) on this model, or SpecError naming `deployment.<phase>.tp`/`.pp`."""
+    allowed = list(range(1, min(cfg.n_kv_heads, cfg.ffn) + 1))
     if tp not in allowed:
-        raise SpecError("deployment.prefill.tp", tp,
-                        f"must divide the model's {cfg.n_kv_heads} K/V heads ({cfg.n_heads} query heads) "
-                        f"and its MLP width {cfg.ffn}: one of {allowed}")
+        raise SpecError(f"deployment.{phase}.tp", tp,
+                        f"at most the model's {cfg.n_kv_heads} K/V heads ({cfg.n_heads} query heads), so "
+                        f"that every rank holds whole GQA groups (uneven splits allowed): one of {allowed}")
     if not 1 <= pp <= cfg.n_layers:
-        raise SpecError("deployment.prefill.pp", pp, f"from 1 to the model's {cfg.n_layers} layers")
+        raise SpecError(f"deployment.{phase}.pp", pp, f"from 1 to the model's {cfg.n_layers} layers")
     return Layout(tp, pp)
 
 
@@ -106,11 +121,14 @@ def shard_decoder(decoder: LlamaDecoder, layout: Layout, rank: int) -> LlamaDeco
     The config of the result counts the local heads, layers and MLP width, so the runner and
     the paged cache work on a shard as on a whole model."""
     cfg, tp, r = decoder.cfg, layout.tp, layout.tp_rank(rank)
-    d, heads, kv_heads, ffn = cfg.head_dim, cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.ffn // tp
-    q_rows = slice(r * heads * d, (r + 1) * heads * d)          # query heads of this rank's groups
+    d, g = cfg.head_dim, cfg.group
+    kv_counts, ffn_counts = even_split(cfg.n_kv_heads, tp), even_split(cfg.ffn, tp)
+    kv_heads, kv_first, ffn = kv_counts[r], sum(kv_counts[:r]), ffn_counts[r]
+    heads = kv_heads * g
+    q_rows = slice(kv_first * g * d, (kv_first + kv_heads) * g * d)   # query heads of this rank's groups
     k0, v0 = cfg.n_heads * d, (cfg.n_heads + cfg.n_kv_heads) * d
-    kv_rows = slice(r * kv_heads * d, (r + 1) * kv_heads * d)
-    f = slice(r * ffn, (r + 1) * ffn)
+    kv_rows = slice(kv_first * d, (kv_first + kv_heads) * d)
+    f = slice(sum(ffn_counts[:r]), sum(ffn_counts[:r]) + ffn)
 
     def part(w: LayerWeights) -> LayerWeights:
         qkv = torch.cat([w.qkv[q_rows], w.qkv[k0:v0][kv_rows], w.qkv[v0:][kv_rows]])

@@ -53,7 +53,8 @@ OPTIMIZER_BYTES = 12  # Adam: fp32 master weights, momentum, variance (ZeRO's K 
 # --- parameters --------------------------------------------------------------------------
 kv_width = h * g / a  # width of K (and of V) under grouped-query attention
 
-layer_weight_params = h * (h + 2 * kv_width) + h * h + n_mlp * h * f
+attention_weight_params = h * (h + 2 * kv_width) + h * h  # QKV and the output projection
+layer_weight_params = attention_weight_params + n_mlp * h * f
 layer_bias_params = bias * ((h + 2 * kv_width) + h + (n_mlp - 1) * f + h)
 layer_norm_params = 2 * nb * h
 layer_params = layer_weight_params + layer_bias_params + layer_norm_params
@@ -166,6 +167,9 @@ kv_bytes_per_token = 2 * ACT_BYTES * (h / a) * sp.Max(g / t, 1)
 replicated once TP exceeds them (Seesaw App. A: 4*h_kv*d bytes per token per layer)."""
 layer_weight_bytes = ACT_BYTES * layer_weight_params / t
 """16-bit weights of one layer's GEMMs on one device: read once per decode step."""
+attention_weight_bytes = ACT_BYTES * attention_weight_params / t
+"""The attention part of `layer_weight_bytes` (QKV and output projection): an uneven TP split
+shards it by GQA groups and the MLP by columns, each costed at its own largest shard."""
 
 EXPRESSIONS: dict[str, sp.Expr] = {
     "layer_params": layer_params,
@@ -199,4 +203,5 @@ EXPRESSIONS: dict[str, sp.Expr] = {
     "offload_bytes_per_microbatch": offload_bytes_per_microbatch,
     "kv_bytes_per_token": kv_bytes_per_token,
     "layer_weight_bytes": layer_weight_bytes,
+    "attention_weight_bytes": attention_weight_bytes,
 }

@@ -8,6 +8,9 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
   cached K/V they read (4 h_kv d bytes per token per layer, FORMULAS.md);
 - element-wise kernels and two TP all-reduces of the step's activations;
 - the LM head for the sequences that produce a token, on the last stage;
+- an uneven TP split (whole GQA groups over fewer devices than groups: SmolLM2's 3 over 2)
+  costs its largest shard, the attention and the MLP each (`shard_degrees`): the slowest
+  device sets the step;
 - the engine's CPU time per step (scheduling, input preparation, sampling, output
   processing): a fixed part, a part per sequence and a part per context token
   (`engine_overhead.py`), from the deployment's `engine`, or the device's
@@ -87,6 +90,18 @@ def _max(a, b):
     return np.maximum(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else max(a, b)
 
 
+def shard_degrees(model: TransformerSpec, tp: int) -> tuple[float, float]:
+    """The effective TP degrees (attention, MLP) of a split's largest shard: `whole / largest
+    shard`. Up to num_kv_heads, a device holds whole GQA groups, as evenly as they split (3
+    groups on tp 2: the larger shard holds 2, so attention costs as at tp 1.5); above it, K/V
+    heads are replicated and the query heads split evenly (tp). MLP columns split as evenly
+    as they can. An even split gives (tp, tp): the costs of an even split are unchanged."""
+    kv, ffn = model.num_kv_heads, model.ffn_hidden_size
+    attn = tp if tp > kv or kv % tp == 0 else kv / -(-kv // tp)
+    mlp = tp if ffn % tp == 0 else ffn / -(-ffn // tp)
+    return attn, mlp
+
+
 class IterationModel:
     """Step times of one replica layout (tp, pp) for a model on a cluster's device."""
 
@@ -95,12 +110,23 @@ class IterationModel:
         self.model, self.cluster, self.layout = model, cluster, layout
         self.device = cluster.device
         t = layout.tp
-        c = compiled_costs()({**model_values(model), "t": t, "b": 1, "s": 1, "d": 1, "flash": 1.0,
-                              "sq": 0.0, "L_st": 1.0})
+        self.t_attn, self.t_mlp = shard_degrees(model, t)
+
+        def costs(degree: float) -> dict:
+            return compiled_costs()({**model_values(model), "t": degree, "b": 1, "s": 1, "d": 1, "flash": 1.0,
+                                     "sq": 0.0, "L_st": 1.0})
+
+        c = costs(self.t_attn)
         self.weight_bytes = float(c["layer_weight_bytes"])
         self.flops_per_token = float(c["gemm_flops_fwd"])  # b = s = 1: per token
         self.kv_bytes_per_token = float(c["kv_bytes_per_token"])
         self.elementwise_per_token = float(c["elementwise_bytes_fwd"])
+        if self.t_mlp != self.t_attn:  # uneven: attention at its largest shard, the MLP at its own
+            cm = costs(self.t_mlp)
+            mlp = float(cm["layer_weight_bytes"] - cm["attention_weight_bytes"])
+            self.weight_bytes = float(c["attention_weight_bytes"]) + mlp
+            self.flops_per_token = float(cm["gemm_flops_fwd"]) * self.weight_bytes / float(cm["layer_weight_bytes"])
+            self.elementwise_per_token = float(cm["elementwise_bytes_fwd"])
         level = comm.group_level(cluster, t, 1)
         self.tp_link = comm.Link.of(cluster, level)
         self.pp_link = comm.Link.of(cluster, comm.group_level(cluster, 2, t))
@@ -139,7 +165,7 @@ class IterationModel:
         if parts is None:
             m, dev, t = self.model, self.device, self.layout.tp
             flops = tokens * self.flops_per_token
-            min_dim = min(tokens, m.hidden_size / t)
+            min_dim = min(tokens, m.hidden_size / self.t_attn)
             compute = gemm_s(dev, flops, min_dim)
             weights = self.weight_bytes / self.weight_hbm + 4.0 * tokens * m.hidden_size / self.hbm
             elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
@@ -166,7 +192,7 @@ class IterationModel:
     def _micro_batch_stage_s(self, b: BatchSums):
         """(one stage's layers time, the last stage's LM head time) for one micro-batch."""
         # causal attention: each new token attends to the context and the new tokens before it
-        scale = 4.0 * (self.model.hidden_size / self.layout.tp)
+        scale = 4.0 * (self.model.hidden_size / self.t_attn)
         decode = scale * b.decode_pairs
         kv = self.kv_bytes_per_token * (b.context + b.new_tokens)
         layer = self._layer_s(b.new_tokens, scale * (b.attention_pairs - b.decode_pairs), kv, decode)
@@ -226,7 +252,7 @@ class IterationModel:
     def _decode_part(self, n: int, new_tokens: int) -> tuple:
         """What a decode micro-batch of n sequences costs apart from its context."""
         tokens = n * new_tokens
-        parts = (n, tokens, 4.0 * (self.model.hidden_size / self.layout.tp), *self._token_parts(tokens),
+        parts = (n, tokens, 4.0 * (self.model.hidden_size / self.t_attn), *self._token_parts(tokens),
                  self._lm_head_s(n * new_tokens))
         self._decode_parts[(n, new_tokens)] = parts
         return parts

@@ -228,12 +228,17 @@ def validate_deployment(deployment: DeploymentSpec, model: TransformerSpec, clus
     for phase in ("prefill", "decode"):
         layout: Parallel = getattr(deployment, phase)
         tp, field = layout.tp, f"deployment.{phase}.tp"
-        if heads % tp:
-            raise SpecError(field, tp, f"must divide num_attention_heads = {heads} of {model.name}")
-        if kv % tp and tp % kv:  # engines replicate KV heads when tp > kv, evenly only
-            raise SpecError(field, tp, f"must divide or be a multiple of num_kv_heads = {kv} of {model.name}")
-        if ffn % tp:
-            raise SpecError(field, tp, f"must divide ffn_hidden_size = {ffn} of {model.name}")
+        # tp <= kv: each device holds whole GQA groups, as evenly as they split (3 groups on
+        # tp 2: 2 + 1; the step costs the largest shard, iteration.shard_degrees); tp > kv:
+        # engines replicate K/V heads, evenly only, and split the query heads evenly
+        if tp > kv and tp % kv:
+            raise SpecError(field, tp, f"must be <= num_kv_heads = {kv} of {model.name} (whole GQA groups "
+                                       f"per device, uneven allowed) or a multiple of it")
+        if tp > kv and heads % tp:
+            raise SpecError(field, tp, f"above num_kv_heads = {kv}, must divide num_attention_heads = "
+                                       f"{heads} of {model.name}")
+        if tp > ffn:
+            raise SpecError(field, tp, f"must be <= ffn_hidden_size = {ffn} of {model.name}")
         if layout.pp > model.num_layers:
             raise SpecError(f"deployment.{phase}.pp", layout.pp,
                             f"must be <= num_layers = {model.num_layers} of {model.name}")
