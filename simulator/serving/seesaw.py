@@ -15,6 +15,9 @@ As in the static schedulers, a pp-stage layout schedules pp micro-batches per st
 within max_batched_tokens and max_num_seqs. Transition-minimizing scheduling: switch to decode only when the CPU buffer is full or no
 request waits; switch back to prefill only when the buffer is empty and every buffered
 sequence has finished decoding. Each phase, copy and transition is a box in the trace.
+The policy is four pure functions of the queues (`next_phase`, `prefill_take`,
+`decode_take`, `decode_evictions`), which the real engine's re-sharding deployments
+(executor/serving/reshard.py) import, so the simulated and the measured schedule agree.
 
 Fast-forward (unless `exact_steps`): within the decode phase, the steps between two events
 run as one simpy event, as the static schedulers' runs do (`batch.py`): the set of
@@ -40,6 +43,63 @@ from simulator.specs.hardware import GB, ClusterSpec
 from simulator.specs.serving import DeploymentSpec
 
 KV_WATERMARK = 0.95  # decode admits sequences while KV use stays below this fraction
+
+
+# --- the policy: pure functions of the queues, shared with the real engine (executor/serving/reshard.py)
+
+def next_phase(layout: str, can_prefill: bool, buffered: bool, decoding: bool, waiting: bool) -> str | None:
+    """The phase to run now, transition-minimizing (None: nothing to do, stay as is).
+
+    In the prefill layout, prefill while a batch fits (`prefill_take`); then decode if the
+    CPU buffer holds anything. In the decode layout, decode until the buffer is empty and
+    every buffered sequence has finished; then prefill if a request waits."""
+    if layout == "prefill":
+        if can_prefill:
+            return "prefill"
+        return "decode" if buffered else None
+    if buffered or decoding:
+        return "decode"
+    return "prefill" if waiting else None
+
+
+def prefill_take(waiting: deque[Seq], dep: DeploymentSpec, capacity_tokens: int, buffered: int,
+                 buffer_tokens: int) -> int:
+    """How many sequences at the front of `waiting` the next prefill step takes: pp
+    micro-batches' worth of max_num_seqs and max_batched_tokens (one prompt always, if it
+    fits), within the layout's KV capacity and the room left in the CPU buffer (0: the buffer
+    is full or nothing waits)."""
+    n, tokens = 0, 0
+    while n < len(waiting) and n < dep.max_num_seqs * dep.prefill.pp:
+        need = waiting[n].prompt_len
+        if (n and tokens + need > dep.max_batched_tokens * dep.prefill.pp) \
+                or tokens + need > capacity_tokens or buffered + tokens + need > buffer_tokens:
+            break
+        n += 1
+        tokens += need
+    return n
+
+
+def decode_take(buffer: deque[Seq], running: int, used: int, dep: DeploymentSpec, capacity_tokens: int) -> int:
+    """How many sequences at the front of the CPU buffer join the decode phase now, with
+    `running` already in it holding `used` tokens of KV: up to pp x max_num_seqs, while KV use
+    stays below KV_WATERMARK of the capacity (an idle layout always takes one: it fits, see
+    check_deployment, and otherwise would never decode)."""
+    n = 0
+    while n < len(buffer) and running + n < dep.max_num_seqs * dep.decode.pp \
+            and (not running + n or used + buffer[n].context + 1 <= KV_WATERMARK * capacity_tokens):
+        used += buffer[n].context
+        n += 1
+    return n
+
+
+def decode_evictions(contexts: list[int], used: int, capacity_tokens: int) -> int:
+    """How many of the newest running sequences (contexts oldest first) go back to the CPU
+    buffer because the KV grew past the decode layout's capacity."""
+    n = 0
+    while used > capacity_tokens:
+        n += 1
+        used -= contexts[-n]
+    return n
 
 
 def weight_reload_s(cluster: ClusterSpec, target: IterationModel) -> float:
@@ -88,16 +148,16 @@ class SeesawReplica:
 
     def run(self):
         while True:
-            if not self.waiting and not self.buffer:
+            can_prefill = prefill_take(self.waiting, self.dep, self.capacity["prefill"], self.buffered,
+                                       self.buffer_tokens) > 0
+            phase = next_phase(self.layout, can_prefill, bool(self.buffer), False, bool(self.waiting))
+            if phase is None:
                 self.wake = self.env.event()
                 yield self.wake
                 continue
-            if self.layout != "prefill":
-                yield from self._transition("prefill")
-            yield from self._prefill_phase()
-            if self.buffer:
-                yield from self._transition("decode")
-                yield from self._decode_phase()
+            if self.layout != phase:
+                yield from self._transition(phase)
+            yield from (self._prefill_phase() if phase == "prefill" else self._decode_phase())
 
     def _transition(self, to: str):
         start = self.env.now
@@ -108,18 +168,11 @@ class SeesawReplica:
     def _prefill_phase(self):
         model, dep = self.models["prefill"], self.dep
         while self.waiting:
-            batch, tokens = [], 0
-            while self.waiting and len(batch) < dep.max_num_seqs * dep.prefill.pp:
-                seq = self.waiting[0]
-                need = seq.prompt_len
-                if (batch and tokens + need > dep.max_batched_tokens * dep.prefill.pp) \
-                        or tokens + need > self.capacity["prefill"] \
-                        or self.buffered + tokens + need > self.buffer_tokens:
-                    break
-                batch.append(self.waiting.popleft())
-                tokens += need
-            if not batch:
+            n = prefill_take(self.waiting, dep, self.capacity["prefill"], self.buffered, self.buffer_tokens)
+            if not n:
                 return  # the buffer is full: decode
+            batch = [self.waiting.popleft() for _ in range(n)]
+            tokens = sum(s.prompt_len for s in batch)
             start = self.env.now
             yield self.env.timeout(model.step_s([Work(s.prompt_len, 0, True) for s in batch]))
             self.rec.step(self.index, "prefill", start, self.env.now, len(batch), tokens, tokens / self.capacity["prefill"])
@@ -139,8 +192,7 @@ class SeesawReplica:
         used = 0
         while self.buffer or running:
             # an idle GPU always takes one sequence (it fits: check_deployment), else it never decodes
-            while self.buffer and len(running) < self.dep.max_num_seqs * self.dep.decode.pp \
-                    and (not running or used + self.buffer[0].context + 1 <= KV_WATERMARK * cap):
+            for _ in range(decode_take(self.buffer, len(running), used, self.dep, cap)):
                 seq = self.buffer.popleft()
                 self.buffered -= seq.context
                 used += seq.context
@@ -169,8 +221,8 @@ class SeesawReplica:
             self.outstanding -= len(finished)
             used -= sum(s.context for s in finished)
             running = [(t, s) for t, s in running if not s.done]
-            while used > cap:  # KV grew past the GPU pool: the newest goes back to the buffer
-                _, seq = running.pop()
+            for _ in range(decode_evictions([s.context for _, s in running], used, cap)):
+                _, seq = running.pop()  # KV grew past the GPU pool: the newest goes back to the buffer
                 used -= seq.context
                 self.buffer.appendleft(seq)
                 self.buffered += seq.context
