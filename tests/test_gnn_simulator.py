@@ -223,6 +223,35 @@ def test_server_serves_remote_samples_and_pulls_and_metis_lightens_it(graph):
     assert simulate_gnn(graph, "graphsage-3", "2xcpu", plan).trainer_loads[0].stages_s["serve"] == 0
 
 
+def test_servers_are_loaded_by_what_the_others_direct_at_them():
+    """Balanced parts load every server alike with what the others ask in total; a part short of
+    training nodes takes foreign seeds from the heavy part, whose server then carries them."""
+    from simulator.gnn.quality import PartitionQuality
+    from simulator.gnn.sampling import HopCounts
+    from simulator.gnn.simulate import asked_demand, served_demand
+
+    plan = GNNPlan(trainers_per_machine=2)
+    hop = HopCounts([100.0, 600.0, 2000.0, 4000.0], [1500.0, 6000.0, 10000.0], 3000.0, 0.0, 1000.0,
+                    [0.0, 150.0, 500.0])
+
+    def quality(train_share):
+        return PartitionQuality("metis", 3, 0.25, [0.25] * 3, 0.1, train_share, [1 / 3] * 3, [1 / 3] * 3, {}, [0.0],
+                                "test")
+
+    even = served_demand([(hop, 1.0)] * 3, quality([1 / 3] * 3), plan)
+    asked = asked_demand(hop, plan)
+    for s in even:  # each server gets half of each of the two others' trainers' asks
+        assert s.rows == pytest.approx(2 * asked.rows) and s.edges == pytest.approx(2 * asked.edges)
+        assert s.requests == 2 * 2 * 4                   # two machines x two trainers x (3 hops + the pull)
+    foreign = HopCounts(hop.nodes, hop.edges, 2000.0, 0.0, 2000.0, [40.0, 300.0, 900.0])
+    skewed = served_demand([(hop, 1.0), (foreign, 0.4), (hop, 1.0)], quality([0.5, 0.2, 0.3]), plan)
+    assert skewed[0].rows > 1.5 * skewed[2].rows     # part 0 owns the excess: the short part's hot spot
+    total = sum(s.rows for s in skewed)               # nothing is lost or invented by the direction
+    assert total == pytest.approx(2 * (2 * asked.rows + asked_demand(foreign, plan).rows))
+    assert costs.serve_s(skewed[0], 400.0, 3, load_cluster("3xm5n-24xlarge")) > costs.serve_s(
+        skewed[2], 400.0, 3, load_cluster("3xm5n-24xlarge"))
+
+
 def test_a_slow_server_shows_as_serve_in_the_breakdown():
     stages = dict.fromkeys(("sample", "fetch_local", "fetch_remote", "h2d_copy", "allreduce", "sparse_update"), 0.0)
     stages.update(compute=0.3, serve=0.5)

@@ -265,19 +265,35 @@ def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[flo
     return work
 
 
-def serve_s(far_edges: float, far_nodes: float, far_rows: float, row_bytes: float, machines: int,
-            cluster: ClusterSpec, trainers_per_machine: int, hops: int) -> float:
-    """The machine's server process, per iteration: what its peers ask of it, which on average
-    equals what this machine's trainers ask of the others (`far_*` are one trainer's remote
-    sampled edges, remote frontier nodes and remote input rows per mini-batch). Sampling: two
-    DRAM accesses per edge and its response serialised; pulls: gather and serialise each row;
-    every request (one per hop and one pull, per trainer and remote machine) its handling."""
+def serve_s(served: Demand, row_bytes: float, machines: int, cluster: ClusterSpec) -> float:
+    """The machine's server process, per iteration: what the other machines' trainers ask of it
+    (`served`, summed over them; simulate.py directs each trainer's remote requests to their
+    owners). Sampling: two DRAM accesses per edge and its response serialised; pulls: gather
+    and serialise each row; every request its handling."""
     if not has_cores(cluster) or machines <= 1:
         return 0.0
-    per_trainer = (far_edges * (SERVER_EDGE_S + 2 * RESPONSE_EDGE_BYTES / CORE_COPY_BYTES_PER_S)
-                   + far_nodes * SAMPLE_NODE_S + far_rows * (row_bytes + ID_BYTES) * 2 / CORE_COPY_BYTES_PER_S
-                   + (machines - 1) * (hops + 1) * SERVER_REQUEST_S)
-    return trainers_per_machine * per_trainer / SERVERS_PER_MACHINE
+    work = (served.edges * (SERVER_EDGE_S + 2 * RESPONSE_EDGE_BYTES / CORE_COPY_BYTES_PER_S)
+            + served.nodes * SAMPLE_NODE_S + served.rows * (row_bytes + ID_BYTES) * 2 / CORE_COPY_BYTES_PER_S
+            + served.requests * SERVER_REQUEST_S)
+    return work / SERVERS_PER_MACHINE
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Remote work per iteration: sampled edges and frontier nodes drawn by the owner, feature
+    rows pulled from it, and the requests that carry them."""
+
+    edges: float = 0.0
+    nodes: float = 0.0
+    rows: float = 0.0
+    requests: float = 0.0
+
+    def __add__(self, other: Demand) -> Demand:
+        return Demand(self.edges + other.edges, self.nodes + other.nodes, self.rows + other.rows,
+                      self.requests + other.requests)
+
+    def __mul__(self, k: float) -> Demand:
+        return Demand(self.edges * k, self.nodes * k, self.rows * k, self.requests * k)
 
 
 def has_cores(cluster: ClusterSpec) -> bool:

@@ -98,7 +98,9 @@ def simulate_prepared(prep: Prepared, model: GNNModelSpec, cluster: ClusterSpec,
     """The epoch from prepared counts: stage times, the pipeline, the slowest machine."""
     machines, counts, dims, train = costs.num_machines(cluster), prep.counts, prep.dims, prep.train_nodes
     _check_memory(cluster, plan, model, dims, counts, prep.num_nodes)
-    loads = [_trainer_load(p, c, s, prep.quality, train, model, cluster, plan, dims) for p, (c, s) in enumerate(counts)]
+    served = served_demand(counts, prep.quality, plan)
+    loads = [_trainer_load(p, c, s, served[p], prep.quality, train, model, cluster, plan, dims)
+             for p, (c, s) in enumerate(counts)]
     slowest = max(range(machines), key=lambda p: loads[p].iteration_time_s)
     trainers = machines * plan.trainers_per_machine
     iterations = max(1, math.ceil(train / trainers / plan.batch_size_per_trainer))
@@ -173,7 +175,49 @@ def _check_memory(cluster: ClusterSpec, plan: GNNPlan, model: GNNModelSpec, dims
                              f"{cluster.device.memory_GiB:g} GiB device memory per trainer")
 
 
-def _trainer_load(part: int, counts: HopCounts, seed_local: float, q: PartitionQuality, train: int,
+def asked_demand(counts: HopCounts, plan: GNNPlan) -> costs.Demand:
+    """What one trainer asks of the other machines' servers per mini-batch (requests aside)."""
+    rows = 0.0 if plan.feature_placement == "replicated" else counts.input_remote
+    far = costs.remote_edges(counts.nodes, counts.edges, counts.frontier_remote)
+    return costs.Demand(sum(far), sum(counts.frontier_remote), rows)
+
+
+def served_demand(counts: list[tuple[HopCounts, float]], q: PartitionQuality, plan: GNNPlan) -> list[costs.Demand]:
+    """What each machine's server is asked per iteration by the other machines' trainers.
+
+    A trainer's remote requests spread over the other machines alike (a cut edge's far end is
+    on any of them), except for its foreign seeds (`1 - seed_local`: taken from parts with more
+    training nodes than their trainers' even share, DGL's `node_split(..., force_even=True)`):
+    a foreign seed's neighbors stay with its owner with probability 1 - cut, and that traffic
+    goes to the parts in proportion to their excess. Counting remote sampled nodes, of a
+    trainer's remote traffic the directed share is f (1 - c) / (f (1 - c) + f c (M - 2) / (M - 1)
+    + (1 - f) c), f the foreign seed fraction, c the edge cut, M the machines. Plain METIS on a
+    graph whose training nodes cluster makes the heavy part the others' hot spot this way
+    (DistDGL, arXiv 2010.05337, on ogbn-papers100M); random partitions cut most edges, so their
+    few foreign seeds change little."""
+    machines = len(counts)
+    if machines <= 1:
+        return [costs.Demand()]
+    tpm, hops = plan.trainers_per_machine, len(counts[0][0].edges)
+    excess = [max(0.0, share - 1.0 / machines) for share in q.train_share]
+    served = [costs.Demand(requests=(machines - 1) * tpm * (hops + 1))] * machines
+    for src, (c, seed_local) in enumerate(counts):
+        asked = asked_demand(c, plan) * tpm
+        f, c = max(0.0, 1.0 - seed_local), q.edge_cut_fraction
+        spread = f * c * (machines - 2) / (machines - 1) + (1 - f) * c
+        foreign = f * (1 - c) / (f * (1 - c) + spread) if f > 0 else 0.0
+        owners = sum(e for p, e in enumerate(excess) if p != src)
+        for p in range(machines):
+            if p == src:
+                continue
+            share = (1 - foreign) / (machines - 1) if owners > 0 else 1.0 / (machines - 1)
+            if owners > 0:
+                share += foreign * excess[p] / owners
+            served[p] = served[p] + asked * share
+    return served
+
+
+def _trainer_load(part: int, counts: HopCounts, seed_local: float, served: costs.Demand, q: PartitionQuality, train: int,
                   model: GNNModelSpec, cluster: ClusterSpec, plan: GNNPlan, dims: tuple[int, int]) -> TrainerLoad:
     tpm, machines = plan.trainers_per_machine, costs.num_machines(cluster)
     per_device = max(1.0, tpm / costs.devices_per_machine(cluster))
@@ -194,8 +238,7 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, q: PartitionQ
         "h2d_copy": costs.h2d_s(cluster, counts.input_nodes * dims[0] * costs.FP32 + block_bytes),
         "allreduce": costs.allreduce_grad_s(cluster, plan, costs.parameter_count(model, *dims) * costs.FP32),
         "sparse_update": costs.sparse_update_s(counts.input_nodes, remote_share, model, cluster, plan),
-        "serve": costs.serve_s(sum(far_edges), sum(counts.frontier_remote), remote_rows, row, machines, cluster, tpm,
-                               len(counts.edges)),
+        "serve": costs.serve_s(served, row, machines, cluster),
     }
     slow = costs.oversubscription(cluster, plan)   # the machine's processes time-share its cores
     for key in ("sample", "fetch_local", "fetch_remote", "serve") + (() if cluster.host_offload else ("compute",)):
