@@ -1,0 +1,471 @@
+"""Serving measured vs simulated on this machine: the real engine against `simtune simulate serve`.
+
+What runs (in one process, `python benchmarks/bench_serving_vs_sim.py`, ~15 min; `--quick` < 3 min):
+
+```
+same-run profile  (profiler families the serving model reads, timed now, into a temporary folder)
+      |                                                   workload specs (Poisson, fixed seed)
+      v                                                         |  generate_requests: the same
+simulate_serving(smollm2-135m, Nxcpu + that profile,            |  arrival times, prompt and
+                 deployment, workload)          <---------------+  output lengths for both sides
+                                                                |
+Engine(SmolLM2-135M bf16, EngineConfig.from_deployment)  <------+  prompts: seeded random token ids,
+  1 thread per rank, gloo on 127.0.0.1 for 2-rank layouts            greedy, EOS ignored
+      |
+      v
+measured vs predicted: output tokens/s, TTFT and TPOT p50/p90 (the simulator's own report
+formulas on the engine's sequences), and per engine step: measured time vs the iteration
+model's time for the same batch (which phase misses: prefill, decode, host, communication)
+```
+
+Deployments: static TP1, PP2 and TP2 on a short-prompt Poisson load; on a long-prompt Poisson
+load the same static layouts and the re-sharding deployment (PP2 prefill -> TP2 decode,
+seesaw); "Seesaw for real": whether re-sharding beats the best static layout, measured,
+beside the simulator's verdict for the same pair. A deployment the engine cannot run yet
+(`EngineConfig.from_deployment` refuses it with a SpecError) is still simulated; its row
+says why it was not measured, so the same command picks it up once the engine runs it.
+
+The simulator prices steps with the profile families measured at the start of the run
+(`PROFILE_OPS`, quick sweeps), so the prediction sees the machine of this run, not that of
+the committed profile's day. The machine is shared: configurations are interleaved and
+repeated (median, min and max), and the one-minute load average is recorded before and after
+every engine run. Targets: throughput within 15%, latency percentiles within 25%
+(error = predicted / measured - 1).
+
+Usage: python benchmarks/bench_serving_vs_sim.py [--quick] [--repeats N] [--only LABEL,...]
+       [--profile DIR] [--out PATH] [--markdown-only]
+Writes benchmarks/results/serving_vs_sim.json and .md atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+from executor.serving.engine import Engine, EngineConfig  # noqa: E402
+from executor.serving.model import load_decoder  # noqa: E402
+from executor.serving.sampling import SamplingParams  # noqa: E402
+from profiler import gemm  # noqa: E402
+from profiler.context import ProfileContext  # noqa: E402
+from profiler.run import fit_profile, op_module  # noqa: E402
+from profiler.store import ProfileStore  # noqa: E402
+from simulator.errors import SpecError  # noqa: E402
+from simulator.serving.iteration import IterationModel  # noqa: E402
+from simulator.serving.report import percentiles  # noqa: E402
+from simulator.serving.simulate import simulate_serving  # noqa: E402
+from simulator.serving.workload import describe_lengths, generate_requests  # noqa: E402
+from simulator.specs.catalog import load_cluster, load_model  # noqa: E402
+from simulator.specs.serving import DeploymentSpec, WorkloadSpec  # noqa: E402
+
+DEFAULT_OUT = common.RESULTS / "serving_vs_sim.json"
+MODEL = "smollm2-135m"
+THROUGHPUT_TARGET, LATENCY_TARGET = 0.15, 0.25
+METRICS = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
+PROFILE_OPS = ("decode", "collectives", "memory", "attention", "gemm")  # what the serving model reads
+THREADS_PER_RANK = 1   # the Nxcpu clusters: one core, one thread per rank
+TOKEN_RANGE = (100, 40000)   # prompt token ids are drawn from here (ordinary vocabulary)
+
+# Poisson loads with a fixed seed. Short: chat-like prompts, the static layouts compared.
+# Long: prompts 4-8x longer with short answers, where re-sharding should matter.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "short": {"name": "poisson-short", "num_requests": 32, "arrival": {"kind": "poisson", "rate_per_s": 0.75},
+              "input_tokens": {"distribution": "uniform", "min": 64, "max": 256},
+              "output_tokens": {"distribution": "uniform", "min": 16, "max": 64}, "seed": 0},
+    "long": {"name": "poisson-long", "num_requests": 12, "arrival": {"kind": "poisson", "rate_per_s": 0.3},
+             "input_tokens": {"distribution": "uniform", "min": 512, "max": 1024},
+             "output_tokens": {"distribution": "uniform", "min": 16, "max": 48}, "seed": 1},
+}
+QUICK_REQUESTS = {"short": 10, "long": 5}
+LIMITS = {"scheduler": "vllm", "max_num_seqs": 32, "max_batched_tokens": 2048, "block_size": 16}
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    workload: str
+    deployment: dict[str, Any]
+    quick: bool = True   # run under --quick too
+
+    def spec(self) -> DeploymentSpec:
+        return DeploymentSpec(**{**LIMITS, **self.deployment})
+
+    @property
+    def ranks(self) -> int:
+        return self.spec().devices_per_replica
+
+
+TP1, PP2, TP2 = ({"prefill": {"tp": 1, "pp": 1}}, {"prefill": {"tp": 1, "pp": 2}}, {"prefill": {"tp": 2, "pp": 1}})
+RESHARD = {"prefill": {"tp": 1, "pp": 2}, "decode": {"tp": 2, "pp": 1}, "scheduler": "seesaw", "cpu_kv_buffer_GB": 1.0}
+CONFIGS = [
+    Config("TP1", "short", TP1), Config("PP2", "short", PP2), Config("TP2", "short", TP2),
+    Config("TP1 long", "long", TP1, quick=False), Config("PP2 long", "long", PP2),
+    Config("TP2 long", "long", TP2), Config("PP2->TP2 long", "long", RESHARD),
+]
+STATIC_LONG = ("TP1 long", "PP2 long", "TP2 long")
+RESHARDING = "PP2->TP2 long"
+
+
+# --- the workload both sides read ------------------------------------------------------------
+def workload_spec(name: str, quick: bool) -> dict[str, Any]:
+    spec = dict(WORKLOADS[name])
+    if quick:
+        spec["num_requests"] = QUICK_REQUESTS[name]
+    return spec
+
+
+def prompts_for(requests, seed: int) -> list[list[int]]:
+    """Seeded random token ids of each request's prompt length (the engine's side)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(*TOKEN_RANGE, (r.input_tokens,), generator=g).tolist() for r in requests]
+
+
+# --- the same-run profile ----------------------------------------------------------------------
+def profile_shapes(op: str, ctx: ProfileContext) -> list[dict[str, Any]]:
+    """The shapes of family `op` that the serving model of SmolLM2 reads: each family's quick
+    sweep in bf16 (the 16-bit weights and KV the simulator assumes), GEMMs only of SmolLM2's
+    layers and LM head (prefill rows and decode's streaming rows), the decoder's decode steps
+    and host row (not its verify and prefill rows), and of the collectives the all-reduce (TP)
+    and the send/recv (PP) of 2 ranks."""
+    if op == "gemm":
+        mnk = (gemm.model_shapes((MODEL,), gemm.CPU_QUICK_TOKENS, gemm.CPU_QUICK_MAX_FLOPS)
+               + gemm.stream_shapes((MODEL,), gemm.STREAM_QUICK_ROWS, gemm.CPU_QUICK_MAX_FLOPS))
+        return [{"m": m, "n": n, "k": k, "dtype": "bf16"} for m, n, k in mnk]
+    shapes = op_module(op).sweep(ctx)
+    if op == "decode":
+        return [s for s in shapes if s["phase"] in ("decode", "host")]
+    if op == "collectives":
+        return [s for s in shapes if s["collective"] in ("all_reduce", "send_recv")]
+    return shapes
+
+
+def same_run_profile(root: Path) -> dict[str, Any]:
+    """`PROFILE_OPS` measured now into a new profile directory (the profiler's own store,
+    families and fits; only the shapes are chosen here), one thread per rank."""
+    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    torch.set_num_threads(THREADS_PER_RANK)
+    ctx = ProfileContext(device="cpu", quick=True, threads=THREADS_PER_RANK, ranks=(2,), dtypes=("bf16",))
+    store = ProfileStore.open(root, "cpu", THREADS_PER_RANK, PROFILE_OPS)
+    for op in PROFILE_OPS:
+        table = store.table(op)
+        for row in op_module(op).measure(ctx, [s for s in profile_shapes(op, ctx) if not table.has(s)]):
+            table.add(row)
+    fits = fit_profile(root)
+    decode = fits.get("decode", {})
+    allreduce = fits.get("collectives", {}).get("gloo", {}).get("all_reduce", {}).get("2", {})
+    return {"ops": list(PROFILE_OPS), "seconds": time.perf_counter() - t0,
+            "load_average_1min": {"before": load, "after": os.getloadavg()[0]},
+            "rows": {op: len(store.table(op).rows) for op in PROFILE_OPS},
+            "decode_step_overhead_s": decode.get("step_overhead_s"), "decode_intercept_s": decode.get("intercept_s"),
+            "gloo_allreduce_alpha_s": allreduce.get("alpha_s"),
+            "gloo_allreduce_bus_bytes_per_s": allreduce.get("bus_bytes_per_s"),
+            "fit_errors": {op: f.get("cv_median_abs_error") for op, f in fits.items()}}
+
+
+# --- the simulator's side --------------------------------------------------------------------------
+def simulate(cfg: Config, workload: dict[str, Any], profile: Path) -> dict[str, Any]:
+    cluster = load_cluster(f"{cfg.ranks}xcpu", profile=profile)
+    rep = simulate_serving(MODEL, cluster, cfg.spec(), workload)
+    return {**metrics_of(rep.output_tokens_per_s, rep.ttft_s, rep.tpot_s), "makespan_s": rep.makespan_s,
+            "steps": rep.steps, "preemptions": rep.preemptions, "transitions": rep.transitions,
+            "transition_time_s": rep.transition_time_s}
+
+
+def metrics_of(tokens_per_s: float, ttft: dict[str, float], tpot: dict[str, float]) -> dict[str, float]:
+    return {"output_tokens_per_s": tokens_per_s, "ttft_p50_s": ttft["p50"], "ttft_p90_s": ttft["p90"],
+            "tpot_p50_s": tpot["p50"], "tpot_p90_s": tpot["p90"]}
+
+
+# --- the engine's side -----------------------------------------------------------------------------
+def engine_config(cfg: Config, requests) -> EngineConfig:
+    """The engine settings of the deployment, with a KV pool that holds every request at once
+    (no preemption on either side: the simulator's pool is the device memory, far larger)."""
+    blocks = sum(math.ceil((r.input_tokens + r.output_tokens) / LIMITS["block_size"]) + 1 for r in requests)
+    return EngineConfig.from_deployment(cfg.spec(), num_blocks=blocks + 64, seed=0)
+
+
+class StepLog:
+    """Each engine step: its kind, batch (the scheduler's works), wall time and forward time."""
+
+    def __init__(self, eng: Engine):
+        self.rows: list[dict[str, Any]] = []
+        self._plan: Any = None
+        self._forward_s = 0.0
+        plan, forward, step = eng.scheduler.plan, eng.runner.forward, eng.step
+
+        def planned():
+            self._plan = plan()
+            return self._plan
+
+        def forwarded(items):
+            t0 = time.perf_counter()
+            out = forward(items)
+            self._forward_s += time.perf_counter() - t0
+            return out
+
+        def stepped():
+            self._plan, self._forward_s = None, 0.0
+            t0 = time.perf_counter()
+            out = step()
+            if self._plan is not None:
+                self.rows.append({"kind": self._plan.kind, "step_s": time.perf_counter() - t0,
+                                  "forward_s": self._forward_s, "works": list(self._plan.works)})
+            return out
+
+        eng.scheduler.plan, eng.runner.forward, eng.step = planned, forwarded, stepped
+
+
+def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict[str, Any]:
+    """Serve the requests at their arrival times; the simulator's report formulas on the result."""
+    load_before = os.getloadavg()[0]
+    with Engine(decoder, engine_config(cfg, requests)) as eng:
+        # warm-up: two short requests through prefill and decode (pp micro-batches, all-reduces)
+        eng.generate([prompts[0][:32], prompts[1][:48]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        log = StepLog(eng)
+        seqs = [eng.add_request(p, SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True),
+                                arrival_s=r.arrival_s) for r, p in zip(requests, prompts)]
+        eng.t0 = eng.clock()
+        eng.run_until_done()
+    wrong = [s.id for s in seqs if len(s.output_ids) != s.req.output_tokens]
+    if wrong:
+        raise RuntimeError(f"{cfg.label}: {len(wrong)} requests ended early (first {wrong[:3]})")
+    start = min(r.arrival_s for r in requests)
+    makespan = max(s.finish_s for s in seqs) - start
+    ttft = [s.first_token_s - s.req.arrival_s for s in seqs]
+    tpot = [(s.finish_s - s.first_token_s) / (s.req.output_tokens - 1) for s in seqs if s.req.output_tokens > 1]
+    out = sum(r.output_tokens for r in requests)
+    steps: dict[str, int] = {}
+    for row in log.rows:
+        steps[row["kind"]] = steps.get(row["kind"], 0) + 1
+    return {**metrics_of(out / makespan, percentiles(ttft), percentiles(tpot)), "makespan_s": makespan,
+            "steps": steps, "preemptions": eng.scheduler.preemptions, "step_log": log.rows,
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+
+
+def step_attribution(cfg: Config, log: list[dict[str, Any]], profile: Path) -> dict[str, Any]:
+    """Per step kind: measured seconds (whole step, its forward, the host part outside the
+    forward) against the iteration model's seconds for the same batches, on this run's profile."""
+    model, cluster = load_model(MODEL), load_cluster(f"{cfg.ranks}xcpu", profile=profile)
+    spec = cfg.spec()
+    layouts = {"prefill": IterationModel(model, cluster, spec.prefill, spec.engine),
+               "decode": IterationModel(model, cluster, spec.decode, spec.engine)}
+    out: dict[str, Any] = {}
+    for kind in sorted({r["kind"] for r in log}):
+        rows = [r for r in log if r["kind"] == kind]
+        it = layouts["decode" if kind == "decode" else "prefill"]
+        predicted = [it.step_s(r["works"]) for r in rows]
+        ratios = [r["step_s"] / p for r, p in zip(rows, predicted) if p > 0]
+        out[kind] = {"steps": len(rows), "measured_s": sum(r["step_s"] for r in rows),
+                     "forward_s": sum(r["forward_s"] for r in rows),
+                     "host_s": sum(r["step_s"] - r["forward_s"] for r in rows), "predicted_s": sum(predicted),
+                     "predicted_overhead_s": len(rows) * it.overhead.step_s,
+                     "median_measured_over_predicted": statistics.median(ratios) if ratios else None,
+                     "mean_sequences": statistics.fmean(len(r["works"]) for r in rows),
+                     "mean_new_tokens": statistics.fmean(sum(w.new_tokens for w in r["works"]) for r in rows)}
+    return out
+
+
+# --- the run -----------------------------------------------------------------------------------------
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | None) -> dict[str, Any]:
+    torch.set_num_threads(THREADS_PER_RANK)
+    load_before = os.getloadavg()[0]
+    configs = [c for c in CONFIGS if (c.quick or not quick) and (only is None or c.label in only)]
+    tmp = Path(tempfile.mkdtemp(prefix="simtune-bench-serving-"))
+    try:
+        if profile_dir is None:
+            profile_dir = tmp / "profile"
+            print("same-run profile:", ", ".join(PROFILE_OPS), flush=True)
+            profile = same_run_profile(profile_dir)
+            print(f"  {profile['seconds']:.0f} s; step overhead {1e3 * (profile['decode_step_overhead_s'] or 0):.1f} ms, "
+                  f"gloo all-reduce alpha {1e6 * (profile['gloo_allreduce_alpha_s'] or 0):.0f} us", flush=True)
+        else:
+            profile = {"ops": "given", "dir": str(profile_dir)}
+        workloads = {name: workload_spec(name, quick) for name in {c.workload for c in configs}}
+        requests = {name: generate_requests(WorkloadSpec(**wl)) for name, wl in workloads.items()}
+        prompts = {name: prompts_for(reqs, WORKLOADS[name]["seed"]) for name, reqs in requests.items()}
+        decoder = load_decoder(dtype=torch.bfloat16)
+        rows = []
+        runnable = []
+        for cfg in configs:
+            row = {"label": cfg.label, "workload": cfg.workload, "deployment": cfg.spec().to_dict(),
+                   "ranks": cfg.ranks, "simulated": simulate(cfg, workloads[cfg.workload], profile_dir)}
+            try:
+                engine_config(cfg, requests[cfg.workload])
+                runnable.append(cfg)
+                row["runs"] = []
+            except SpecError as err:
+                row["not_measured"] = str(err)
+            rows.append(row)
+        by_label = {r["label"]: r for r in rows}
+        for rep in range(repeats):  # interleaved; every other repeat in reverse order
+            for cfg in runnable if rep % 2 == 0 else runnable[::-1]:
+                r = run_engine(decoder, cfg, requests[cfg.workload], prompts[cfg.workload])
+                by_label[cfg.label]["runs"].append(r)
+                sim = by_label[cfg.label]["simulated"]
+                print(f"repeat {rep + 1}/{repeats} {cfg.label:14s} measured {r['output_tokens_per_s']:6.1f} tok/s "
+                      f"TTFT p50 {r['ttft_p50_s']:.3f} s TPOT p50 {1e3 * r['tpot_p50_s']:.0f} ms | simulated "
+                      f"{sim['output_tokens_per_s']:6.1f} tok/s {sim['ttft_p50_s']:.3f} s {1e3 * sim['tpot_p50_s']:.0f} ms"
+                      f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f})",
+                      flush=True)
+        for cfg in runnable:
+            summarize(by_label[cfg.label], cfg, profile_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**common.run_fields("serving_vs_sim", quick, {"repeats": repeats}),
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+            "model": MODEL, "dtype": "bf16", "threads_per_rank": THREADS_PER_RANK, "profile": profile,
+            "targets": {"throughput": THROUGHPUT_TARGET, "latency": LATENCY_TARGET},
+            "workloads": {name: {"spec": wl, "lengths": describe_lengths(requests[name])} for name, wl in workloads.items()},
+            "limits": LIMITS, "rows": rows, "seesaw": seesaw_verdict(by_label)}
+
+
+def summarize(row: dict[str, Any], cfg: Config, profile: Path) -> None:
+    """Median and spread over the repeats, errors against the simulator, the step attribution
+    of the median-throughput run; the raw step logs are dropped."""
+    runs = row.pop("runs")
+    row["measured"] = {m: spread([r[m] for r in runs]) for m in (*METRICS, "makespan_s")}
+    row["measured"]["steps"] = runs[0]["steps"]
+    row["measured"]["preemptions"] = max(r["preemptions"] for r in runs)
+    row["load_average_1min"] = [r["load_average_1min"] for r in runs]
+    sim = row["simulated"]
+    row["error"] = {m: sim[m] / row["measured"][m]["median"] - 1 for m in METRICS}
+    row["within_target"] = {m: abs(e) <= (THROUGHPUT_TARGET if m == "output_tokens_per_s" else LATENCY_TARGET)
+                            for m, e in row["error"].items()}
+    median_run = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
+    row["steps_measured_vs_predicted"] = step_attribution(cfg, median_run["step_log"], profile)
+
+
+def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Re-sharding against the best static layout on the long-prompt load: measured and simulated."""
+    statics = [by_label[s] for s in STATIC_LONG if s in by_label]
+    reshard = by_label.get(RESHARDING)
+    if not statics or reshard is None:
+        return {"compared": False, "why": "the long-prompt rows did not run"}
+    out: dict[str, Any] = {"resharding": RESHARDING}
+    sim_best = max(statics, key=lambda r: r["simulated"]["output_tokens_per_s"])
+    out["simulated"] = {"best_static": sim_best["label"],
+                        "best_static_tokens_per_s": sim_best["simulated"]["output_tokens_per_s"],
+                        "resharding_tokens_per_s": reshard["simulated"]["output_tokens_per_s"]}
+    out["simulated"]["speedup"] = out["simulated"]["resharding_tokens_per_s"] / out["simulated"]["best_static_tokens_per_s"]
+    measured = [r for r in statics if "measured" in r]
+    if "measured" not in reshard or not measured:
+        out["measured"] = None
+        out["why_not_measured"] = reshard.get("not_measured") or "no static layout was measured"
+        return out
+    best = max(measured, key=lambda r: r["measured"]["output_tokens_per_s"]["median"])
+    m_best, m_re = best["measured"]["output_tokens_per_s"], reshard["measured"]["output_tokens_per_s"]
+    out["measured"] = {"best_static": best["label"], "best_static_tokens_per_s": m_best["median"],
+                       "resharding_tokens_per_s": m_re["median"], "speedup": m_re["median"] / m_best["median"],
+                       "inside_noise": m_re["min"] <= m_best["max"] and m_best["min"] <= m_re["max"]}
+    return out
+
+
+# --- markdown ----------------------------------------------------------------------------------------
+def markdown(result: dict[str, Any]) -> str:
+    m, load, prof = result["machine"], result["load_average_1min"], result["profile"]
+    lines = ["# Serving: the real engine measured vs the serving simulator, on this machine", "",
+             f"SmolLM2-135M ({result['dtype']}) on {m['cpu_model']} ({m['cpu_count']} cores, shared), one thread per "
+             f"rank, gloo on 127.0.0.1 between ranks; {result['repetitions']['repeats']} interleaved repeat(s), "
+             f"median [min, max]. Simulated: `simulate_serving` on `Nxcpu` with the profile families "
+             f"{', '.join(prof.get('ops', [])) if isinstance(prof.get('ops'), list) else prof.get('ops')} "
+             f"measured in the same run. Error = predicted / measured - 1; targets: throughput within "
+             f"{result['targets']['throughput']:.0%}, latency percentiles within {result['targets']['latency']:.0%}. "
+             f"One-minute load average {load['before']:.1f} before and {load['after']:.1f} after the run.", ""]
+    for wl in result["workloads"].values():
+        s, ln = wl["spec"], wl["lengths"]
+        lines.append(f"- `{s['name']}`: {s['num_requests']} requests, Poisson {s['arrival']['rate_per_s']}/s (seed "
+                     f"{s['seed']}), prompts {s['input_tokens']['min']}-{s['input_tokens']['max']} tokens (mean "
+                     f"{ln['input_tokens_mean']:.0f}), outputs {s['output_tokens']['min']}-{s['output_tokens']['max']} "
+                     f"(mean {ln['output_tokens_mean']:.0f})")
+    lines += ["", "| deployment | ranks | load | output tok/s measured | predicted | err | TTFT p50 s | pred | err "
+              "| TTFT p90 s | pred | err | TPOT p50 ms | pred | err | TPOT p90 ms | pred | err |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        sim = r["simulated"]
+        if "measured" not in r:
+            cells = []
+            for key, scale, fmt in (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"),
+                                    ("ttft_p90_s", 1, "{:.3f}"), ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}")):
+                cells += ["-", fmt.format(scale * sim[key]), "-"]
+            lines.append(f"| {r['label']} | {r['ranks']} | not measured | " + " | ".join(cells) + " |")
+            continue
+        loads = r["load_average_1min"]
+        lo, hi = min(x["before"] for x in loads), max(x["after"] for x in loads)
+        cells = []
+        for key, scale, fmt in (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"),
+                                ("ttft_p90_s", 1, "{:.3f}"), ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}")):
+            meas = r["measured"][key]
+            mark = "" if r["within_target"][key] else " ✗"
+            cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
+                      f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * sim[key]), f"{r['error'][key]:+.0%}{mark}"]
+        lines.append(f"| {r['label']} | {r['ranks']} | {lo:.1f}-{hi:.1f} | " + " | ".join(cells) + " |")
+    missing = [r for r in result["rows"] if "measured" not in r]
+    if missing:
+        lines += ["", "Not measured (the engine refuses the deployment today; simulated only):"]
+        lines += [f"- {r['label']}: {r['not_measured']}" for r in missing]
+    lines += ["", "Where the time goes, per engine step kind (the run of median throughput): measured seconds in "
+              "steps (of which outside the model forward: scheduling, sampling, block tables), against the "
+              "iteration model's seconds for the very same batches.", "",
+              "| deployment | kind | steps | mean seqs | mean new tokens | measured s | host s | predicted s "
+              "| median step measured / predicted |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        for kind, a in r.get("steps_measured_vs_predicted", {}).items():
+            ratio = "-" if a["median_measured_over_predicted"] is None else f"{a['median_measured_over_predicted']:.2f}"
+            lines.append(f"| {r['label']} | {kind} | {a['steps']} | {a['mean_sequences']:.1f} | {a['mean_new_tokens']:.0f} "
+                         f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['predicted_s']:.2f} | {ratio} |")
+    s = result["seesaw"]
+    lines += ["", "## Seesaw for real", ""]
+    if not s.get("compared", True):
+        lines.append(s["why"])
+    else:
+        sim = s["simulated"]
+        lines.append(f"Simulated: {RESHARDING} {sim['resharding_tokens_per_s']:.1f} output tok/s vs the best static "
+                     f"layout ({sim['best_static']}) {sim['best_static_tokens_per_s']:.1f}: {sim['speedup']:.2f}x.")
+        if s["measured"] is None:
+            lines.append(f"Measured: not yet ({s['why_not_measured']}).")
+        else:
+            me = s["measured"]
+            lines.append(f"Measured: {me['resharding_tokens_per_s']:.1f} vs {me['best_static']} "
+                         f"{me['best_static_tokens_per_s']:.1f}: {me['speedup']:.2f}x"
+                         + (" (the repeats overlap: inside the noise)." if me["inside_noise"] else "."))
+    if isinstance(prof.get("seconds"), float):
+        lines += ["", f"Same-run profile: {prof['seconds']:.0f} s at load {prof['load_average_1min']['before']:.1f}-"
+                  f"{prof['load_average_1min']['after']:.1f}; host time of a decoder step "
+                  f"{1e3 * (prof['decode_step_overhead_s'] or 0):.1f} ms, gloo all-reduce latency (2 ranks) "
+                  f"{1e6 * (prof['gloo_allreduce_alpha_s'] or 0):.0f} us.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0], "fewer requests, one repeat, the long TP1 row left out", DEFAULT_OUT)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--only", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--profile", type=Path, help="a profile directory to use instead of measuring one now")
+    args = p.parse_args()
+    if args.markdown_only:
+        common.rewrite_markdown(args.out, markdown)
+        return
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    result = run(args.quick, 1 if args.quick else args.repeats, only, args.profile)
+    common.write_results(result, args.out, markdown)
+
+
+if __name__ == "__main__":
+    main()
