@@ -88,9 +88,10 @@ def test_layouts_the_model_does_not_allow_are_refused_by_field(decoder):
         check_layout(1, 31, cfg)
     with pytest.raises(SpecError, match=r"deployment\.dp"):
         check_deployment(DeploymentSpec(dp=2))
-    with pytest.raises(SpecError, match=r"deployment\.decode"):
-        check_deployment(DeploymentSpec(prefill={"tp": 1, "pp": 3}, decode={"tp": 3, "pp": 1},
-                                        scheduler="seesaw", cpu_kv_buffer_GB=1))
+    check_deployment(DeploymentSpec(prefill={"tp": 1, "pp": 3}, decode={"tp": 3, "pp": 1},   # re-sharding runs
+                                    scheduler="seesaw", cpu_kv_buffer_GB=1))
+    with pytest.raises(SpecError, match=r"deployment\.decode\.tp = 4"):
+        check_layout(4, 1, cfg, "decode")
     with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 4"):
         Engine(decoder, EngineConfig(tp=4))
 

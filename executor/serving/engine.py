@@ -61,6 +61,7 @@ import torch
 from executor.serving.model import LlamaDecoder
 from executor.serving.paged import PagedKV
 from executor.serving.parallel import check_deployment, check_layout
+from executor.serving.reshard import Seesaw
 from executor.serving.runner import Item, PagedRunner
 from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
 from executor.serving.spec_engine import SpecDecoder, check_speculation, speculative_tokens
@@ -84,7 +85,7 @@ class RequestRejected(ValueError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    scheduler: str = "vllm"          # vllm | sarathi
+    scheduler: str = "vllm"          # vllm | sarathi | seesaw (re-sharding: prefill tp/pp, decode_tp/pp)
     max_num_seqs: int = 64
     max_batched_tokens: int = 4096
     chunk_size: int = 512
@@ -97,13 +98,22 @@ class EngineConfig:
     trace: bool = False              # record Chrome trace events (the simulator's recorder)
     tp: int = 1                      # tensor parallel ranks (the deployment's prefill.tp)
     pp: int = 1                      # pipeline stages (the deployment's prefill.pp)
+    decode_tp: int | None = None     # seesaw: the decode layout (default: the prefill layout's)
+    decode_pp: int | None = None
+    cpu_kv_buffer_GB: float = 0.0    # seesaw: the CPU-tier KV buffer (10^9 bytes, the engine's dtype)
     timeout_s: float = 60.0          # parallel: limit on a rank's start and on each collective
     speculation: SpeculationSpec | None = None   # n-gram speculative decoding (one rank, vllm)
     speculation_cluster: str = "1xcpu"   # speculation: the cluster whose profile prices the steps
     speculation_context: int = 256       # adaptive: the context its k*(b) table is computed at
 
     def deployment(self) -> DeploymentSpec:
-        """The deployment the shared scheduler reads (one static layout of tp x pp ranks)."""
+        """The deployment the shared scheduler reads (one static layout of tp x pp ranks, or a
+        seesaw prefill and decode layout)."""
+        if self.scheduler == "seesaw":
+            decode = Parallel(tp=self.decode_tp or self.tp, pp=self.decode_pp or self.pp)
+            return DeploymentSpec(prefill=Parallel(tp=self.tp, pp=self.pp), decode=decode, scheduler="seesaw",
+                                  max_num_seqs=self.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
+                                  block_size=self.block_size, cpu_kv_buffer_GB=self.cpu_kv_buffer_GB)
         swap = self.num_cpu_blocks > 0
         return DeploymentSpec(prefill=Parallel(tp=self.tp, pp=self.pp), scheduler=self.scheduler,
                               max_num_seqs=self.max_num_seqs,
@@ -114,13 +124,15 @@ class EngineConfig:
     @classmethod
     def from_deployment(cls, dep: DeploymentSpec, **overrides) -> EngineConfig:
         """The engine settings of a deployment spec (see simtune serve); SpecError, naming the
-        field, for what the engine does not run (dp > 1, re-sharding, seesaw, speculation with
-        a draft model or on several ranks)."""
+        field, for what the engine does not run (dp > 1, speculation with a draft model or on
+        several ranks). A re-sharding deployment (seesaw) keeps its decode layout and buffer."""
         check_deployment(dep.model_copy(update={"speculation": None}))
+        seesaw = {"decode_tp": dep.decode.tp, "decode_pp": dep.decode.pp,
+                  "cpu_kv_buffer_GB": dep.cpu_kv_buffer_GB} if dep.scheduler == "seesaw" else {}
         config = cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
                         "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
                         "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
-                        "speculation": dep.speculation, **overrides})
+                        "speculation": dep.speculation, **seesaw, **overrides})
         if config.speculation is not None:
             check_speculation(config)
         return config
@@ -170,18 +182,24 @@ class EngineStats:
 class Engine:
     def __init__(self, decoder: LlamaDecoder, config: EngineConfig = EngineConfig(), tokenizer=None,
                  clock: Callable[[], float] = time.perf_counter):
-        if config.scheduler not in ("vllm", "sarathi"):
-            raise ValueError(f"scheduler={config.scheduler!r}: the engine runs 'vllm' or 'sarathi' "
-                             f"(seesaw re-sharding needs TP/PP ranks, not supported yet)")
+        if config.scheduler not in ("vllm", "sarathi", "seesaw"):
+            raise ValueError(f"scheduler={config.scheduler!r}: the engine runs 'vllm', 'sarathi' or 'seesaw'")
         self.decoder, self.config, self.tokenizer = decoder, config, tokenizer
         cfg = decoder.cfg
         if not 1 <= config.max_model_len <= cfg.max_positions:
             raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark)
         self.spec = SpecDecoder(self) if config.speculation is not None else None
-        self.scheduler = StaticScheduler(config.deployment(), self.blocks, self.spec and self.spec.speculator)
         self.group: RankGroup | None = None
-        if config.tp * config.pp > 1:  # rank 0 keeps its shard; the other ranks start here
+        self.reshard: Seesaw | None = None
+        self.clock, self.t0 = clock, clock()
+        self.recorder = Recorder(trace=True) if config.trace else None
+        if config.scheduler == "seesaw":  # re-sharding: executor/serving/reshard.py drives the ranks
+            self.scheduler = self.reshard = Seesaw(self, decoder)   # sets self.blocks and self.kv
+            self.group, self.runner = self.reshard.group, None
+        else:
+            self.scheduler = StaticScheduler(config.deployment(), self.blocks, self.spec and self.spec.speculator)
+        if self.reshard is None and config.tp * config.pp > 1:  # rank 0 keeps its shard; the other ranks start here
             layout = check_layout(config.tp, config.pp, cfg)
             self.group = RankGroup(ShardJob(layout, str(decoder.dtype).removeprefix("torch."),
                                             decoder.device.type, config.num_blocks,
@@ -190,21 +208,21 @@ class Engine:
             self.decoder = self.group.start(decoder)
             self.kv = self.group.kv(self.decoder)
             self.runner = self.group.runner(self.decoder, self.kv)
-        else:
+        elif self.reshard is None:
             self.kv = PagedKV(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, config.num_blocks, config.block_size,
                               config.num_cpu_blocks, decoder.dtype, decoder.device)
             self.runner = PagedRunner(decoder, self.kv)
-        self.clock, self.t0 = clock, clock()
         self.seqs: dict[int, EngineSeq] = {}        # unfinished, by id
         self.arrivals: list[tuple[float, int, EngineSeq]] = []   # heap of requests not arrived yet
         self.stats = EngineStats()
-        self.recorder = Recorder(trace=True) if config.trace else None
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(config.seed)
 
     def close(self) -> None:
         """Stop the other ranks of a parallel engine (nothing to do on one rank)."""
-        if self.group is not None:
+        if self.reshard is not None:
+            self.reshard.close()
+        elif self.group is not None:
             self.group.close()
 
     def __enter__(self) -> Engine:
@@ -274,6 +292,8 @@ class Engine:
                 queue.remove(seq)
         if seq_id in self.blocks:
             self.blocks.free(seq_id)
+        if self.reshard is not None:
+            self.reshard.forget(seq)
         self.arrivals = [a for a in self.arrivals if a[1] != seq_id]
         heapq.heapify(self.arrivals)
         self.kv.sync(self.blocks, self.seqs)
@@ -308,6 +328,8 @@ class Engine:
             self.scheduler.add(heapq.heappop(self.arrivals)[2])
         if self.scheduler.idle:
             return []
+        if self.reshard is not None:
+            return self.reshard.step()
         plan = self.scheduler.plan()
         if plan is None:
             plan = self._unstick()
@@ -322,10 +344,7 @@ class Engine:
         if speculative:  # verify the drafts: one or more tokens per sequence
             emitted = self.spec.accept(emitting, logits)
         else:
-            tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
-            for seq, tok in zip(emitting, tokens):
-                self._accept(seq, tok)
-            emitted = len(emitting)
+            emitted = len(self._sample(emitting, logits))
         end = self.now()
         finished = self.scheduler.commit(plan, end)
         for seq in finished:
@@ -346,6 +365,13 @@ class Engine:
         full = seq.prompt_ids + seq.output_ids  # a recompute re-runs the output too
         start = seq.prefilled
         return Item(seq.id, full[start:start + chunk], start, start + chunk == seq.prompt_len)
+
+    def _sample(self, emitting: list[EngineSeq], logits: torch.Tensor) -> list[EngineSeq]:
+        """Sample a token for each sequence (a row of logits each) and accept it; `emitting`."""
+        tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
+        for seq, tok in zip(emitting, tokens):
+            self._accept(seq, tok)
+        return emitting
 
     def _accept(self, seq: EngineSeq, token: int) -> None:
         """Append a sampled token and set the finish reason if it ends the request (before

@@ -82,16 +82,11 @@ class Layout:
 
 
 def check_deployment(dep: DeploymentSpec) -> None:
-    """SpecError, naming the field, for what the engine does not run: dp > 1, re-sharding
-    between a prefill and a decode layout, the seesaw scheduler, speculation."""
+    """SpecError, naming the field, for what the engine does not run: dp > 1, speculation.
+    (Re-sharding between a prefill and a decode layout needs the seesaw scheduler and a CPU
+    buffer, which the deployment spec itself checks: executor/serving/reshard.py runs it.)"""
     if dep.dp != 1:
         raise SpecError("deployment.dp", dep.dp, "the serving engine runs one replica (dp = 1)")
-    if (dep.prefill.tp, dep.prefill.pp) != (dep.decode.tp, dep.decode.pp):
-        raise SpecError("deployment.decode", dep.decode.describe(),
-                        f"re-sharding between phases is not supported by the serving engine yet; use "
-                        f"the prefill layout ({dep.prefill.describe()}) for decode too")
-    if dep.scheduler not in ("vllm", "sarathi"):
-        raise SpecError("deployment.scheduler", dep.scheduler, "the serving engine runs 'vllm' or 'sarathi'")
     if dep.speculation is not None:
         raise SpecError("deployment.speculation", dep.speculation.model_dump(),
                         "not supported by the serving engine yet")
@@ -115,6 +110,12 @@ def check_layout(tp: int, pp: int, cfg: LlamaConfig, phase: str = "prefill") -> 
     return Layout(tp, pp)
 
 
+def shard_heads(cfg: LlamaConfig, layout: Layout, rank: int) -> range:
+    """The K/V heads (whole GQA groups) that `rank` holds."""
+    counts, r = even_split(cfg.n_kv_heads, layout.tp), layout.tp_rank(rank)
+    return range(sum(counts[:r]), sum(counts[:r + 1]))
+
+
 def shard_decoder(decoder: LlamaDecoder, layout: Layout, rank: int) -> LlamaDecoder:
     """The part of `decoder` that `rank` holds: its stage's layers, its heads and MLP columns.
 
@@ -122,8 +123,8 @@ def shard_decoder(decoder: LlamaDecoder, layout: Layout, rank: int) -> LlamaDeco
     the paged cache work on a shard as on a whole model."""
     cfg, tp, r = decoder.cfg, layout.tp, layout.tp_rank(rank)
     d, g = cfg.head_dim, cfg.group
-    kv_counts, ffn_counts = even_split(cfg.n_kv_heads, tp), even_split(cfg.ffn, tp)
-    kv_heads, kv_first, ffn = kv_counts[r], sum(kv_counts[:r]), ffn_counts[r]
+    kv_range, ffn_counts = shard_heads(cfg, layout, rank), even_split(cfg.ffn, tp)
+    kv_heads, kv_first, ffn = len(kv_range), kv_range.start, ffn_counts[r]
     heads = kv_heads * g
     q_rows = slice(kv_first * g * d, (kv_first + kv_heads) * g * d)   # query heads of this rank's groups
     k0, v0 = cfg.n_heads * d, (cfg.n_heads + cfg.n_kv_heads) * d

@@ -71,6 +71,7 @@ class ShardJob:
     num_cpu_blocks: int = 0
     threads: int = 1
     timeout_s: float = 60.0
+    decode: Layout | None = None   # a re-sharding deployment's decode layout (`layout` is its prefill's)
 
     @property
     def backend(self) -> str:
@@ -80,13 +81,32 @@ class ShardJob:
         return torch.device("cuda", rank) if self.device_type == "cuda" else torch.device("cpu")
 
 
-def _init_group(job: ShardJob, rank: int, port: int) -> Comm:
+def _init_group(job: ShardJob, rank: int, port: int) -> dict[str, Comm]:
+    """Join the group; this rank's Comm of each layout ("prefill", and "decode" when re-sharding),
+    built in the same order on every rank (`new_group` is collective)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if job.device_type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=job.layout.world_size, timeout=timedelta(seconds=job.timeout_s))
-    return Comm(job.layout, rank)
+    comms = {"prefill": Comm(job.layout, rank)}
+    if job.decode is not None:
+        comms["decode"] = Comm(job.decode, rank)
+    return comms
+
+
+def _reshard_worker(rank: int, job: ShardJob, port: int, conn: Connection) -> None:
+    """A worker of a re-sharding deployment: keeps the full weights (shared memory), loads the
+    active layout's shard on each transition (executor/serving/reshard.py)."""
+    from executor.serving.reshard import ReshardRank, serve_worker
+
+    cfg, embed, norm, layers, buffer = conn.recv()
+    full = LlamaDecoder(cfg, embed, norm, layers)
+    comms = _init_group(job, rank, port)
+    state = ReshardRank(full, {"prefill": job.layout, "decode": job.decode}, comms, rank, buffer, job.num_blocks,
+                        getattr(torch, job.dtype), job.device(rank))
+    conn.send(("ready",))
+    serve_worker(conn, state)
 
 
 def _shard_kv(shard: LlamaDecoder, job: ShardJob) -> PagedKV:
@@ -99,9 +119,14 @@ def worker_main(rank: int, job: ShardJob, port: int, conn: Connection) -> None:
     """The body of a worker rank: build its shard, then run every step rank 0 sends."""
     try:
         torch.set_num_threads(job.threads)
+        if job.decode is not None:
+            _reshard_worker(rank, job, port, conn)
+            dist.destroy_process_group()
+            conn.send(("stopped",))
+            return
         cfg, embed, norm, layers = conn.recv()   # its shard, in shared memory (see RankGroup.start)
         shard = LlamaDecoder(cfg, *cast_weights(embed, norm, layers, getattr(torch, job.dtype), job.device(rank)))
-        comm = _init_group(job, rank, port)
+        comm = _init_group(job, rank, port)["prefill"]
         kv = _shard_kv(shard, job)
         runner = PagedRunner(shard, kv, comm.all_reduce if job.layout.tp > 1 else None)
         conn.send(("ready",))
@@ -131,18 +156,21 @@ class RankGroup:
     def __init__(self, job: ShardJob):
         self.job, self.procs, self.pipes = job, [], []
         self.comm: Comm | None = None
+        self.comms: dict[str, Comm] = {}
         self.closed = False
 
     @property
     def world_size(self) -> int:
         return self.job.layout.world_size
 
-    def start(self, decoder: LlamaDecoder | None = None) -> LlamaDecoder:
+    def start(self, decoder: LlamaDecoder | None = None, buffer=None) -> LlamaDecoder:
         """Spawn ranks 1..N-1, hand each its shard of `decoder` (loaded from the GGUF file when
         None), join the group as rank 0; rank 0's shard. Raises RankFailed if a rank fails to
         start. The shards travel through the pipes as torch.multiprocessing shares tensors (in
         shared memory, not copied through the pipe), so workers neither read nor dequantize the
-        weights file: under load that took 10-15 s per process here."""
+        weights file: under load that took 10-15 s per process here. A re-sharding job
+        (`job.decode`) hands every worker the whole weights and the CPU KV `buffer` instead
+        (both shared), and returns `decoder` itself: executor/serving/reshard.py cuts the shards."""
         job = self.job
         if decoder is None:
             decoder = load_decoder(None, getattr(torch, job.dtype), job.device(0))
@@ -157,10 +185,15 @@ class RankGroup:
                 theirs.close()
                 self.procs.append(p)
                 self.pipes.append(ours)
+                if job.decode is not None:
+                    ours.send((decoder.cfg, *cast_weights(decoder.embed, decoder.norm, decoder.layers,
+                                                          decoder.dtype, "cpu"), buffer))
+                    continue
                 part = shard_decoder(decoder, job.layout, rank)
                 ours.send((part.cfg, *cast_weights(part.embed, part.norm, part.layers, part.dtype, "cpu")))
-            self.comm = _init_group(job, 0, port)
-            shard = shard_decoder(decoder, job.layout, 0)
+            self.comms = _init_group(job, 0, port)
+            self.comm = self.comms["prefill"]
+            shard = decoder if job.decode is not None else shard_decoder(decoder, job.layout, 0)
             self._wait_ready(time.monotonic() + job.timeout_s)
             return shard
         except BaseException:
