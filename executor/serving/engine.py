@@ -39,6 +39,11 @@ pp x `max_num_seqs` sequences and pp x the token budgets per step, and the runne
 step into pp micro-batches. `close()` (or `with Engine(...)`) stops the ranks; a rank that
 dies makes `step` raise `RankFailed` naming it.
 
+Seesaw re-sharding (`EngineConfig(scheduler="seesaw", decode_tp=, decode_pp=,
+cpu_kv_buffer_GB=)`, from a deployment whose decode layout differs from its prefill layout):
+`Seesaw` (executor/serving/reshard.py) takes the scheduler's place, with the simulator's
+Seesaw policy; the engine still admits arrivals, samples, aborts and records.
+
 Speculative decoding (`EngineConfig(speculation=)`, from a deployment's `speculation`; one
 rank, vllm scheduler): the scheduler is given a `Speculator` (simulator/speculation), so its
 decode steps carry a k and reserve k + 1 KV slots per sequence; `SpecDecoder`

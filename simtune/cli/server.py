@@ -2,8 +2,10 @@
 
 Not `simulate serve` (which predicts a deployment): this one runs the model and answers HTTP.
 A deployment spec selects the scheduler, its limits and the layout: `prefill: {tp, pp}` starts
-tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers);
-dp > 1 and re-sharding (a decode layout unlike prefill) are refused with a SpecError. A
+tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers).
+A re-sharding deployment (`scheduler: seesaw`, a `decode: {tp, pp}` on as many ranks, a
+`cpu_kv_buffer_GB`) prefills in the prefill layout and decodes in the decode layout, moving
+the KV through the CPU buffer (executor/serving/reshard.py); dp > 1 is refused with a SpecError. A
 deployment's `speculation` (draft 'ngram'; policy fixed, adaptive or goodput) turns on
 speculative decoding, on one rank with the vllm scheduler; other combinations are refused
 with a SpecError naming the field.
@@ -26,6 +28,7 @@ def serve(
     deployment: Annotated[str | None, typer.Option(
         "--deployment", "-d", help="Deployment (catalog name or YAML): scheduler, limits, KV block size. "
         "prefill {tp, pp} selects tensor/pipeline parallel ranks (gloo on CPU, NCCL on GPU); "
+        "scheduler: seesaw with a decode {tp, pp} re-shards between prefill and decode; "
         "speculation (draft: ngram) turns on speculative decoding on one rank.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -52,7 +55,10 @@ def serve(
     overrides |= {"num_blocks": num_blocks, "max_model_len": max_model_len}
     config = (EngineConfig.from_deployment(dep, **overrides) if dep is not None
               else EngineConfig(**{"max_num_seqs": 64, **overrides}))
-    err.print(f"serving {model} on http://{host}:{port}/v1 (tp{config.tp} pp{config.pp}, {config.scheduler}, "
+    layout = f"tp{config.tp} pp{config.pp}"
+    if config.scheduler == "seesaw":
+        layout = f"prefill {layout} -> decode tp{config.decode_tp or config.tp} pp{config.decode_pp or config.pp}"
+    err.print(f"serving {model} on http://{host}:{port}/v1 ({layout}, {config.scheduler}, "
               f"up to {config.max_num_seqs} "
               f"sequences, {config.num_blocks} KV blocks of {config.block_size}, {dtype})")
     serve_forever(config, host, port, dtype, model, max_queue)
