@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,14 @@ POLICIES = ("none", "fixed", "adaptive", "goodput")
 Progress = Callable[[str, int, int], None]
 
 
+def _rate(value: Any) -> float:
+    """A rate as a float; NaN (never in (0, 1)) for text that is no number or one beyond floats."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
 def read_acceptance_trace(path: str | Path, workload_class: str | None = None) -> AcceptanceSpec:
     """Per-request acceptance rates from a file: a CSV with an `acceptance` column, a JSON
     list, or a speculative benchmark's JSON (`{"acceptance": {"per_request": [...]}}`, or per
@@ -54,22 +63,25 @@ def read_acceptance_trace(path: str | Path, workload_class: str | None = None) -
     if not path.exists():
         raise SpecError("acceptance_trace", str(path), "file does not exist")
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise SpecError("acceptance_trace", str(path), f"is not a CSV text file: {err}") from None
         if not rows or "acceptance" not in rows[0]:
             raise SpecError("acceptance_trace", str(path), "a CSV needs an 'acceptance' column")
-        values = [float(r["acceptance"]) for r in rows]
+        values = [r["acceptance"] for r in rows]
     else:
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
             raise SpecError("acceptance_trace", str(path), f"is not JSON (or a .csv file): {err}") from None
         if isinstance(data, dict):
             return measured_acceptance(data, workload_class, str(path))[0]
         if not isinstance(data, list) or not all(isinstance(v, (int, float)) for v in data):
             raise SpecError("acceptance_trace", str(path), "a JSON trace is a list of rates or a benchmark's JSON")
         values = data
-    bad = [v for v in values if not 0 < float(v) < 1]
+    bad = [v for v in values if not 0 < _rate(v) < 1]
     if bad or not values:
         raise SpecError("acceptance_trace", bad[0] if bad else str(path),
                         f"every rate in {path.name} must be in (0, 1), and there must be at least one")

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from simulator.errors import SpecError
 
 VERSION = 1
 
@@ -132,38 +135,59 @@ def read_trace(path: str | Path) -> Trace:
     functions: dict[str, FunctionRecord] = {}
     tools: list[dict[str, Any]] = []
     truncated = False
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise SpecError(f"trace {path}", f"byte {err.start}", "is not a text (UTF-8) file") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if number == len(lines):
                 truncated = True  # a crash mid-line: keep what came before
                 continue
-            raise ValueError(f"trace {path}, line {number}: not JSON") from None
-        kind = rec.get("type")
-        if kind == "run":
-            run = rec
-        elif kind == "function":
-            functions[rec["id"]] = FunctionRecord(rec["id"], rec.get("parent"), rec["name"], rec["path"],
-                                                  rec["start"])
-        elif kind == "function_end" and rec["id"] in functions:
-            functions[rec["id"]].end = rec["end"]
-        elif kind == "call_start":
-            calls[rec["id"]] = CallRecord(rec["id"], rec.get("function"), rec["path"], rec["key"],
-                                          rec["messages"], rec.get("params", {}), rec.get("deps", []),
-                                          rec["submitted"])
-        elif kind == "call" and rec["id"] in calls:
-            c = calls[rec["id"]]
-            for name in ("started", "ended", "response", "prompt_tokens", "completion_tokens",
-                         "backend", "error"):
-                setattr(c, name, rec.get(name))
-            c.tool_calls = rec.get("tool_calls") or []
-            c.simulated = bool(rec.get("simulated"))
-        elif kind == "tool":
-            tools.append(rec)
+            raise SpecError(f"trace {path}, line {number}", line[:80], "is not JSON") from None
+        try:
+            run = _record(rec, run, calls, functions, tools)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise SpecError(f"trace {path}, line {number}", line[:80],
+                            f"is not a prompt-trace record ({type(err).__name__}: {err})") from None
     if not run:
-        raise ValueError(f"trace {path}: no run record on its first line; not a simtune prompt trace")
+        raise SpecError(f"trace {path}", "line 1", "has no run record: not a simtune prompt trace")
     return Trace(path, run, calls, functions, tools, truncated)
+
+
+def _record(rec: Any, run: dict[str, Any], calls: dict[str, CallRecord], functions: dict[str, FunctionRecord],
+            tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add one JSON record of a trace to what was read so far; returns the run record."""
+    if not isinstance(rec, dict):
+        raise TypeError(f"a record is a JSON object, not {type(rec).__name__}")
+    for key in ("start", "end", "submitted", "started", "ended"):
+        value = rec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{key} must be a finite number of seconds, not {value!r}")
+    kind = rec.get("type")
+    if kind == "run":
+        run = rec
+    elif kind == "function":
+        functions[rec["id"]] = FunctionRecord(rec["id"], rec.get("parent"), rec["name"], rec["path"],
+                                              rec["start"])
+    elif kind == "function_end" and rec["id"] in functions:
+        functions[rec["id"]].end = rec["end"]
+    elif kind == "call_start":
+        calls[rec["id"]] = CallRecord(rec["id"], rec.get("function"), rec["path"], rec["key"],
+                                      rec["messages"], rec.get("params", {}), rec.get("deps", []),
+                                      rec["submitted"])
+    elif kind == "call" and rec["id"] in calls:
+        c = calls[rec["id"]]
+        for name in ("started", "ended", "response", "prompt_tokens", "completion_tokens",
+                     "backend", "error"):
+            setattr(c, name, rec.get(name))
+        c.tool_calls = rec.get("tool_calls") or []
+        c.simulated = bool(rec.get("simulated"))
+    elif kind == "tool":
+        tools.append(rec)
+    return run

@@ -2,8 +2,8 @@
 option types, the search progress bar, figures, and one-line summaries of specs.
 
 Human output goes to `out` (stdout, never used when `--json` is given); notes and errors go
-to `err` (stderr). Input errors (`SpecError`, `InfeasiblePlan`, a missing file) print
-`error: ...` and exit 2, like click's own usage errors, so scripts can tell them from a
+to `err` (stderr). Input errors (`SpecError`, `InfeasiblePlan`, a missing, unreadable or unwritable file, a full
+disk) print `error: ...` and exit 2, like click's own usage errors, so scripts can tell them from a
 failed `--strict` check (1).
 """
 
@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from simulator.errors import InfeasiblePlan, SpecError
+from simulator.files import atomic_path
 
 GiB = 2**30
 EXIT_INPUT_ERROR = 2
@@ -61,6 +62,10 @@ def input_errors() -> Iterator[None]:
         _fail(str(e))
     except FileNotFoundError as e:
         _fail(f"{e.strerror or 'file not found'}: {e.filename}" if e.filename else str(e))
+    except OSError as e:  # an unwritable or unreadable path, a full disk: the writers leave no partial file
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
+    except MemoryError:
+        _fail("out of memory: the inputs ask for more than this machine holds")
 
 
 def _fail(message: str) -> NoReturn:
@@ -216,20 +221,10 @@ def print_written(files: list[Any]) -> None:
 
 
 def write_figure(fig: Any, path: Path) -> None:
-    """Save a matplotlib figure atomically (a temporary file beside it, then os.replace)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save a matplotlib figure atomically (a temporary file beside it, then os.replace); PNG
+    unless the name's suffix says otherwise."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=Path(path).suffix[1:] or "png")
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -178,12 +178,13 @@ def generate_graph(spec: GraphSpec) -> Graph:
     """Build the graph a statistical spec describes; the same spec (and seed) gives the same graph."""
     if spec.files is not None:
         raise SpecError("graph.files", spec.files.edges, "a graph with files is loaded, not generated")
+    _check_generable(spec)
     rng = np.random.default_rng(spec.seed)
     n, c = spec.num_nodes, spec.num_communities
     communities = rng.permutation(np.arange(n, dtype=np.int32) % c)
     weights = _degree_weights(spec, rng)
     src, dst = _draw_edges(spec, communities, weights, rng)
-    labels = (communities % spec.num_classes).astype(np.int64)
+    labels = communities.astype(np.int64) % spec.num_classes
     train, val, test = _split_masks(spec, rng, communities)
     features = _class_features(spec, labels, rng)
     indptr, indices = _csr(src.astype(np.int32 if n < 2**31 else np.int64), dst, n)
@@ -192,6 +193,23 @@ def generate_graph(spec: GraphSpec) -> Graph:
                   communities=communities, symmetric=True)
     graph.validate()
     return graph
+
+
+GENERATE_MAX = {"num_nodes": 200_000_000, "num_edges": 2_000_000_000, "feature values": 4_000_000_000}
+"""The largest graph the generator builds in memory (about 30 GB at the edge limit); larger
+statistical graphs are simulated from their statistics (`simulator.gnn.simulate`), not built."""
+
+
+def _check_generable(spec: GraphSpec) -> None:
+    sizes = {"num_nodes": spec.num_nodes, "num_edges": spec.num_edges,
+             "feature values": (spec.num_nodes + spec.num_classes) * spec.feature_dim}
+    for name, value in sizes.items():
+        if value > GENERATE_MAX[name]:
+            field = "graph.feature_dim" if name == "feature values" else f"graph.{name}"
+            what = ("(num_nodes + num_classes) x feature_dim = " if name == "feature values" else "")
+            raise SpecError(field, value, f"too large to generate: {what}{value:,} > {GENERATE_MAX[name]:,}; "
+                            "the simulator predicts larger graphs from their statistics (simulate gnn), "
+                            "but partition and the executor build the graph")
 
 
 def _degree_weights(spec: GraphSpec, rng: np.random.Generator) -> np.ndarray:

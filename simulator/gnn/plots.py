@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulator.files import atomic_path
 from simulator.gnn.graph import Graph
 from simulator.gnn.partition import METHODS, partition_graph
 from simulator.gnn.quality import quality_of
@@ -33,15 +33,8 @@ COLORS = {"sample": "tab:blue", "fetch_local": "tab:cyan", "fetch_remote": "tab:
 def save_figure(fig, path: str | os.PathLike, **kwargs: Any) -> Path:
     """Save `fig` to `path` through a temporary file in the same folder and os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **{"format": path.suffix[1:] or "png", **kwargs})
     return path
 
 

@@ -30,10 +30,30 @@ def _model_at(cls: type[BaseModel], path: tuple) -> type[BaseModel]:
     return cls
 
 
-class Spec(BaseModel):
-    """A frozen, validated spec. Unknown fields are rejected."""
+INT64_MAX = 2**63 - 1
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+def _beyond_int64(data: Any, path: tuple = (), depth: int = 0) -> tuple[tuple, int] | None:
+    """The location and value of the first integer in `data` that 64 bits cannot hold (numpy
+    would overflow on it deep inside a simulation), or None. Specs nest a few levels; deeper
+    input is left to pydantic, which rejects it."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        return (path, data) if abs(data) > INT64_MAX else None
+    if depth > 8 or not isinstance(data, (dict, list)):
+        return None
+    for key, value in data.items() if isinstance(data, dict) else enumerate(data):
+        found = _beyond_int64(value, (*path, key), depth + 1)
+        if found:
+            return found
+    return None
+
+
+class Spec(BaseModel):
+    """A frozen, validated spec. Unknown fields are rejected, and so are non-finite numbers
+    (NaN, infinities) and integers beyond 64 bits, which would otherwise surface as NaN reports
+    or overflows deep inside a simulation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     kind: ClassVar[str] = "spec"  # overridden by subclasses; used as the prefix of error field names
 
@@ -42,6 +62,11 @@ class Spec(BaseModel):
         """Validate `data`; raise SpecError naming the first bad field."""
         if not isinstance(data, dict):
             raise SpecError(prefix or cls.__name__, data, "must be a mapping of fields")
+        huge = _beyond_int64(data)
+        if huge:
+            loc, value = huge
+            field = ".".join(str(p) for p in (prefix or cls.kind, *loc))
+            raise SpecError(field, value, f"must be an integer of at most 64 bits (|value| <= {INT64_MAX:,})")
         try:
             return cls.model_validate(data)
         except ValidationError as err:

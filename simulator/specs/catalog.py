@@ -20,7 +20,7 @@ from simulator.errors import SpecError
 from simulator.specs.base import Spec
 from simulator.specs.gnn import GNNModelSpec, GNNPlan
 from simulator.specs.graph import GraphSpec
-from simulator.specs.hardware import ClusterSpec, DeviceSpec
+from simulator.specs.hardware import MAX_DEVICES_PER_NODE, MAX_NODES, ClusterSpec, DeviceSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.plan import TrainingPlan
 from simulator.specs.profile import META_FILE, apply_profile, resolve_profile_path
@@ -52,9 +52,13 @@ def catalog_names(kind: str | None = None) -> dict[str, list[str]]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise SpecError(str(path), "<file>", f"is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(str(path), "<file>", f"is not a text (UTF-8) file: {err.reason} at byte {err.start}") from None
+    except OSError as err:  # a directory, no permission, a broken disk
+        raise SpecError(str(path), "<file>", f"cannot be read: {err.strerror or err}") from None
     if not isinstance(data, dict):
         raise SpecError(str(path), type(data).__name__, "must hold a mapping of fields")
     return data
@@ -69,12 +73,16 @@ def _load(kind: str, ref: Any, what: str) -> Spec:
     if not isinstance(ref, (str, Path)):
         raise SpecError(what, ref, "must be a catalog name, a file path, or a mapping")
     name = str(ref)
+    if not name.strip():
+        raise SpecError(what, name, f"must name a {kind[:-1]}: a catalog name or a YAML file")
     if name in _entries(kind):
         return cls.parse(read_yaml(_entries(kind)[name]))
     path = Path(name)
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         if not path.exists():
             raise SpecError(what, name, "file does not exist")
+        if path.is_dir():
+            raise SpecError(what, name, "is a directory; give a YAML file or a catalog name")
         return cls.parse(read_yaml(path))
     known = ", ".join(_entries(kind))
     raise SpecError(what, name, f"unknown {kind[:-1]}; catalog names are: {known}")
@@ -157,12 +165,14 @@ def _load_cluster(ref: Any) -> ClusterSpec:
         if m and m.group(2) in _entries("clusters"):
             node = _load_named("clusters", m.group(2))
             nodes = int(m.group(1))
-            if nodes < 1:
-                raise SpecError("cluster", ref, "needs at least one node")
+            if not 1 <= nodes * node.num_nodes <= MAX_NODES:
+                raise SpecError("cluster", ref, f"needs between 1 and {MAX_NODES:,} nodes")
             return node.model_copy(update={"name": ref, "num_nodes": nodes * node.num_nodes})
         m = _CPU_RANKS.match(ref)
         if m and int(m.group(1)) >= 1:  # N one-core ranks on one machine, like 1xcpu and 2xcpu
             ranks = int(m.group(1))
+            if ranks > MAX_DEVICES_PER_NODE:
+                raise SpecError("cluster", ref, f"at most {MAX_DEVICES_PER_NODE:,} CPU ranks on one machine")
             one = _load_named("clusters", "1xcpu")
             return one.model_copy(update={"name": ref, "devices_per_node": ranks})
     return _load_any("clusters", ref, "cluster")

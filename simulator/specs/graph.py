@@ -84,7 +84,7 @@ class GraphSpec(Spec):
         "fraction of the communities; 1: spread over the whole graph")
     feature_noise: float = Field(
         default=1.0, ge=0, description="generator: std of the noise around each class's feature mean (mean norm 1)")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="of numpy's generator, which takes no negatives")
 
     @model_validator(mode="after")
     def _kind_of_graph(self):
@@ -96,6 +96,11 @@ class GraphSpec(Spec):
             raise ValueError(
                 f"train_fraction: train + val + test fractions must be <= 1, got "
                 f"{self.train_fraction} + {self.val_fraction} + {self.test_fraction}")
+        if self.files is None and self.num_nodes is not None and self.num_edges is not None \
+                and self.num_edges > self.num_nodes * (self.num_nodes - 1):
+            raise ValueError(f"num_edges: a graph of {self.num_nodes:,} nodes without self loops or repeated "
+                             f"edges stores at most num_nodes x (num_nodes - 1) = "
+                             f"{self.num_nodes * (self.num_nodes - 1):,}")
         if self.num_nodes is not None and self.num_communities > self.num_nodes:
             raise ValueError(f"num_communities: must be <= num_nodes = {self.num_nodes}")
         return self

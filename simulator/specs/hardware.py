@@ -14,6 +14,8 @@ from pydantic import Field, field_validator
 from simulator.specs.base import Spec
 
 GiB = 1024**3
+MAX_NODES = 1_000_000              # bounds that keep the tuners' divisor searches short; the largest
+MAX_DEVICES_PER_NODE = 1_024       # clusters built hold ~10^5 GPUs, a node up to 72 (NVL72)
 GB = 1e9
 COSTS = ("gemm", "attention", "memory", "copies", "collectives", "step_overhead")
 """The device costs a measured profile can replace; reports say where each came from."""
@@ -123,8 +125,8 @@ class ClusterSpec(Spec):
     kind: ClassVar[str] = "cluster"
     name: str
     device: DeviceSpec
-    num_nodes: int = Field(ge=1)
-    devices_per_node: int = Field(ge=1)
+    num_nodes: int = Field(ge=1, le=MAX_NODES)
+    devices_per_node: int = Field(ge=1, le=MAX_DEVICES_PER_NODE)
     intra_node_link: Literal["nvlink", "pcie"] = "nvlink"
     intra_node_bandwidth_GBps: float = Field(gt=0)
     inter_node_bandwidth_GBps: float = Field(gt=0)

@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from simulator.specs.base import Spec
 
+MAX_LAYERS = 10_000
+
 
 class TransformerSpec(Spec):
     """A decoder-only transformer.
@@ -18,7 +20,9 @@ class TransformerSpec(Spec):
 
     kind: ClassVar[str] = "model"
     name: str
-    num_layers: int = Field(ge=1)
+    # The simulator builds every layer of every stage: 10,000 keeps a run bounded (the largest
+    # published models have a few hundred)
+    num_layers: int = Field(ge=1, le=MAX_LAYERS)
     hidden_size: int = Field(ge=1)
     num_attention_heads: int = Field(ge=1)
     num_kv_heads: int | None = Field(default=None, ge=1)

@@ -16,6 +16,9 @@ from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 
 Fraction = Field(default=0.0, ge=0.0, le=1.0)
+MAX_MICROBATCHES = 100_000
+"""Micro-batches per pipeline per iteration: the pipeline engine runs each one as events, so
+more would run for minutes (production runs use at most a few thousand)."""
 
 
 class Offload(Spec):
@@ -126,6 +129,11 @@ class TrainingPlan(Spec):
                 "global_batch_size: must be a multiple of micro_batch_size x dp = "
                 f"{self.micro_batch_size} x {self.dp} = {self.micro_batch_size * self.dp}"
             )
+        if self.num_microbatches > MAX_MICROBATCHES:
+            raise ValueError(
+                f"global_batch_size: gives {self.num_microbatches:,} micro-batches per iteration "
+                f"(global_batch_size / (micro_batch_size x dp)); the simulator runs each, at most "
+                f"{MAX_MICROBATCHES:,}: raise micro_batch_size or dp")
         if self.schedule == "interleaved":
             if self.virtual_stages < 2:
                 raise ValueError("virtual_stages: must be >= 2 with schedule 'interleaved'")

@@ -103,8 +103,8 @@ def read_meta(root: Path | str) -> dict[str, Any]:
         raise ProfileError(path, "file", "missing", "a profile directory holds profile.json; "
                            "this one is empty or was not written by `simtune profile`")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ProfileError(path, "<file>", "not JSON", f"is corrupt: {err}") from None
     if not isinstance(meta, dict):
         raise ProfileError(path, "<file>", type(meta).__name__, "must hold a JSON object")

@@ -16,6 +16,8 @@ from simulator.specs.base import Spec
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 
+MAX_REQUESTS = 10_000_000
+
 
 class Parallel(Spec):
     """Tensor and pipeline parallel degrees of one replica in one phase."""
@@ -203,13 +205,14 @@ class WorkloadSpec(Spec):
 
     kind: ClassVar[str] = "workload"
     name: str | None = None
-    num_requests: int = Field(default=1000, ge=1)
+    num_requests: int = Field(default=1000, ge=1, le=MAX_REQUESTS,
+                              description="the simulator draws and runs every request")
     arrival: Arrival = Arrival()
     preset: Literal["sharegpt-like", "arxiv-summarization-like"] | None = None
     input_tokens: LengthDist | None = None
     output_tokens: LengthDist | None = None
     trace: str | None = Field(default=None, description="CSV or JSONL: arrival_s, input_tokens, output_tokens")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, description="of numpy's SeedSequence, which takes no negatives")
 
     @model_validator(mode="after")
     def _source(self):

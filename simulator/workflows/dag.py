@@ -94,19 +94,31 @@ def dag_from_trace(path: str | Path) -> WorkflowDAG:
     path = Path(path)
     if not path.exists():
         raise SpecError("trace", str(path), "no such file")
+    try:
+        return _dag(path)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        if isinstance(err, SpecError):
+            raise
+        raise SpecError("trace", str(path), f"is not a prompt trace: a record misses a field or has the wrong "
+                        f"type ({type(err).__name__}: {err})") from None
+
+
+def _dag(path: Path) -> WorkflowDAG:
     starts: dict[str, dict[str, Any]] = {}
     ends: dict[str, dict[str, Any]] = {}
     run_seen = False
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()  # UnicodeDecodeError: a ValueError
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n == len(lines):
                 continue  # a crash cut the last line short
             raise SpecError("trace", f"{path}:{n}", "is not JSON lines") from None
+        if not isinstance(rec, dict):
+            raise SpecError("trace", f"{path}:{n}", f"a record is a JSON object, not {type(rec).__name__}")
         kind = rec.get("type")
         run_seen |= kind == "run"
         if kind == "call_start":

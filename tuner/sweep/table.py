@@ -13,8 +13,6 @@ per-request latencies) are left out; their summaries are already fields.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from simulator.errors import SpecError
-from simulator.files import write_text_atomic
+from simulator.files import atomic_path, write_text_atomic
 
 MAX_DEPTH = 4
 DROPPED = ("cost_sources",)  # per-cost provenance strings: the same for every row of a cluster
@@ -120,16 +118,8 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
     """The table to `path` through a temporary file beside it and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_sweep(out_dir: str | Path) -> tuple[Any, pd.DataFrame]:

@@ -33,6 +33,7 @@ import numpy as np
 
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
+from simulator.specs.plan import MAX_MICROBATCHES
 
 OFFLOAD_LEVELS = (0.0, 0.5, 1.0)
 FAMILIES = ("FSDP", "HSDP", "FSDP+TP", "3D")
@@ -104,6 +105,8 @@ def layouts(model: TransformerSpec, cluster: ClusterSpec, global_batch_size: int
                 if global_batch_size % (b * dp):
                     continue
                 m = global_batch_size // (b * dp)
+                if m > MAX_MICROBATCHES:  # TrainingPlan refuses it: the simulator would run each
+                    continue
                 for v in range(1, max_virtual_stages + 1):
                     if v > 1 and (pp < 2 or m % pp or L % v or L < pp * v):
                         continue
