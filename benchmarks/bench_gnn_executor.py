@@ -63,7 +63,7 @@ def run_config(ranks: int, method: str, compare: bool) -> dict[str, Any]:
             "predicted_epoch_time_s": r.predicted_epoch_time_s, "predicted_breakdown": r.predicted_breakdown,
             "predicted_iterations_per_epoch": r.predicted_iterations_per_epoch,
             "predicted_remote_bytes_per_epoch": r.predicted_remote_bytes_per_epoch, "profile": r.profile,
-            "notes": r.notes}
+            "core_share": min(r.core_share), "notes": r.notes}
 
 
 def same_run_profile(root: Path) -> Path:
@@ -125,7 +125,7 @@ def run(quick: bool) -> dict[str, Any]:
             "error": epoch["median"] / predicted - 1 if predicted else None, "profile": first["profile"],
             "same_run_predicted_epoch_time_s": spread([r["same_run_predicted_epoch_time_s"] for r in rs]),
             "same_run_error": spread([r["epoch_time_s"] / r["same_run_predicted_epoch_time_s"] - 1 for r in rs]),
-            "notes": first["notes"]})
+            "core_share": spread([r["core_share"] for r in rs]), "notes": first["notes"]})
     by = {r["label"]: r for r in rows}
     metis, rnd = by["2 ranks metis"], by["2 ranks random"]
     paired = [r["epoch_time_s"] / m["epoch_time_s"] for m, r in zip(runs["2 ranks metis"], runs["2 ranks random"])]
@@ -152,11 +152,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m['cpu_model']} ({m['cpu_count']} cores, shared). Epoch time: the slowest rank, median over "
         f"{result['repetitions']['timed_epochs']} epochs after the first, then the median (min-max) over "
         f"{result['repetitions']['repeats']} interleaved repeats. Predicted: `simulate_gnn` on `Nxcpu` with the profile named, "
-        f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}."
+        f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}. Core share: the least-served "
+        "rank's CPU time over its wall time (a rank waiting on a peer also lowers it)."
         + _load_note(result), "",
         "| run | edge cut | iterations | measured epoch s (min-max) | predicted s | error | remote MB/epoch "
-        "(predicted) | sample / fetch remote / compute / all-reduce s, measured (predicted) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|"]
+        "(predicted) | sample / fetch remote / compute / all-reduce s, measured (predicted) | core share |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["rows"]:
         e, b = r["epoch_time_s"], r["breakdown"]
         pred = "-" if r["predicted_epoch_time_s"] is None else f"{r['predicted_epoch_time_s']:.3f}"
@@ -167,7 +168,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"({e['min']:.3f}-{e['max']:.3f}) | {pred} | {err} | {r['remote_bytes_per_epoch'] / 1e6:.2f} "
             f"({'-' if prb is None else f'{prb / 1e6:.2f}'}) | "
             + " / ".join(f"{b[k]:.3f}" + _predicted_part(r, k) for k in ("sample", "fetch_remote", "compute", "allreduce"))
-            + " |")
+            + f" | {_share(r)} |")
     if all("same_run_error" in r for r in result["rows"]):
         lines += ["", "Against the GNN operations timed again in the same run, before each repeat (paired per "
                   "repeat: median (min-max)):", "",
@@ -181,6 +182,13 @@ def markdown(result: dict[str, Any]) -> str:
               f"epoch time {t['median']:.2f}x (paired repeats {t['min']:.2f}-{t['max']:.2f}x)"
               + ("" if pr is None else f"; the simulator predicts {pr:.2f}x") + ".", ""]
     return "\n".join(lines)
+
+
+def _share(row: dict[str, Any]) -> str:
+    """The slowest-served rank's CPU time over wall time (median over repeats): near 100% when
+    every rank had a core of its own; lower when other work shared the cores."""
+    share = row.get("core_share")
+    return "-" if share is None else f"{share['median']:.0%}"
 
 
 def _predicted_part(row: dict[str, Any], key: str) -> str:

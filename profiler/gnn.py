@@ -23,6 +23,10 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
   backward (the weight's gradient; the input's too unless `_input`).
 - `relu_dropout`: the executor's ReLU and inverted dropout (p = 0.5) between layers, forward
   and backward, over rows x width elements.
+- `gat_attention`: `gat_attention` (executor/gnn/model.py) forward and backward on a block of
+  `rows` dst nodes with `fanout` sampled edges each and a self loop per dst node, over
+  projected source rows of `width` = heads x `d_out` (per head) features: the per-edge scores,
+  the softmax over each dst node's edges and the weighted sum. GAT's projection is a `linear`.
 - `optimizer`: a batch's fixed cost: zero_grad, the loss on 1,000 seeds and Adam's step over a
   3-layer GraphSAGE of hidden `width` (input 32, 8 classes), forward and backward of its layers
   excluded (`params` its parameter count).
@@ -34,6 +38,8 @@ Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator
     aggregate*      per_edge_element edges width + per_edge edges + per_node_element (src + dst) width + overhead
     linear*         per_flop flops + per_element rows (width + d_out) + overhead
     relu_dropout    per_element elements + overhead
+    gat_attention   per_edge_head (edges + rows) heads + per_edge_element (edges + rows) width
+                    + per_node_element (src + rows) width + overhead
     optimizer       per_param params + overhead
 """
 
@@ -57,6 +63,7 @@ AGG_ROWS, AGG_FANOUTS, AGG_WIDTHS = (500, 2000, 8000), (4, 12), (32, 128, 256)
 LINEAR_ROWS, LINEAR_DIMS = (1000, 4000, 16000), ((32, 256), (256, 256), (256, 8))
 DROPOUT_ROWS, DROPOUT_WIDTHS = (1000, 4000, 16000), (64, 256)
 OPTIMIZER_WIDTHS = (32, 64, 128, 256, 512)
+GAT_HEADS, GAT_HEAD_DIMS = 4, (8, 64)   # gat-3: 4 heads of 64, the output layer 4 heads of the classes
 QUICK = {"sample_rows": (500, 4000), "agg_rows": (500, 4000), "agg_widths": (32, 256), "linear_rows": (1000, 8000),
          "optimizer_widths": (32, 128, 256)}
 OPTIMIZER_SEEDS, OPTIMIZER_IN, OPTIMIZER_CLASSES = 1000, 32, 8
@@ -77,6 +84,8 @@ def sweep(ctx: ProfileContext) -> list[dict]:
                for r in (QUICK["linear_rows"] if q else LINEAR_ROWS) for d_in, d_out in LINEAR_DIMS]
     shapes += [_shape("relu_dropout", r, 0, w) for r in DROPOUT_ROWS for w in DROPOUT_WIDTHS]
     shapes += [_shape("optimizer", 0, 0, w) for w in (QUICK["optimizer_widths"] if q else OPTIMIZER_WIDTHS)]
+    shapes += [_shape("gat_attention", r, f, GAT_HEADS * d, d) for r in agg_rows for f in AGG_FANOUTS
+               for d in GAT_HEAD_DIMS]
     return shapes
 
 
@@ -124,7 +133,7 @@ def _gnn_params(width: int) -> list[torch.nn.Parameter]:
 
 def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
     """The timed callable for `shape` and the counts it handles (src, edges, elements, params)."""
-    from executor.gnn.model import dropout, mean_of_neighbors  # noqa: PLC0415
+    from executor.gnn.model import dropout, gat_attention, mean_of_neighbors  # noqa: PLC0415
     from executor.gnn.sampler import to_block  # noqa: PLC0415
 
     op, rows, fanout, width, d_out = (shape[k] for k in ("op", "rows", "fanout", "width", "d_out"))
@@ -157,6 +166,15 @@ def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
         x = torch.randn(rows, width, requires_grad=True)
         counts.update(elements=rows * width)
         return (lambda: dropout(F.relu(x), DROPOUT_P, True).sum().backward()), counts
+    if op == "gat_attention":
+        block, heads = _random_block(rows, fanout, rng), width // d_out
+        z = torch.randn(block.num_src, heads, d_out, requires_grad=True)
+        attn_src, attn_dst = (torch.randn(heads, d_out, requires_grad=True) for _ in range(2))
+        counts.update(src=block.num_src, edges=rows * fanout)
+
+        def attention():
+            gat_attention(z, block, attn_src, attn_dst).sum().backward()
+        return attention, counts
     if op == "optimizer":
         params = _gnn_params(width)
         for p in params:

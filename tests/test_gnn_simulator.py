@@ -296,5 +296,12 @@ def test_measured_operation_costs_add_up_term_by_term():
     # input layer aggregates the outermost hop's 60,000 edges; two hidden layers of 256 get dropout
     expected = 1e-3 + 2e-7 * 60000 + 1e-7 * (50000 + 15000) + 1e-8 * 256 * (12000 + 5000)
     assert costs.measured_compute_s(fits, model, 32, 8, nodes, edges) == pytest.approx(expected)
+    # GAT (4 heads): each layer projects its source rows, then attends over edges + self loops;
+    # the hidden layers' heads are 64 wide, the output layer's 8 (the classes, averaged)
+    fits["gat_attention"]["s_per_edge_head"] = 1e-8
+    fits["linear"]["overhead_s"] = fits["linear_input"]["overhead_s"] = 1e-4
+    gat = load_gnn_model("gat-3")
+    expected_gat = 1e-3 + 3 * 1e-4 + 1e-8 * 4 * sum(e + d for e, d in zip(edges, nodes)) + 1e-8 * 256 * (12000 + 5000)
+    assert costs.measured_compute_s(fits, gat, 32, 8, nodes, edges) == pytest.approx(expected_gat)
     with pytest.raises(ValueError, match="unknown gnn op"):
         costs.op_terms("spmm")

@@ -83,17 +83,23 @@ class GATLayer(nn.Module):
 
     def forward(self, h_src: torch.Tensor, block: Block) -> torch.Tensor:
         z = self.linear(h_src).view(-1, self.heads, self.d_head)
-        loops = torch.arange(block.num_dst)
-        src, dst = torch.cat([block.src, loops]), torch.cat([block.dst, loops])
-        score = F.leaky_relu((z[src] * self.attn_src).sum(-1) + (z[dst] * self.attn_dst).sum(-1), 0.2)
-        peak = torch.full((block.num_dst, self.heads), float("-inf")).scatter_reduce(
-            0, dst.unsqueeze(1).expand_as(score), score, "amax")
-        weight = (score - peak[dst]).exp()
-        norm = torch.zeros((block.num_dst, self.heads)).index_add_(0, dst, weight)
-        out = torch.zeros((block.num_dst, self.heads, self.d_head)).index_add_(
-            0, dst, z[src] * (weight / norm[dst]).unsqueeze(-1))
+        out = gat_attention(z, block, self.attn_src, self.attn_dst)
         out = out.flatten(1) if self.concat else out.mean(1)
         return out + self.bias
+
+
+def gat_attention(z: torch.Tensor, block: Block, attn_src: torch.Tensor, attn_dst: torch.Tensor) -> torch.Tensor:
+    """GAT's attention over a block (with a self loop per dst node): the projected source rows
+    `z` [src, heads, d_head] -> [dst, heads, d_head], the softmax over each dst node's edges."""
+    heads, d_head = z.shape[1], z.shape[2]
+    loops = torch.arange(block.num_dst)
+    src, dst = torch.cat([block.src, loops]), torch.cat([block.dst, loops])
+    score = F.leaky_relu((z[src] * attn_src).sum(-1) + (z[dst] * attn_dst).sum(-1), 0.2)
+    peak = torch.full((block.num_dst, heads), float("-inf")).scatter_reduce(
+        0, dst.unsqueeze(1).expand_as(score), score, "amax")
+    weight = (score - peak[dst]).exp()
+    norm = torch.zeros((block.num_dst, heads)).index_add_(0, dst, weight)
+    return torch.zeros((block.num_dst, heads, d_head)).index_add_(0, dst, z[src] * (weight / norm[dst]).unsqueeze(-1))
 
 
 class GNN(nn.Module):

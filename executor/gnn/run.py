@@ -67,6 +67,7 @@ class GNNRunReport:
     epoch_time_s: float | None = None              # median of the slowest rank, first epoch dropped
     iteration_time_s: float | None = None
     epoch_times_s: list[float] = field(default_factory=list)   # slowest rank, every epoch
+    core_share: list[float] = field(default_factory=list)      # per rank: CPU s / wall s over timed epochs
     breakdown: dict[str, float] = field(default_factory=dict)  # seconds per epoch, slowest rank
     breakdown_per_rank: list[dict[str, float]] = field(default_factory=list)
     remote_bytes_per_epoch: float = 0.0            # feature rows received from other ranks, all ranks
@@ -190,6 +191,10 @@ def _summarize(report: GNNRunReport, results: list[dict[str, Any]]) -> None:
     report.test_accuracy = [results[0]["epochs"][e].get("test_accuracy") for e in range(epochs)]
     report.ranks = [{k: r[k] for k in ("owned_nodes", "train_nodes", "halo_nodes", "cached_nodes")}
                     for r in results]
+    # a rank that computed on a core of its own the whole epoch has a share near 1 (less when it
+    # waits on a peer); other processes on the machine's cores push it down
+    report.core_share = [sum(r["epochs"][e]["cpu_time_s"] for e in timed)
+                         / sum(r["epochs"][e]["epoch_time_s"] for e in timed) for r in results]
 
 
 def _stored(spec: GraphSpec, partition_dir: str | Path, meta: dict[str, Any]) -> tuple[Graph, Partition]:

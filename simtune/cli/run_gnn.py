@@ -73,6 +73,11 @@ def _render(r: Any) -> None:
     if r.predicted_remote_bytes_per_epoch is not None:
         out.print(f"predicted remote bytes per epoch: {r.predicted_remote_bytes_per_epoch / 1e6:,.2f} MB")
     out.print(_epochs(r))
+    out.print("core share per rank (CPU time / wall time of the timed epochs): "
+              + ", ".join(f"{c:.0%}" for c in r.core_share))
+    if r.core_share and min(r.core_share) < 0.8:
+        err.print(f"note: a rank ran on {min(r.core_share):.0%} of a core: the machine's cores were shared with other "
+                  "work, or ranks waited on each other; times are not those of dedicated cores", soft_wrap=True)
     for note in r.notes:
         err.print(escape(f"note: {note}"), soft_wrap=True)
 

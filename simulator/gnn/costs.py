@@ -70,8 +70,9 @@ them instead of from FLOPs and bytes (`measured_compute_s`, `measured_sample_s`)
 two (GraphSAGE) or one (GCN) linear layers, the sparse mean aggregation (building the sparse
 matrix and its product, forward and backward), ReLU and dropout between layers, and per batch
 the optimizer's step; per hop the sampler's draw and the block's relabelling. Each cost is the
-linear model `OP_TERMS` names, the same terms the profiler fits. GAT layers, which the family
-does not time, keep the FLOP-based model.
+linear model `OP_TERMS` names, the same terms the profiler fits. GAT layers are priced so when
+the profile timed `gat_attention` too (older profiles did not: GAT then keeps the FLOP-based
+model).
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ OP_TERMS: dict[str, tuple[str, ...]] = {
     "linear_input": ("s_per_flop", "s_per_element", "overhead_s"),
     "relu_dropout": ("s_per_element", "overhead_s"),
     "optimizer": ("s_per_param", "overhead_s"),
+    "gat_attention": ("s_per_edge_head", "s_per_edge_element", "s_per_node_element", "overhead_s"),
 }
 """The cost model of each operation of the profile's `gnn` family: seconds = sum of coefficient x term."""
+OPTIONAL_OPS = ("gat_attention",)
+"""Operations only one architecture needs: a profile without them still prices the others."""
 
 
 def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, width: float = 0, d_out: float = 0,
@@ -130,6 +134,9 @@ def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, widt
         return elements, 1.0
     if op == "optimizer":
         return params, 1.0
+    if op == "gat_attention":   # width = heads x d_out per head; a self loop per dst node
+        heads = width / d_out if d_out else 0.0
+        return (edges + rows) * heads, (edges + rows) * width, (src + rows) * width, 1.0
     raise ValueError(f"unknown gnn op {op!r}; known: {', '.join(OP_TERMS)}")
 
 
@@ -147,13 +154,13 @@ def measured_ops(cluster: ClusterSpec) -> dict[str, Any] | None:
     from simulator.specs.profile import load_profile  # noqa: PLC0415 - only profiled clusters read it
 
     fits = load_profile(cluster.profile).fit("gnn") or {}
-    return fits if all(isinstance(fits.get(op), dict) for op in OP_TERMS) else None
+    return fits if all(isinstance(fits.get(op), dict) for op in OP_TERMS if op not in OPTIONAL_OPS) else None
 
 
 def measured_compute_s(fits: dict[str, Any], model: GNNModelSpec, feature_dim: int, num_classes: int,
                        nodes: list[float], edges: list[float]) -> float:
     """Forward, backward and optimizer step of one mini-batch from measured operation costs
-    (GraphSAGE-mean or GCN, as simtune's executor runs them: `executor/gnn/model.py`)."""
+    (GraphSAGE-mean, GCN or GAT, as simtune's executor runs them: `executor/gnn/model.py`)."""
     L = model.num_layers
     total = op_s(fits, "optimizer", params=parameter_count(model, feature_dim, num_classes))
     for l, (d_in, d_out) in enumerate(layer_dims(model, feature_dim, num_classes)):
@@ -162,6 +169,11 @@ def measured_compute_s(fits: dict[str, Any], model: GNNModelSpec, feature_dim: i
         if model.architecture == "gcn":       # mean over the neighbors and a self loop, then one linear
             total += op_s(fits, "aggregate" + suffix, rows=dst, src=src, edges=e + dst, width=d_in)
             total += op_s(fits, "linear" + suffix, rows=dst, width=d_in, d_out=d_out)
+        elif model.architecture == "gat":     # project every source row, then attend per head
+            heads = model.num_heads
+            d_head = d_out // heads if l < L - 1 else d_out   # hidden layers concatenate, the last averages
+            total += op_s(fits, "linear" + suffix, rows=src, width=d_in, d_out=heads * d_head)
+            total += op_s(fits, "gat_attention", rows=dst, src=src, edges=e, width=heads * d_head, d_out=d_head)
         else:                                 # fc_self on the dst nodes, fc_neigh on the mean
             total += op_s(fits, "aggregate" + suffix, rows=dst, src=src, edges=e, width=d_in)
             total += 2 * op_s(fits, "linear" + suffix, rows=dst, width=d_in, d_out=d_out)

@@ -260,7 +260,7 @@ def _compute_s(cluster: ClusterSpec, model: GNNModelSpec, layers: list[costs.Lay
     """A mini-batch's compute: from the profile's measured GNN operations where it has them (the
     trainers of a device time-share it), else from FLOPs and bytes (costs.py)."""
     fits = costs.measured_ops(cluster)
-    if fits is None or model.architecture == "gat":
+    if fits is None or (model.architecture == "gat" and not isinstance(fits.get("gat_attention"), dict)):
         return costs.compute_s(cluster, layers, per_device)
     return per_device * costs.measured_compute_s(fits, model, dims[0], dims[1], counts.nodes, counts.edges)
 
