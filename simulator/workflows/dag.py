@@ -3,18 +3,18 @@
 Each node is one LLM call: its prompt and output tokens, the calls it waited for, its
 measured duration (when traced) and `gap_s`, the program's own time between the call's
 inputs being ready and the call being issued (Python work, tool calls). Read from a trace of
-`executor.prompts` with `dag_from_trace`; the simulator never imports the executor, so the
-trace is read as plain JSON lines here.
+`executor.prompts` with `dag_from_trace`, through the simulator's own trace reader
+(`simulator.workflows.trace`): the simulator never imports the executor.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from simulator.errors import SpecError
+from simulator.workflows.trace import read_trace
 
 CHARS_PER_TOKEN = 4  # for a call traced without token counts (a rough English average)
 
@@ -94,51 +94,17 @@ def dag_from_trace(path: str | Path) -> WorkflowDAG:
     path = Path(path)
     if not path.exists():
         raise SpecError("trace", str(path), "no such file")
-    try:
-        return _dag(path)
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
-        if isinstance(err, SpecError):
-            raise
-        raise SpecError("trace", str(path), f"is not a prompt trace: a record misses a field or has the wrong "
-                        f"type ({type(err).__name__}: {err})") from None
-
-
-def _dag(path: Path) -> WorkflowDAG:
-    starts: dict[str, dict[str, Any]] = {}
-    ends: dict[str, dict[str, Any]] = {}
-    run_seen = False
-    lines = path.read_text(encoding="utf-8").splitlines()  # UnicodeDecodeError: a ValueError
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            if n == len(lines):
-                continue  # a crash cut the last line short
-            raise SpecError("trace", f"{path}:{n}", "is not JSON lines") from None
-        if not isinstance(rec, dict):
-            raise SpecError("trace", f"{path}:{n}", f"a record is a JSON object, not {type(rec).__name__}")
-        kind = rec.get("type")
-        run_seen |= kind == "run"
-        if kind == "call_start":
-            starts[rec["id"]] = rec
-        elif kind == "call":
-            ends[rec["id"]] = rec
-    if not run_seen:
-        raise SpecError("trace", str(path), "has no run record: not a simtune prompt trace")
-    done = {i for i, e in ends.items() if i in starts and not e.get("error") and e.get("ended") is not None}
+    trace = read_trace(path)
+    done = {i: c for i, c in trace.calls.items() if c.finished}
     if not done:
         raise SpecError("trace", str(path), "has no finished call")
     nodes: dict[str, CallNode] = {}
-    for i in sorted(done, key=lambda i: (starts[i]["submitted"], i)):
-        s, e = starts[i], ends[i]
-        prompt_text = "\n".join(m.get("content", "") for m in s["messages"])
-        deps = [d for d in s.get("deps", []) if d in done]
-        ready = max((ends[d]["ended"] for d in deps), default=0.0)
-        nodes[i] = CallNode(i, _tokens(e.get("prompt_tokens"), prompt_text),
-                            _tokens(e.get("completion_tokens"), e.get("response") or ""), deps,
-                            max(0.0, s["submitted"] - ready), e["ended"] - (e.get("started") or s["submitted"]),
-                            s["submitted"], e["ended"], s.get("path", ""))
-    measured = max(e["ended"] for e in ends.values() if e.get("ended") is not None)
+    for i, c in sorted(done.items(), key=lambda kv: (kv[1].submitted, kv[0])):
+        prompt_text = "\n".join(str(m.get("content", "")) for m in c.messages)
+        deps = [d for d in c.deps if d in done]
+        ready = max((done[d].ended for d in deps), default=0.0)
+        nodes[i] = CallNode(i, _tokens(c.prompt_tokens, prompt_text), _tokens(c.completion_tokens, c.response or ""),
+                            deps, max(0.0, c.submitted - ready), c.ended - (c.started or c.submitted),
+                            c.submitted, c.ended, c.path)
+    measured = max(c.ended for c in trace.calls.values() if c.ended is not None)
     return WorkflowDAG(nodes, measured, str(path))
