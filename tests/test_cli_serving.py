@@ -93,7 +93,7 @@ def test_resharding_deployment_reports_transitions(cli, tmp_path):
 
 
 def test_bad_deployment_exits_2_naming_the_field(cli, small_workload, tmp_path):
-    deployment = write_yaml(tmp_path / "tp3.yaml", {"prefill": {"tp": 3}, "scheduler": "vllm"})
+    deployment = write_yaml(tmp_path / "tp64.yaml", {"prefill": {"tp": 64}, "scheduler": "vllm"})
     args = small_run(small_workload)
     args[args.index("vllm-tp1")] = str(deployment)
     result = cli("simulate", "serve", *args, "--json")
