@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install lint bench clean check-launch
+.PHONY: demo test test-all install lint bench clean check-launch fuzz
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Property tests of every spec loader and command with many random examples (make test runs a few).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_robustness_specs.py tests/test_robustness_cli.py
 
 # The launch files, parsed by the engines' own parsers (torchtitan 0.3 and 0.2.2, DeepSpeed,
 # Megatron-LM's arguments, torchrun, vLLM): installs them once into $(LAUNCH_ENVS) (~4 GB).

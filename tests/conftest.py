@@ -11,6 +11,6 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile("simtune", max_examples=25, deadline=10_000, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz", max_examples=1000, deadline=60_000,
+settings.register_profile("fuzz", max_examples=300, deadline=60_000,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "simtune"))

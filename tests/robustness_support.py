@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +21,17 @@ from typing import Any
 
 import typer
 import yaml
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from simulator.errors import SpecError
+
+
+def examples(n: int) -> settings:
+    """`n` examples under `make test`; under `make fuzz` (HYPOTHESIS_PROFILE=fuzz) the profile's many."""
+    if os.environ.get("HYPOTHESIS_PROFILE", "simtune") == "simtune":
+        return settings(max_examples=n)
+    return settings()
 
 
 class Hang(BaseException):

@@ -130,6 +130,16 @@ def test_sweep_spec_loads_or_names_the_field(data):
         assert_named_spec_error(e)
 
 
+@pytest.mark.parametrize("change", [{"command": []}, {"command": {"a": 1}}, {"axes": {"model": [[1]]}}])
+def test_sweep_spec_regressions(change):
+    from tuner.sweep.spec import load_sweep
+
+    base = {"command": "simulate train", "options": {"plan": "debug"}, "axes": {"model": ["gpt-debug"]}}
+    with pytest.raises(SpecError) as e:
+        load_sweep({**base, **change})
+    assert_named_spec_error(e.value)
+
+
 # --- profile directories ---------------------------------------------------------------------
 
 

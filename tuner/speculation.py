@@ -190,6 +190,8 @@ def tune_speculation(
     engine = load_engine(engine) if engine is not None else None
     wl = load_workload(workload) if workload is not None else None
     tp = tp or smallest_tp(model, cluster, engine)
+    if tp > cluster.num_devices:
+        raise SpecError("tp", tp, f"must be <= the {cluster.num_devices} devices of {cluster.name}")
     spec = SpeculationSpec.parse({"draft": draft, "policy": "adaptive", "k_max": k_max,
                                   "acceptance": acceptance.to_dict()}, prefix="speculation")
     dep = DeploymentSpec(prefill=Parallel(tp=tp), dp=cluster.num_devices // tp, speculation=spec, engine=engine)

@@ -223,8 +223,12 @@ def print_written(files: list[Any]) -> None:
 def write_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure atomically (a temporary file beside it, then os.replace); PNG
     unless the name's suffix says otherwise."""
+    fmt = Path(path).suffix[1:].lower() or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise SpecError("plot", str(path), f"a figure's name ends in one of .{', .'.join(sorted(formats))}")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=Path(path).suffix[1:] or "png")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt)
 
 
 def _int_list(text: str, option: str) -> list[int]:

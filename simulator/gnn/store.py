@@ -105,6 +105,9 @@ def write_partition(out_dir: str | os.PathLike, graph: Graph, partition: Partiti
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         _swap_into_place(tmp, out_dir)
+    except OSError as e:  # a full disk: the error names the partition, not the temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, e.strerror or str(e), str(out_dir)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

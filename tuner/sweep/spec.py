@@ -88,7 +88,7 @@ def parse_sweep(data: Any, where_from: str = "sweep") -> SweepSpec:
     if unknown:
         raise SpecError(f"sweep.{unknown[0]}", data[unknown[0]], f"unknown field; known fields are {', '.join(FIELDS)}")
     command = data.get("command")
-    if command not in COMMANDS:
+    if not isinstance(command, str) or command not in COMMANDS:
         raise SpecError("sweep.command", command, f"must be one of: {', '.join(COMMANDS)}")
     options, axes = data.get("options") or {}, data.get("axes")
     if not isinstance(options, dict):
