@@ -171,6 +171,16 @@ def test_spec_regressions(kind, name, change, argv, tmp_path):
     assert list(change)[0] in r.stderr
 
 
+def test_graph_without_features_is_simulated(tmp_path):
+    """feature_dim 0 (and no embedding): the first layer has no GEMM to time (was 0 / 0)."""
+    path = tmp_path / "graph.yaml"
+    path.write_text(dump_yaml({**read_yaml(_entries("graphs")["community-20k"]), "feature_dim": 0}))
+    r = run_cli(["simulate", "gnn", "-g", str(path), "-m", "graphsage-3", "-c", "m5n-24xlarge", "-p",
+                 "distdgl-default", "--json"], 30)
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["epoch_time_s"] > 0
+
+
 # --- commands over files: sweep specs, prompt traces, profile directories ----------------------
 
 

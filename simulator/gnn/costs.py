@@ -243,7 +243,8 @@ def compute_s(cluster: ClusterSpec, layers: list[LayerCost], trainers_per_device
     peak = 1e12 * d.peak_tflops.get("fp32", d.peak_tflops.get("bf16", 0.0)) * share
     total = 0.0
     for layer in layers:
-        total += layer.gemm_flops / (peak * gemm_efficiency(d, layer.min_dim))
+        if layer.gemm_flops:  # none when a layer has no input (a graph without features or embedding)
+            total += layer.gemm_flops / (peak * gemm_efficiency(d, layer.min_dim))
         total += layer.gather_bytes / bandwidth
         total += KERNELS_PER_LAYER * d.efficiency.kernel_overhead_us * 1e-6
     return total
