@@ -37,6 +37,17 @@ from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import EngineSpec, Parallel
 
 KERNELS_PER_LAYER = 10  # launches outside GEMMs per layer and step
+# `Efficiency.attention` is a fraction of peak for the score count of Megatron-LM's convention,
+# the full s x s square of a causal prompt (simulator/specs/profile.py: a measured causal
+# kernel's rate, which counts the visible half, is doubled to that convention). A step here
+# counts the pairs a query actually attends (`BatchSums.attention_pairs`: n c + n (n + 1) / 2),
+# half that square for a whole prompt; in the efficiency's convention each visible pair of a
+# prompt or chunk is two. Without this, prompt attention ran at twice the measured kernel's
+# rate: SmolLM2 prefills of 512 tokens on the measured CPU profile were 1.5x faster than the
+# real decoder's (profile decode table), verifications of 8 drafts 1.3x. One-query decode
+# attention has its own measured efficiency (`attention_decode`, no causal half) and is
+# counted as is.
+FULL_SQUARE_PER_VISIBLE_PAIR = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +165,8 @@ class IterationModel:
     # --- time ---------------------------------------------------------------------------------
     def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float, decode_attn_flops: float = 0.0) -> float:
         gemms, elementwise, tp = self._token_parts(tokens)
-        attention = attention_s(self.device, attn_flops, decode_attn_flops) + kv_read_bytes / self.kv_hbm
+        attention = (attention_s(self.device, FULL_SQUARE_PER_VISIBLE_PAIR * attn_flops, decode_attn_flops)
+                     + kv_read_bytes / self.kv_hbm)
         return gemms + attention + elementwise + tp
 
     def _token_parts(self, tokens: int) -> tuple[float, float, float]:
@@ -260,7 +272,8 @@ class IterationModel:
     def _attention_s(self, flops: float, decode_flops: float) -> float:
         """`timing.attention_s` without a sequence length, with the device's numbers looked up once."""
         e = self.device.efficiency
-        return (flops / e.attention + decode_flops / (e.attention_decode or e.attention)) / self._peak_flops
+        return ((FULL_SQUARE_PER_VISIBLE_PAIR * flops) / e.attention
+                + decode_flops / (e.attention_decode or e.attention)) / self._peak_flops
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""
