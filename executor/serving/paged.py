@@ -135,6 +135,15 @@ class PagedKV:
         v = v.index_select(1, flat).view(v.shape[0], b, nb * self.block_size, v.shape[-1])
         return k.transpose(0, 1), v.transpose(0, 1)
 
+    def gather_heads(self, layer: int, flat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the blocks `flat` (`batch` block tables of equal length, concatenated) as
+        [kv_heads * batch, blocks * block_size, head_dim], head-major: row h * batch + b is
+        sequence b's K/V head h. One `index_select` each and no copy after it (what the batched
+        decode attention reads, see executor/serving/runner.py)."""
+        k, v = self.k[layer], self.v[layer]
+        shape = (k.shape[0] * batch, flat.shape[0] // batch * self.block_size, k.shape[-1])
+        return k.index_select(1, flat).view(shape), v.index_select(1, flat).view(shape)
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K and V [T, kv_heads, head_dim] of T tokens at flat slots (block * block_size
         + offset)."""

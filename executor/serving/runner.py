@@ -9,9 +9,12 @@ Design note: the batch is flattened, not padded. All the step's tokens form one 
 matrix, so every projection and the MLP run once over T rows whatever the mix of prompt
 chunks and decodes (a sarathi step of 1 decode token per sequence plus a 500-token chunk
 pads nothing). Only attention is per sequence:
-- decodes (one new token each) are batched: their block tables are gathered into one padded
-  [B, kv_heads, L, head_dim] tensor (L = the longest context, rounded up to a block) and one
-  SDPA call attends with a key mask per row;
+- decodes (one new token each) are batched: their blocks are gathered, one `index_select` per
+  layer for K and one for V, into a padded head-major [kv_heads x B, L, head_dim] tensor (L =
+  the longest context, rounded up to a block), and `decode_attention` (two batched matmuls and
+  a float32 softmax, shared with `LlamaDecoder.forward`) attends with an additive key mask per
+  row, built once per step. When the decodes are consecutive rows (every decode-only step),
+  their queries and outputs are slices, not index copies;
 - a prompt that starts at position 0 attends its own fresh K/V (no gather);
 - a chunk that continues a prompt (sarathi, or a recompute after preemption) gathers its
   own blocks.
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from executor.serving.model import LlamaDecoder, _linear
+from executor.serving.model import LlamaDecoder, _linear, decode_attention, key_bias
 from executor.serving.paged import PagedKV
 
 
@@ -56,9 +59,9 @@ class Batch:
     cos: torch.Tensor                     # [T, 1, head_dim]
     sin: torch.Tensor
     decodes: list[int]                    # items of one token, attended together
-    rows_d: torch.Tensor                  # their rows in the flat batch
-    tables: torch.Tensor | None           # their padded block tables [decodes, nb]
-    mask_d: torch.Tensor | None           # their key masks
+    rows_d: torch.Tensor | slice          # their rows in the flat batch (a slice when consecutive)
+    flat_d: torch.Tensor | None           # their block tables, padded to one length, concatenated
+    bias_d: torch.Tensor | None           # their key masks [kv_heads * decodes, 1, keys] (0 / -inf)
     others: list[int]                     # items of several tokens, attended one by one
     last: torch.Tensor                    # rows whose logits are wanted, in item order
 
@@ -100,19 +103,23 @@ class PagedRunner:
         slots = torch.tensor(blocks, device=dev) * kv.block_size + torch.tensor(offsets, device=dev)
         cos, sin = dec.cos[pos_t][:, None].to(dtype), dec.sin[pos_t][:, None].to(dtype)  # [T, 1, d]
         decodes = [i for i, it in enumerate(items) if len(it.tokens) == 1]
-        rows_d = torch.tensor([spans[i][0] for i in decodes], device=dev, dtype=torch.long)
-        tables = mask_d = None
+        rows = [spans[i][0] for i in decodes]
+        rows_d = (slice(rows[0], rows[0] + len(rows)) if rows and rows == list(range(rows[0], rows[0] + len(rows)))
+                  else torch.tensor(rows, device=dev, dtype=torch.long))
+        flat_d = bias_d = None
         if decodes:
             ctx_d = torch.tensor([items[i].start + 1 for i in decodes], device=dev)
             nb = -(-int(ctx_d.max()) // kv.block_size)
-            tables = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev)
-            mask_d = (torch.arange(nb * kv.block_size, device=dev)[None, :] < ctx_d[:, None])[:, None, None]
+            flat_d = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev).reshape(-1)
+            kvh = dec.cfg.n_kv_heads
+            bias = key_bias(ctx_d, nb * kv.block_size, dtype)                       # [decodes, keys]
+            bias_d = bias[None].expand(kvh, *bias.shape).reshape(kvh * len(decodes), 1, bias.shape[1])
         others = [i for i in range(len(items)) if len(items[i].tokens) > 1]
         last = torch.tensor([r for (s, n), it in zip(spans, items) if it.logits
                              for r in (range(s, s + n) if it.all_logits else (s + n - 1,))], device=dev,
                             dtype=torch.long)
         return Batch(items, spans, torch.tensor(tokens, device=dev), slots, cos, sin, decodes, rows_d,
-                     tables, mask_d, others, last)
+                     flat_d, bias_d, others, last)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.decoder.embed[batch.tokens]                                # [T, hidden]
@@ -124,23 +131,31 @@ class PagedRunner:
         nh, kvh, g, d = cfg.n_heads, cfg.n_kv_heads, cfg.group, cfg.head_dim
         reduce = self.reduce or (lambda t: t)
         t_all, items, spans, decodes = x.shape[0], batch.items, batch.spans, batch.decodes
+        nd = len(decodes)
+        only_decodes = nd == len(items) and isinstance(batch.rows_d, slice) and nd == t_all
         for layer, w in enumerate(dec.layers):
             qkv = _linear(dec._rms(x, w.attn_norm), w.qkv)
-            q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
-            q = dec._rope(q.view(t_all, nh, d), batch.cos, batch.sin)
-            k = dec._rope(k.view(t_all, kvh, d), batch.cos, batch.sin)
-            v = v.view(t_all, kvh, d)
+            # rope on Q and K in one call (they are adjacent columns of the fused projection)
+            qk = dec._rope(qkv[:, :(nh + kvh) * d].view(t_all, nh + kvh, d), batch.cos, batch.sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, (nh + kvh) * d:].view(t_all, kvh, d)
             kv.write(layer, batch.slots, k, v)
-            o = torch.empty(t_all, nh * d, dtype=x.dtype, device=x.device)
             if decodes:
                 t0 = time.perf_counter()
-                kd, vd = kv.gather(layer, batch.tables)
+                kd, vd = kv.gather_heads(layer, batch.flat_d, nd)              # [kvh * nd, keys, d]
                 self.gather_s += time.perf_counter() - t0
-                qd = q[batch.rows_d].view(len(decodes), kvh, g, d)
-                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.mask_d)
-                o[batch.rows_d] = od.reshape(len(decodes), nh * d)
-            for i in batch.others:
-                o[spans[i][0]:sum(spans[i])] = self._chunk_attention(layer, items[i], spans[i], q, k, v)
+                # sequence-major rows -> head-major, as gathered: row h * nd + b
+                qd = q[batch.rows_d].reshape(nd, kvh, g, d).transpose(0, 1).reshape(kvh * nd, g, d)
+                od = decode_attention(qd, kd, vd, batch.bias_d)
+                od = od.view(kvh, nd, g * d).transpose(0, 1).reshape(nd, nh * d)
+            if only_decodes:
+                o = od
+            else:
+                o = torch.empty(t_all, nh * d, dtype=x.dtype, device=x.device)
+                if decodes:
+                    o[batch.rows_d] = od
+                for i in batch.others:
+                    o[spans[i][0]:sum(spans[i])] = self._chunk_attention(layer, items[i], spans[i], q, k, v)
             x = x + reduce(_linear(o, w.o))
             gate, up = _linear(dec._rms(x, w.ffn_norm), w.gate_up).chunk(2, dim=-1)
             x = x + reduce(_linear(F.silu(gate) * up, w.down))
@@ -152,7 +167,9 @@ class PagedRunner:
         dec = self.decoder
         if not x.shape[0]:
             return x.new_zeros(0, dec.cfg.vocab)
-        return _linear(dec._rms(x, dec.norm), dec.embed)
+        # contiguous float32: `_linear` returns a transposed view, and argmax along a strided axis,
+        # or of bf16 values, took 4-10x as long (12-17 ms for 64 rows of 49152 here)
+        return _linear(dec._rms(x, dec.norm), dec.embed).to(torch.float32, memory_format=torch.contiguous_format)
 
     def _chunk_attention(self, layer: int, it: Item, span: tuple[int, int], q: torch.Tensor,
                          k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -161,7 +178,7 @@ class PagedRunner:
         kvh, g, d = cfg.n_kv_heads, cfg.group, cfg.head_dim
         s, n = span
         dev = q.device
-        qi = q[s:s + n].view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
+        qi = q[s:s + n].reshape(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
         length = it.start + n
         if it.start == 0:  # its own fresh K/V: no gather
             ki, vi = k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None]
