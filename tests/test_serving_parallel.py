@@ -86,8 +86,7 @@ def test_layouts_the_model_does_not_allow_are_refused_by_field(decoder):
         check_layout(0, 1, cfg, "decode")
     with pytest.raises(SpecError, match=r"deployment\.prefill\.pp = 31"):
         check_layout(1, 31, cfg)
-    with pytest.raises(SpecError, match=r"deployment\.dp"):
-        check_deployment(DeploymentSpec(dp=2))
+    check_deployment(DeploymentSpec(dp=2))   # dp replicas run: tests/test_serving_dp.py
     check_deployment(DeploymentSpec(prefill={"tp": 1, "pp": 3}, decode={"tp": 3, "pp": 1},   # re-sharding runs
                                     scheduler="seesaw", cpu_kv_buffer_GB=1))
     with pytest.raises(SpecError, match=r"deployment\.decode\.tp = 4"):
@@ -117,26 +116,34 @@ def test_micro_batches_split_tokens_evenly_and_keep_order():
     assert micro_batches(items[:1], 4) == [items[:1]]
 
 
-def test_a_killed_rank_ends_the_engine_with_a_named_error(decoder, prompts):
-    engine = Engine(decoder, EngineConfig(num_blocks=64, pp=2, timeout_s=30))
-    procs = list(engine.group.procs)
+def kill_mid_generation(engine, pid: int, prompts) -> EngineThread:
+    """Serve `prompts` (long greedy requests) in `engine`'s step loop, SIGKILL process `pid` once
+    every request has a token, wait for the requests to end and the loop to stop; the loop."""
     loop = EngineThread(engine).start()
     done = threading.Event()
-    seen = []
+    seen = set()
 
     def on_output(seq):
-        seen.append(len(seq.output_ids))
+        seen.add(seq.id)
         if seq.finish_reason:
             done.set()
 
-    loop.submit(prompts[0], SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True), on_output)
+    for prompt in prompts:
+        loop.submit(prompt, SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True), on_output)
     deadline = time.time() + 30
-    while not seen and time.time() < deadline:
+    while len(seen) < len(prompts) and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(procs[0].pid, signal.SIGKILL)   # rank 1, mid-generation
-    assert done.wait(30), "the request never ended"
+    os.kill(pid, signal.SIGKILL)
+    assert done.wait(30), "the requests never ended"
     loop.thread.join(30)
     assert not loop.alive
+    return loop
+
+
+def test_a_killed_rank_ends_the_engine_with_a_named_error(decoder, prompts):
+    engine = Engine(decoder, EngineConfig(num_blocks=64, pp=2, timeout_s=30))
+    procs = list(engine.group.procs)
+    loop = kill_mid_generation(engine, procs[0].pid, prompts[:1])   # rank 1, mid-generation
     assert isinstance(loop.fatal, RankFailed) and loop.fatal.rank == 1, loop.fatal
     assert "rank 1 of 2 failed" in str(loop.fatal)
     with pytest.raises(RankFailed):

@@ -72,6 +72,7 @@ from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
 from executor.serving.spec_engine import SpecDecoder, check_speculation, speculative_tokens
 from executor.serving.workers import RankGroup, ShardJob
 from simulator.engine.trace import write_chrome_trace
+from simulator.errors import SpecError
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.recorder import Recorder
 from simulator.serving.schedulers import StaticScheduler, Step
@@ -110,6 +111,7 @@ class EngineConfig:
     speculation: SpeculationSpec | None = None   # n-gram speculative decoding (one rank, vllm)
     speculation_cluster: str = "1xcpu"   # speculation: the cluster whose profile prices the steps
     speculation_context: int = 256       # adaptive: the context its k*(b) table is computed at
+    dp: int = 1                      # data-parallel replicas (executor/serving/replicas.py; start_engine)
 
     def deployment(self) -> DeploymentSpec:
         """The deployment the shared scheduler reads (one static layout of tp x pp ranks, or a
@@ -129,17 +131,20 @@ class EngineConfig:
     @classmethod
     def from_deployment(cls, dep: DeploymentSpec, **overrides) -> EngineConfig:
         """The engine settings of a deployment spec (see simtune serve); SpecError, naming the
-        field, for what the engine does not run (dp > 1, speculation with a draft model or on
-        several ranks). A re-sharding deployment (seesaw) keeps its decode layout and buffer."""
+        field, for what the engine does not run (speculation with a draft model, on several
+        ranks or on several replicas). A re-sharding deployment (seesaw) keeps its decode layout
+        and buffer; dp > 1 runs dp replicas of the layout (executor/serving/replicas.py)."""
         check_deployment(dep.model_copy(update={"speculation": None}))
         seesaw = {"decode_tp": dep.decode.tp, "decode_pp": dep.decode.pp,
                   "cpu_kv_buffer_GB": dep.cpu_kv_buffer_GB} if dep.scheduler == "seesaw" else {}
         config = cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
                         "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
                         "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
-                        "speculation": dep.speculation, **seesaw, **overrides})
+                        "speculation": dep.speculation, "dp": dep.dp, **seesaw, **overrides})
         if config.speculation is not None:
             check_speculation(config)
+        if config.dp > 1 and config.speculation is not None:
+            raise SpecError("deployment.dp", config.dp, "speculative decoding runs on one replica (dp = 1)")
         return config
 
 
@@ -184,11 +189,56 @@ class EngineStats:
         return sum(n for _, n in recent) / window_s if recent else 0.0
 
 
-class Engine:
+def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, limit: int, vocab: int,
+                 has_tokenizer: bool) -> list[int]:
+    """The prompt as a list of ints, or RequestRejected naming what is wrong: empty, a token id
+    outside the vocabulary, prompt + max_tokens over `limit`, stop strings without a tokenizer."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise RequestRejected("the prompt is empty; give at least one token", "prompt")
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise RequestRejected(f"token ids must be in 0..{vocab - 1}", "prompt")
+    if len(prompt_ids) + params.max_tokens > limit:
+        raise RequestRejected(
+            f"this model's maximum context length is {limit} tokens; the request has "
+            f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens}",
+            "max_tokens" if len(prompt_ids) < limit else "prompt", "context_length_exceeded")
+    if params.stop and not has_tokenizer:
+        raise RequestRejected("stop strings need the engine's tokenizer", "stop")
+    return prompt_ids
+
+
+class Offline:
+    """Offline serving over the step API (`add_request`, `step`, `has_unfinished`,
+    `next_arrival_s`, `now`), shared by `Engine` and the data-parallel `ReplicatedEngine`."""
+
+    def run_until_done(self, sleep_s: float = 0.001) -> None:
+        """Step until every queued request has finished (waiting for future arrivals)."""
+        while self.has_unfinished():
+            if not self.step():
+                nxt = self.next_arrival_s()
+                if nxt is not None:
+                    time.sleep(max(0.0, min(nxt - self.now(), 0.05)) or sleep_s)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list:
+        """Serve `prompts` all arriving now; the finished sequences in prompt order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self.run_until_done()
+        return seqs
+
+
+class Engine(Offline):
+    """One replica: a layout of tp x pp ranks (or a seesaw pair). dp > 1 is `start_engine`'s
+    (executor/serving/replicas.py): dp of these, each in its own process, behind a router."""
+
     def __init__(self, decoder: LlamaDecoder, config: EngineConfig = EngineConfig(), tokenizer=None,
                  clock: Callable[[], float] = time.perf_counter):
         if config.scheduler not in ("vllm", "sarathi", "seesaw"):
             raise ValueError(f"scheduler={config.scheduler!r}: the engine runs 'vllm', 'sarathi' or 'seesaw'")
+        if config.dp != 1:
+            raise ValueError(f"dp={config.dp}: an Engine is one replica; start dp > 1 replicas with "
+                             f"executor.serving.replicas.start_engine")
         self.decoder, self.config, self.tokenizer = decoder, config, tokenizer
         cfg = decoder.cfg
         if not 1 <= config.max_model_len <= cfg.max_positions:
@@ -268,20 +318,8 @@ class Engine:
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """The prompt as a list of ints, or RequestRejected naming what is wrong (reads only
         fixed settings, so any thread may call it)."""
-        prompt_ids = [int(t) for t in prompt_ids]
-        limit = self.max_request_tokens
-        if not prompt_ids:
-            raise RequestRejected("the prompt is empty; give at least one token", "prompt")
-        if any(not 0 <= t < self.decoder.cfg.vocab for t in prompt_ids):
-            raise RequestRejected(f"token ids must be in 0..{self.decoder.cfg.vocab - 1}", "prompt")
-        if len(prompt_ids) + params.max_tokens > limit:
-            raise RequestRejected(
-                f"this model's maximum context length is {limit} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens}",
-                "max_tokens" if len(prompt_ids) < limit else "prompt", "context_length_exceeded")
-        if params.stop and self.tokenizer is None:
-            raise RequestRejected("stop strings need the engine's tokenizer", "stop")
-        return prompt_ids
+        return check_prompt(prompt_ids, params, self.max_request_tokens, self.decoder.cfg.vocab,
+                            self.tokenizer is not None)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -428,20 +466,3 @@ class Engine:
             raise ValueError("trace: the engine was built without trace=True; nothing was recorded")
         write_chrome_trace(self.recorder.trace_events(), path, "smollm2-135m on this machine (measured)",
                            process_label="replica")
-
-    # --- offline ------------------------------------------------------------------------------
-    def run_until_done(self, sleep_s: float = 0.001) -> None:
-        """Step until every queued request has finished (waiting for future arrivals)."""
-        while self.has_unfinished():
-            if not self.step():
-                nxt = self.next_arrival_s()
-                if nxt is not None:
-                    time.sleep(max(0.0, min(nxt - self.now(), 0.05)) or sleep_s)
-
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 ) -> list[EngineSeq]:
-        """Serve `prompts` all arriving now; the finished sequences in prompt order."""
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        self.run_until_done()
-        return seqs

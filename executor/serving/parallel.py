@@ -82,11 +82,10 @@ class Layout:
 
 
 def check_deployment(dep: DeploymentSpec) -> None:
-    """SpecError, naming the field, for what the engine does not run: dp > 1, speculation.
-    (Re-sharding between a prefill and a decode layout needs the seesaw scheduler and a CPU
-    buffer, which the deployment spec itself checks: executor/serving/reshard.py runs it.)"""
-    if dep.dp != 1:
-        raise SpecError("deployment.dp", dep.dp, "the serving engine runs one replica (dp = 1)")
+    """SpecError, naming the field, for what the engine does not run: speculation. (dp > 1 runs
+    dp replicas of the layout: executor/serving/replicas.py. Re-sharding between a prefill and
+    a decode layout needs the seesaw scheduler and a CPU buffer, which the deployment spec
+    itself checks: executor/serving/reshard.py runs it.)"""
     if dep.speculation is not None:
         raise SpecError("deployment.speculation", dep.speculation.model_dump(),
                         "not supported by the serving engine yet")

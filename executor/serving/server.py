@@ -6,6 +6,10 @@ POST /v1/completions, /v1/chat/completions --validate--> EngineThread.submit -->
 GET /v1/models, /health, /metrics (Prometheus text)
 ```
 
+The engine is one `Engine` or, for a deployment with dp > 1, a `ReplicatedEngine`
+(executor/serving/replicas.py) with the same API: the server and the step loop do not tell
+them apart; /metrics then sums the replicas' counters and KV blocks.
+
 Every request is validated before it reaches the engine: pydantic models check fields and
 types, the engine's `check_request` the context length, the model name must be the served
 one. Failures are OpenAI-style bodies, `{"error": {"message", "type", "param", "code"}}`:
@@ -329,13 +333,14 @@ def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 800
     import torch
     import uvicorn
 
-    from executor.serving.engine import Engine
     from executor.serving.model import load_decoder, load_tokenizer
+    from executor.serving.replicas import start_engine
 
     if dtype not in ("bfloat16", "float32"):
         raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
     tokenizer = load_tokenizer()
-    engine = Engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)  # starts tp x pp ranks
+    # starts tp x pp ranks; dp > 1: dp replicas, each in its own process (executor/serving/replicas.py)
+    engine = start_engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)
     try:
         loop_thread = EngineThread(engine, max_queue).start()
         try:

@@ -150,6 +150,29 @@ def worker_main(rank: int, job: ShardJob, port: int, conn: Connection) -> None:
             os._exit(1)  # no teardown: it may wait on a dead peer
 
 
+def stop_processes(procs: list, pipes: list[Connection], grace_s: float) -> None:
+    """Stop processes started here, each by its process object: ("stop",) on its pipe, `grace_s`
+    for all to exit, then SIGTERM, then SIGKILL; close the pipes."""
+    for p, conn in zip(procs, pipes):
+        if p.exitcode is None:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(grace_s)
+    for conn in pipes:
+        conn.close()
+
+
 class RankGroup:
     """Rank 0's side of the ranks: start them, send each step, notice failures, stop them."""
 
@@ -262,24 +285,7 @@ class RankGroup:
         if self.closed:
             return
         self.closed = True
-        for p, conn in zip(self.procs, self.pipes):
-            if p.exitcode is None:
-                try:
-                    conn.send(("stop",))
-                except OSError:
-                    pass
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(STOP_GRACE_S)
-            if p.is_alive():
-                p.kill()
-                p.join(STOP_GRACE_S)
-        for conn in self.pipes:
-            conn.close()
+        stop_processes(self.procs, self.pipes, STOP_GRACE_S)
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

@@ -5,8 +5,9 @@ A deployment spec selects the scheduler, its limits and the layout: `prefill: {t
 tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers).
 A re-sharding deployment (`scheduler: seesaw`, a `decode: {tp, pp}` on as many ranks, a
 `cpu_kv_buffer_GB`) prefills in the prefill layout and decodes in the decode layout, moving
-the KV through the CPU buffer (executor/serving/reshard.py); dp > 1 is refused with a SpecError. A
-deployment's `speculation` (draft 'ngram'; policy fixed, adaptive or goodput) turns on
+the KV through the CPU buffer (executor/serving/reshard.py). `dp: N` > 1 runs N replicas of
+that layout, each in its own process with its own KV pool (`--num-blocks` each), behind the
+simulator's router (executor/serving/replicas.py). A deployment's `speculation` (draft 'ngram'; policy fixed, adaptive or goodput) turns on
 speculative decoding, on one rank with the vllm scheduler; other combinations are refused
 with a SpecError naming the field.
 """
@@ -29,7 +30,8 @@ def serve(
         "--deployment", "-d", help="Deployment (catalog name or YAML): scheduler, limits, KV block size. "
         "prefill {tp, pp} selects tensor/pipeline parallel ranks (gloo on CPU, NCCL on GPU); "
         "scheduler: seesaw with a decode {tp, pp} re-shards between prefill and decode; "
-        "speculation (draft: ngram) turns on speculative decoding on one rank.")] = None,
+        "speculation (draft: ngram) turns on speculative decoding on one rank; "
+        "dp: N runs N replicas behind a router.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_num_seqs: Annotated[int | None, typer.Option(help="Most sequences per step (default: the "
@@ -58,6 +60,8 @@ def serve(
     layout = f"tp{config.tp} pp{config.pp}"
     if config.scheduler == "seesaw":
         layout = f"prefill {layout} -> decode tp{config.decode_tp or config.tp} pp{config.decode_pp or config.pp}"
+    if config.dp > 1:
+        layout = f"dp{config.dp} x {layout}"
     err.print(f"serving {model} on http://{host}:{port}/v1 ({layout}, {config.scheduler}, "
               f"up to {config.max_num_seqs} "
               f"sequences, {config.num_blocks} KV blocks of {config.block_size}, {dtype})")

@@ -28,6 +28,7 @@ from simulator.serving.kv_cache import BlockManager
 from simulator.serving.recorder import Recorder
 from simulator.serving.replica import Replica
 from simulator.serving.report import ServingReport, build_report
+from simulator.serving.router import least_outstanding
 from simulator.serving.schedulers import StaticScheduler
 from simulator.serving.seesaw import SeesawReplica
 from simulator.serving.sequence import Seq
@@ -140,7 +141,8 @@ def _replicas(env, model, cluster, dep, caps, rec, requests, seed, next_arrival_
 
 class Arrivals:
     """The request stream: hands each request to the replica with the fewest outstanding at
-    its arrival time, and says when the next one arrives (fast-forward stops before it)."""
+    its arrival time (`router.least_outstanding`), and says when the next one arrives
+    (fast-forward stops before it)."""
 
     def __init__(self, env: simpy.Environment, seqs: list[Seq]):
         self.env, self.seqs, self.replicas = env, seqs, []
@@ -154,7 +156,7 @@ class Arrivals:
                 delay = seq.req.arrival_s - env.now
                 self.next_s = env.now + delay  # the time simpy schedules the timeout at
                 yield env.timeout(delay)
-            min(self.replicas, key=lambda r: r.outstanding).submit(seq)
+            self.replicas[least_outstanding([r.outstanding for r in self.replicas])].submit(seq)
             self.submitted += 1
         self.next_s = math.inf
 
