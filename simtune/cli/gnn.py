@@ -31,7 +31,7 @@ def partition(
                                                 "(training nodes, edges and nodes balanced).")] = Method.metis,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write the partition store here.")] = None,
     emit: Annotated[str | None, typer.Option("--emit", help="Also write DGL's partition config: dgl.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of METIS and of random partitioning.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1, help="Seed of METIS and of random partitioning.")] = 0,
     as_json: JsonFlag = False,
 ) -> None:
     """Partition a graph: edge cut, halo nodes and balance per part; --out writes the store."""

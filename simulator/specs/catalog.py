@@ -73,8 +73,8 @@ def _load(kind: str, ref: Any, what: str) -> Spec:
     if not isinstance(ref, (str, Path)):
         raise SpecError(what, ref, "must be a catalog name, a file path, or a mapping")
     name = str(ref)
-    if not name.strip():
-        raise SpecError(what, name, f"must name a {kind[:-1]}: a catalog name or a YAML file")
+    if not name.strip() or "\x00" in name:
+        raise SpecError(what, name, f"must name a {kind[:-1]}: a catalog name or a YAML file (no NUL characters)")
     if name in _entries(kind):
         return cls.parse(read_yaml(_entries(kind)[name]))
     path = Path(name)

@@ -176,6 +176,8 @@ class HardwareProfile:
 def resolve_profile_path(ref: str | Path) -> Path:
     """A profile by catalog name (simulator/specs/catalog/profiles/<name>) or directory path."""
     name = str(ref)
+    if not name.strip() or "\x00" in name:
+        raise SpecError("profile", name, "must name a profile directory or a catalog profile (no NUL characters)")
     if (PROFILES_DIR / name).is_dir() and "/" not in name:
         return PROFILES_DIR / name
     return Path(name)

@@ -39,7 +39,8 @@ def ok_rows(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
 
 def ranked(df: pd.DataFrame, spec: Any, by: str = "time") -> pd.DataFrame:
     col = metric(spec, by)
-    return ok_rows(df, col).sort_values([col, "scenario_id"], kind="stable")
+    rows = ok_rows(df, col)
+    return rows.sort_values([col, "scenario_id"], kind="stable") if col in rows else rows  # none ran: no column
 
 
 def best_per_group(df: pd.DataFrame, spec: Any, group: list[str], by: str = "time") -> pd.DataFrame:
