@@ -68,7 +68,8 @@ from simulator.serving.report import percentiles  # noqa: E402
 from simulator.serving.simulate import simulate_serving  # noqa: E402
 from simulator.serving.workload import describe_lengths, generate_requests  # noqa: E402
 from simulator.specs.catalog import load_cluster, load_model  # noqa: E402
-from simulator.specs.serving import DeploymentSpec, WorkloadSpec  # noqa: E402
+from simulator.specs.profile import load_profile  # noqa: E402
+from simulator.specs.serving import DeploymentSpec, EngineSpec, WorkloadSpec  # noqa: E402
 
 DEFAULT_OUT = common.RESULTS / "serving_vs_sim.json"
 MODEL = "smollm2-135m"
@@ -176,9 +177,23 @@ def same_run_profile(root: Path) -> dict[str, Any]:
 
 
 # --- the simulator's side --------------------------------------------------------------------------
+def engine_spec(profile: Path) -> EngineSpec:
+    """The engine the simulator is told it simulates: this one (executor/serving), whose steps
+    do not overlap (the next decode needs this step's tokens), so a pipeline fills and drains
+    every step; its CPU time per step is the profile's host step time (the `decode` family's
+    tiny-width decoder), as for the device without an engine."""
+    decode = load_profile(profile).fit("decode") or {}
+    return EngineSpec(name="simtune executor/serving", source=f"host step of the profile {profile.name}",
+                      step_overhead_us=1e6 * float(decode.get("step_overhead_s", 0.0)), pipeline_overlap=False)
+
+
+def simulated_spec(cfg: Config, profile: Path) -> DeploymentSpec:
+    return cfg.spec().model_copy(update={"engine": engine_spec(profile)})
+
+
 def simulate(cfg: Config, workload: dict[str, Any], profile: Path) -> dict[str, Any]:
     cluster = load_cluster(f"{cfg.ranks}xcpu", profile=profile)
-    rep = simulate_serving(MODEL, cluster, cfg.spec(), workload)
+    rep = simulate_serving(MODEL, cluster, simulated_spec(cfg, profile), workload)
     return {**metrics_of(rep.output_tokens_per_s, rep.ttft_s, rep.tpot_s), "makespan_s": rep.makespan_s,
             "steps": rep.steps, "preemptions": rep.preemptions, "transitions": rep.transitions,
             "transition_time_s": rep.transition_time_s}
@@ -198,34 +213,44 @@ def engine_config(cfg: Config, requests) -> EngineConfig:
 
 
 class StepLog:
-    """Each engine step: its kind, batch (the scheduler's works), wall time and forward time."""
+    """Each engine step: its kind and batch (the `Step` the engine records, static or
+    re-sharding alike), the step's wall time, the model part of it (from the record's start,
+    after scheduling, to its end, after sampling), and the CPU time of the thread that ran it.
+    torch runs one intra-op thread here, so rank 0's share of the step's work runs on that
+    thread: CPU / wall is the share of a core the step got on the shared machine, near 1 when
+    it is quiet (lower on 2 ranks, where rank 0 also waits for its peer). Re-sharding
+    transitions are timed apart."""
 
     def __init__(self, eng: Engine):
         self.rows: list[dict[str, Any]] = []
-        self._plan: Any = None
-        self._forward_s = 0.0
-        plan, forward, step = eng.scheduler.plan, eng.runner.forward, eng.step
+        self.transitions: list[float] = []
+        self._last: tuple | None = None
+        record, step = eng._record, eng.step
 
-        def planned():
-            self._plan = plan()
-            return self._plan
-
-        def forwarded(items):
-            t0 = time.perf_counter()
-            out = forward(items)
-            self._forward_s += time.perf_counter() - t0
-            return out
+        def recorded(plan, start, end, emitted, prompt_tokens):
+            self._last = (plan.kind, list(plan.works), end - start)
+            return record(plan, start, end, emitted, prompt_tokens)
 
         def stepped():
-            self._plan, self._forward_s = None, 0.0
-            t0 = time.perf_counter()
+            self._last = None
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = step()
-            if self._plan is not None:
-                self.rows.append({"kind": self._plan.kind, "step_s": time.perf_counter() - t0,
-                                  "forward_s": self._forward_s, "works": list(self._plan.works)})
+            if self._last is not None:
+                kind, works, model_s = self._last
+                self.rows.append({"kind": kind, "works": works, "step_s": time.perf_counter() - t0,
+                                  "model_s": model_s, "cpu_s": time.thread_time() - c0})
             return out
 
-        eng.scheduler.plan, eng.runner.forward, eng.step = planned, forwarded, stepped
+        eng._record, eng.step = recorded, stepped
+        if eng.reshard is not None:
+            transition = eng.reshard._transition
+
+            def timed_transition(phase):
+                t0 = time.perf_counter()
+                transition(phase)
+                self.transitions.append(time.perf_counter() - t0)
+
+            eng.reshard._transition = timed_transition
 
 
 def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict[str, Any]:
@@ -252,6 +277,7 @@ def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict
         steps[row["kind"]] = steps.get(row["kind"], 0) + 1
     return {**metrics_of(out / makespan, percentiles(ttft), percentiles(tpot)), "makespan_s": makespan,
             "steps": steps, "preemptions": eng.scheduler.preemptions, "step_log": log.rows,
+            "transitions": len(log.transitions), "transition_time_s": sum(log.transitions),
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
 
 
@@ -259,7 +285,7 @@ def step_attribution(cfg: Config, log: list[dict[str, Any]], profile: Path) -> d
     """Per step kind: measured seconds (whole step, its forward, the host part outside the
     forward) against the iteration model's seconds for the same batches, on this run's profile."""
     model, cluster = load_model(MODEL), load_cluster(f"{cfg.ranks}xcpu", profile=profile)
-    spec = cfg.spec()
+    spec = simulated_spec(cfg, profile)
     layouts = {"prefill": IterationModel(model, cluster, spec.prefill, spec.engine),
                "decode": IterationModel(model, cluster, spec.decode, spec.engine)}
     out: dict[str, Any] = {}
@@ -269,10 +295,11 @@ def step_attribution(cfg: Config, log: list[dict[str, Any]], profile: Path) -> d
         predicted = [it.step_s(r["works"]) for r in rows]
         ratios = [r["step_s"] / p for r, p in zip(rows, predicted) if p > 0]
         out[kind] = {"steps": len(rows), "measured_s": sum(r["step_s"] for r in rows),
-                     "forward_s": sum(r["forward_s"] for r in rows),
-                     "host_s": sum(r["step_s"] - r["forward_s"] for r in rows), "predicted_s": sum(predicted),
+                     "host_s": sum(r["step_s"] - r["model_s"] for r in rows),
+                     "cpu_s": sum(r["cpu_s"] for r in rows), "predicted_s": sum(predicted),
                      "predicted_overhead_s": len(rows) * it.overhead.step_s,
                      "median_measured_over_predicted": statistics.median(ratios) if ratios else None,
+                     "median_cpu_over_predicted": statistics.median(r["cpu_s"] / p for r, p in zip(rows, predicted)),
                      "mean_sequences": statistics.fmean(len(r["works"]) for r in rows),
                      "mean_new_tokens": statistics.fmean(sum(w.new_tokens for w in r["works"]) for r in rows)}
     return out
@@ -304,7 +331,7 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
         rows = []
         runnable = []
         for cfg in configs:
-            row = {"label": cfg.label, "workload": cfg.workload, "deployment": cfg.spec().to_dict(),
+            row = {"label": cfg.label, "workload": cfg.workload, "deployment": simulated_spec(cfg, profile_dir).to_dict(),
                    "ranks": cfg.ranks, "simulated": simulate(cfg, workloads[cfg.workload], profile_dir)}
             try:
                 engine_config(cfg, requests[cfg.workload])
@@ -316,7 +343,12 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
         by_label = {r["label"]: r for r in rows}
         for rep in range(repeats):  # interleaved; every other repeat in reverse order
             for cfg in runnable if rep % 2 == 0 else runnable[::-1]:
-                r = run_engine(decoder, cfg, requests[cfg.workload], prompts[cfg.workload])
+                try:
+                    r = run_engine(decoder, cfg, requests[cfg.workload], prompts[cfg.workload])
+                except Exception as err:  # noqa: BLE001 - a failing layout is a row's finding, not the run's end
+                    by_label[cfg.label].setdefault("failures", []).append(f"{type(err).__name__}: {err}")
+                    print(f"repeat {rep + 1}/{repeats} {cfg.label}: FAILED {type(err).__name__}: {err}", flush=True)
+                    continue
                 by_label[cfg.label]["runs"].append(r)
                 sim = by_label[cfg.label]["simulated"]
                 print(f"repeat {rep + 1}/{repeats} {cfg.label:14s} measured {r['output_tokens_per_s']:6.1f} tok/s "
@@ -325,7 +357,12 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
                       f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f})",
                       flush=True)
         for cfg in runnable:
-            summarize(by_label[cfg.label], cfg, profile_dir)
+            row = by_label[cfg.label]
+            if row["runs"]:
+                summarize(row, cfg, profile_dir)
+            else:
+                row.pop("runs")
+                row["not_measured"] = "the engine failed on every repeat: " + row["failures"][0].splitlines()[-1]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**common.run_fields("serving_vs_sim", quick, {"repeats": repeats}),
@@ -343,6 +380,8 @@ def summarize(row: dict[str, Any], cfg: Config, profile: Path) -> None:
     row["measured"] = {m: spread([r[m] for r in runs]) for m in (*METRICS, "makespan_s")}
     row["measured"]["steps"] = runs[0]["steps"]
     row["measured"]["preemptions"] = max(r["preemptions"] for r in runs)
+    row["measured"]["transitions"] = max(r["transitions"] for r in runs)
+    row["measured"]["transition_time_s"] = spread([r["transition_time_s"] for r in runs])
     row["load_average_1min"] = [r["load_average_1min"] for r in runs]
     sim = row["simulated"]
     row["error"] = {m: sim[m] / row["measured"][m]["median"] - 1 for m in METRICS}
@@ -421,15 +460,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Not measured (the engine refuses the deployment today; simulated only):"]
         lines += [f"- {r['label']}: {r['not_measured']}" for r in missing]
     lines += ["", "Where the time goes, per engine step kind (the run of median throughput): measured seconds in "
-              "steps (of which outside the model forward: scheduling, sampling, block tables), against the "
+              "steps (of which outside the model step: scheduling, block tables, re-sharding transitions), the CPU "
+              "time of rank 0's engine thread in them, against the "
               "iteration model's seconds for the very same batches.", "",
-              "| deployment | kind | steps | mean seqs | mean new tokens | measured s | host s | predicted s "
-              "| median step measured / predicted |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| deployment | kind | steps | mean seqs | mean new tokens | measured s | host s | rank 0 CPU s "
+              "| predicted s | median step measured / predicted | rank 0 CPU / predicted |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         for kind, a in r.get("steps_measured_vs_predicted", {}).items():
             ratio = "-" if a["median_measured_over_predicted"] is None else f"{a['median_measured_over_predicted']:.2f}"
             lines.append(f"| {r['label']} | {kind} | {a['steps']} | {a['mean_sequences']:.1f} | {a['mean_new_tokens']:.0f} "
-                         f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['predicted_s']:.2f} | {ratio} |")
+                         f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['cpu_s']:.2f} | {a['predicted_s']:.2f} | {ratio} "
+                         f"| {a['median_cpu_over_predicted']:.2f} |")
     s = result["seesaw"]
     lines += ["", "## Seesaw for real", ""]
     if not s.get("compared", True):

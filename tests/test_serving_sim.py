@@ -11,7 +11,7 @@ import pytest
 
 from simulator.errors import SpecError
 from simulator.serving import simulate
-from simulator.serving.iteration import IterationModel, Work
+from simulator.serving.iteration import BatchSums, IterationModel, Work
 from simulator.serving.kv_cache import BlockManager
 from simulator.serving.schedulers import StaticScheduler
 from simulator.serving.seesaw import KV_WATERMARK
@@ -20,7 +20,7 @@ from simulator.serving.simulate import simulate_serving
 from simulator.serving.workload import Request
 from simulator.specs.catalog import load_cluster, load_model
 from simulator.specs.hardware import GB
-from simulator.specs.serving import DeploymentSpec, Parallel
+from simulator.specs.serving import DeploymentSpec, EngineSpec, Parallel
 
 MODEL = "llama-2-7b"
 
@@ -329,6 +329,21 @@ def test_pipeline_prefills_a_batch_of_prompts_faster_over_pcie():
     # pp=4 keeps every stage busy with one prompt each and needs no all-reduce (0.74 vs 1.93 s)
     assert pp4 < 0.5 * tp4
     assert pp4 == pytest.approx(step_s("4xl4", prompts[:1], pp=4), rel=0.02)  # the pipeline fills
+
+
+def test_an_engine_whose_steps_do_not_overlap_fills_the_pipeline_every_step():
+    """pipeline_overlap false (simtune's own engine): two equal micro-batches on two stages take
+    three stage-times, the GPipe bubble, instead of two; a lone micro-batch's trip is unchanged;
+    the fast-forward path (`decode_step_s`) gives the same bits."""
+    model, cluster = load_model(MODEL), load_cluster("2xa100-80gb")
+    engine = EngineSpec(step_overhead_us=0.0)
+    overlapped = IterationModel(model, cluster, Parallel(pp=2), engine)
+    synchronous = IterationModel(model, cluster, Parallel(pp=2), engine.model_copy(update={"pipeline_overlap": False}))
+    stage_s, _ = overlapped._micro_batch_stage_s(BatchSums.of([Work(1, 100, True)]))
+    two, one = [Work(1, 100, True)] * 2, [Work(1, 100, True)]
+    assert synchronous.step_s(two) - overlapped.step_s(two) == pytest.approx(stage_s, rel=1e-9)
+    assert synchronous.step_s(one) == overlapped.step_s(one)
+    assert synchronous.decode_step_s([(1, 100), (1, 100)]) == synchronous.step_s(two)
 
 
 def test_an_uneven_tensor_split_costs_its_largest_shard():

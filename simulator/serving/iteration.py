@@ -18,7 +18,14 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
 Pipeline parallel replicas split the batch into pp micro-batches that flow through the
 stages back to back (vLLM's virtual engines): each stage processes all of them per step,
 and a step lasts at least one micro-batch's trip through every stage (a lone prompt crosses
-pp stages one after another, so pp does not cut its latency).
+pp stages one after another, so pp does not cut its latency). That assumes the micro-batches
+of consecutive steps overlap, so that the last stage never waits for the pipeline to fill.
+An engine whose steps do not overlap (`EngineSpec.pipeline_overlap: false`, as simtune's own
+engine, executor/serving: the next decode needs this step's tokens) fills and drains the
+pipeline every step: the last stage starts once the first micro-batch has crossed the pp - 1
+stages before it, then runs every micro-batch, so a step adds (pp - 1) x the first
+micro-batch's stage time to the last stage's busy time (with m micro-batches of equal time t:
+(m + pp - 1) t, the GPipe bubble; 1.5x the busy time for 2 micro-batches on 2 stages).
 """
 
 from __future__ import annotations
@@ -147,6 +154,7 @@ class IterationModel:
         self.weight_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.weight_stream or eff.memory_bound)
         self.kv_hbm = self.device.hbm_bandwidth_bytes_per_s * (eff.kv_read or eff.memory_bound)
         self.overhead = EngineOverhead.of(engine, eff.step_overhead_us)
+        self.overlapped = engine is None or engine.pipeline_overlap
         self._parts: dict[int, tuple[float, float, float]] = {}
         self._heads: dict[int, float] = {}
         self._decode_parts: dict[tuple[int, int], tuple] = {}
@@ -224,12 +232,15 @@ class IterationModel:
         pp = self.layout.pp
         # the last stage is busy for every micro-batch; with fewer micro-batches than stages,
         # the slowest one's trip through all pp stages is longer than that
-        busy, trip, max_tokens = 0.0, 0.0, 0
+        busy, trip, max_tokens, fill = 0.0, 0.0, 0, None
         for group in groups:
             layers_s, head_s = self._micro_batch_stage_s(group)
             busy = busy + (layers_s + head_s)
             trip = _max(trip, pp * layers_s + head_s)
             max_tokens = max(max_tokens, group.new_tokens)
+            fill = (pp - 1) * layers_s if fill is None else fill
+        if not self.overlapped:
+            busy = busy + fill
         handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
         sequences = sum(g.sequences for g in groups)
         context_tokens = sum(g.context + g.new_tokens for g in groups)
@@ -241,7 +252,7 @@ class IterationModel:
         operations in the same order (so the same bits) with the per-token parts looked up
         once per micro-batch: a fast-forward run of a few steps calls this once a step."""
         parts = self._decode_parts.get((groups[0][0], new_tokens))
-        busy, trip, max_tokens, sequences, context_tokens = 0.0, 0.0, 0, 0, 0
+        busy, trip, max_tokens, sequences, context_tokens, fill = 0.0, 0.0, 0, 0, 0, None
         pp = self.layout.pp
         half = new_tokens * (new_tokens + 1) // 2
         for n, context in groups:
@@ -258,6 +269,9 @@ class IterationModel:
             max_tokens = max(max_tokens, tokens)
             sequences += n
             context_tokens += context + tokens
+            fill = (pp - 1) * layers_s if fill is None else fill
+        if not self.overlapped:
+            busy = busy + fill
         handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
         return max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
 

@@ -56,6 +56,10 @@ class EngineSpec(Spec):
     draft_step_overhead_us: float = Field(default=0.0, ge=0, description=(
         "speculative decoding: CPU cost of each draft step (an engine that runs every draft "
         "token as its own model call pays it k times per step)"))
+    pipeline_overlap: bool = Field(default=True, description=(
+        "pipeline parallel: the micro-batches of consecutive steps overlap across stages (vLLM's "
+        "virtual engines); false: every step fills and drains the pipeline (simtune's own engine, "
+        "executor/serving), see simulator/serving/iteration.py"))
 
 
 class AcceptanceSpec(Spec):
