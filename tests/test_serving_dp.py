@@ -6,6 +6,7 @@ an Engine in its own process, behind the simulator's router.
 - sampled requests without a seed draw the same tokens as under dp 1 (seeds drawn by the router
   in request order);
 - an abort frees the request's blocks in its replica;
+- the OpenAI server runs over the replicas unchanged, and /metrics sums them;
 - a killed replica ends the engine with `ReplicaFailed` naming it, and no process is left;
 - a deployment with dp 2 configures such an engine; dp with speculation is refused by field.
 
@@ -15,15 +16,21 @@ tests/test_serving_parallel.py, 8 output tokens; one dp 2 engine serves most of 
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import test_serving_parallel as shared
+from smollm2 import GGUF
 
+from executor.serving import model as M
 from executor.serving.engine import Engine, EngineConfig
+from executor.serving.loop import EngineThread
 from executor.serving.replicas import ReplicaFailed, ReplicatedEngine, start_engine
 from executor.serving.sampling import SamplingParams
 from executor.serving.workers import RankFailed
+from profiler.ranks import free_port
 from simulator.errors import SpecError
 from simulator.serving.router import least_outstanding
 from simulator.specs.serving import DeploymentSpec, SpeculationSpec
@@ -34,8 +41,13 @@ SAMPLED = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, ignore_eos=Tr
 
 
 @pytest.fixture(scope="module")
-def dp2(decoder):
-    with ReplicatedEngine(decoder, EngineConfig(num_blocks=64, dp=2, timeout_s=60)) as engine:
+def tokenizer():
+    return M.load_tokenizer(GGUF)
+
+
+@pytest.fixture(scope="module")
+def dp2(decoder, tokenizer):
+    with ReplicatedEngine(decoder, EngineConfig(num_blocks=64, dp=2, timeout_s=60), tokenizer) as engine:
         procs = list(engine.procs)
         yield engine
     assert not any(p.is_alive() for p in procs)
@@ -78,6 +90,48 @@ def test_an_abort_frees_the_blocks_of_its_replica(dp2, prompts):
         dp2.step()
     assert dp2.blocks.num_used_gpu_blocks == 0 and dp2.num_running == 0
     assert dp2.counters[a.replica]["aborted"] == 1
+
+
+def test_the_openai_server_runs_over_replicas(dp2, tokenizer):
+    """Concurrent completions through the HTTP server land on both replicas; /metrics sums them."""
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from executor.serving.server import OpenAIServer
+
+    loop = EngineThread(dp2).start()
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(OpenAIServer(loop, tokenizer, "smollm2-135m").app, host="127.0.0.1",
+                                        port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not srv.started:
+            assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        before = [c["finished"] for c in dp2.counters]
+
+        def complete(prompt: str, stream: bool) -> str:
+            out = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=6, temperature=0,
+                                            stream=stream)
+            return "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+
+        prompts = ["The capital of France is", "One, two, three,", "Roses are red,", "Hello"]
+        with ThreadPoolExecutor(4) as pool:
+            streamed = list(pool.map(complete, prompts, [True] * 4))
+        with ThreadPoolExecutor(4) as pool:
+            whole = list(pool.map(complete, prompts, [False] * 4))
+        assert streamed == whole and all(whole), whole
+        assert all(c["finished"] > b for c, b in zip(dp2.counters, before))   # both replicas served
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "simtune_kv_blocks_total 128" in metrics          # 64 blocks in each replica
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        loop.stop()
+    assert not loop.alive
 
 
 def test_a_killed_replica_ends_the_engine_with_a_named_error(decoder, prompts):
