@@ -153,12 +153,13 @@ def test_a_killed_rank_ends_the_engine_with_a_named_error(decoder, prompts):
 
 
 @pytest.mark.slow
-def test_simtune_serve_with_a_pipeline_deployment_answers_the_openai_client(tmp_path):
+@pytest.mark.parametrize("deployment", ["prefill: {tp: 1, pp: 2}", "dp: 2"])   # dp: executor/serving/replicas.py
+def test_simtune_serve_with_a_parallel_deployment_answers_the_openai_client(tmp_path, deployment):
     openai = pytest.importorskip("openai")
     from profiler.ranks import free_port
 
     dep = tmp_path / "pp2.yaml"
-    dep.write_text("prefill: {tp: 1, pp: 2}\nmax_num_seqs: 8\n")
+    dep.write_text(f"{deployment}\nmax_num_seqs: 8\n")
     port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "simtune")
     if not os.path.exists(exe):
