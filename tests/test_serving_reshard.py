@@ -169,3 +169,14 @@ def test_an_abort_during_resharding_frees_its_blocks_and_buffer(small_pool, prom
     rest = [i for i, s in enumerate(seqs) if s not in (victim, second)]
     assert [seqs[i].output_ids for i in rest] == [long_reference[i] for i in rest]
     assert _pools_empty(engine) and not engine.seqs
+
+
+def test_a_prompt_of_whole_blocks_joins_decode_with_a_block_more_than_its_buffer(decoder, prompts, small_pool):
+    """32 prompt tokens fill 2 blocks; its first decode needs a third pool block, which the
+    buffer (2 blocks of KV) has no copy for: the copy back fills the first two (was an IndexError
+    on rank 1)."""
+    small_pool.close()   # one process group per process: the module's last engine stops first
+    whole = [(prompts[2] * 2)[:32]]
+    expected = [s.output_ids for s in Engine(decoder, EngineConfig(num_blocks=64)).generate(whole, GREEDY)]
+    with Engine(decoder, seesaw_config(decoder, 11.5)) as engine:
+        assert [s.output_ids for s in engine.generate(whole, GREEDY)] == expected

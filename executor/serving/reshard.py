@@ -140,8 +140,10 @@ class ReshardRank:
                 host.index_copy_(1, b, pool.index_select(1, g).cpu())
 
     def copy_in(self, buf: list[int], gpu: list[int]) -> None:
-        """This rank's decode-layout layers and heads of a sequence's KV, buffer -> pool."""
-        g, b = torch.tensor(gpu, device=self.device), torch.tensor(buf)
+        """This rank's decode-layout layers and heads of a sequence's KV, buffer -> pool. The
+        pool may hold a block more than the buffer (the slot the next decode writes, when the
+        KV so far fills whole blocks): the buffer's blocks go to the first pool blocks."""
+        g, b = torch.tensor(gpu[:len(buf)], device=self.device), torch.tensor(buf)
         for layer, gl in enumerate(self.layers["decode"]):
             for pool, host in self._pair("decode", layer, gl):
                 pool.index_copy_(1, g, host.index_select(1, b).to(self.device))
