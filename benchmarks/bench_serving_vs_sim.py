@@ -85,11 +85,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "short": {"name": "poisson-short", "num_requests": 32, "arrival": {"kind": "poisson", "rate_per_s": 0.75},
               "input_tokens": {"distribution": "uniform", "min": 64, "max": 256},
               "output_tokens": {"distribution": "uniform", "min": 16, "max": 64}, "seed": 0},
-    "long": {"name": "poisson-long", "num_requests": 12, "arrival": {"kind": "poisson", "rate_per_s": 0.3},
+    "long": {"name": "poisson-long", "num_requests": 10, "arrival": {"kind": "poisson", "rate_per_s": 0.2},
              "input_tokens": {"distribution": "uniform", "min": 512, "max": 1024},
              "output_tokens": {"distribution": "uniform", "min": 16, "max": 48}, "seed": 1},
 }
-QUICK_REQUESTS = {"short": 10, "long": 5}
+QUICK_REQUESTS = {"short": 8, "long": 4}
 LIMITS = {"scheduler": "vllm", "max_num_seqs": 32, "max_batched_tokens": 2048, "block_size": 16}
 
 
@@ -112,7 +112,7 @@ TP1, PP2, TP2 = ({"prefill": {"tp": 1, "pp": 1}}, {"prefill": {"tp": 1, "pp": 2}
 RESHARD = {"prefill": {"tp": 1, "pp": 2}, "decode": {"tp": 2, "pp": 1}, "scheduler": "seesaw", "cpu_kv_buffer_GB": 1.0}
 CONFIGS = [
     Config("TP1", "short", TP1), Config("PP2", "short", PP2), Config("TP2", "short", TP2),
-    Config("TP1 long", "long", TP1, quick=False), Config("PP2 long", "long", PP2),
+    Config("TP1 long", "long", TP1, quick=False), Config("PP2 long", "long", PP2, quick=False),
     Config("TP2 long", "long", TP2), Config("PP2->TP2 long", "long", RESHARD),
 ]
 STATIC_LONG = ("TP1 long", "PP2 long", "TP2 long")
@@ -410,9 +410,15 @@ def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return out
     best = max(measured, key=lambda r: r["measured"]["output_tokens_per_s"]["median"])
     m_best, m_re = best["measured"]["output_tokens_per_s"], reshard["measured"]["output_tokens_per_s"]
+    repeats = len(m_re["runs"])
     out["measured"] = {"best_static": best["label"], "best_static_tokens_per_s": m_best["median"],
                        "resharding_tokens_per_s": m_re["median"], "speedup": m_re["median"] / m_best["median"],
-                       "inside_noise": m_re["min"] <= m_best["max"] and m_best["min"] <= m_re["max"]}
+                       # the repeats' ranges overlap: the difference is inside the noise (None: one repeat)
+                       "inside_noise": (m_re["min"] <= m_best["max"] and m_best["min"] <= m_re["max"]) if repeats > 1 else None}
+    out["transitions"] = {"measured": reshard["measured"]["transitions"],
+                          "measured_time_s": reshard["measured"]["transition_time_s"]["median"],
+                          "simulated": reshard["simulated"]["transitions"],
+                          "simulated_time_s": reshard["simulated"]["transition_time_s"]}
     return out
 
 
@@ -464,13 +470,14 @@ def markdown(result: dict[str, Any]) -> str:
               "time of rank 0's engine thread in them, against the "
               "iteration model's seconds for the very same batches.", "",
               "| deployment | kind | steps | mean seqs | mean new tokens | measured s | host s | rank 0 CPU s "
-              "| predicted s | median step measured / predicted | rank 0 CPU / predicted |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| rank 0 CPU share | predicted s | median step measured / predicted | rank 0 CPU / predicted |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         for kind, a in r.get("steps_measured_vs_predicted", {}).items():
             ratio = "-" if a["median_measured_over_predicted"] is None else f"{a['median_measured_over_predicted']:.2f}"
             lines.append(f"| {r['label']} | {kind} | {a['steps']} | {a['mean_sequences']:.1f} | {a['mean_new_tokens']:.0f} "
-                         f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['cpu_s']:.2f} | {a['predicted_s']:.2f} | {ratio} "
+                         f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['cpu_s']:.2f} | {a['cpu_s'] / a['measured_s']:.0%} "
+                         f"| {a['predicted_s']:.2f} | {ratio} "
                          f"| {a['median_cpu_over_predicted']:.2f} |")
     s = result["seesaw"]
     lines += ["", "## Seesaw for real", ""]
@@ -484,9 +491,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"Measured: not yet ({s['why_not_measured']}).")
         else:
             me = s["measured"]
+            noise = {True: " (the repeats' ranges overlap: inside the noise).", False: " (the repeats' ranges do not "
+                     "overlap).", None: " (one repeat: the noise was not measured)."}[me["inside_noise"]]
             lines.append(f"Measured: {me['resharding_tokens_per_s']:.1f} vs {me['best_static']} "
-                         f"{me['best_static_tokens_per_s']:.1f}: {me['speedup']:.2f}x"
-                         + (" (the repeats overlap: inside the noise)." if me["inside_noise"] else "."))
+                         f"{me['best_static_tokens_per_s']:.1f}: {me['speedup']:.2f}x" + noise)
+            tr = s.get("transitions") or {}
+            if tr:
+                lines.append(f"Transitions: {tr['measured']} measured taking {tr['measured_time_s']:.2f} s in all, "
+                             f"{tr['simulated']} simulated taking {tr['simulated_time_s']:.2f} s.")
     if isinstance(prof.get("seconds"), float):
         lines += ["", f"Same-run profile: {prof['seconds']:.0f} s at load {prof['load_average_1min']['before']:.1f}-"
                   f"{prof['load_average_1min']['after']:.1f}; host time of a decoder step "
@@ -496,7 +508,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    p = common.parser(__doc__.splitlines()[0], "fewer requests, one repeat, the long TP1 row left out", DEFAULT_OUT)
+    p = common.parser(__doc__.splitlines()[0], "fewer requests, one repeat, the long TP1 and PP2 rows left out", DEFAULT_OUT)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
     p.add_argument("--profile", type=Path, help="a profile directory to use instead of measuring one now")
