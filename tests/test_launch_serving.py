@@ -229,7 +229,7 @@ def test_unknown_engine_raises_before_writing(tmp_path):
 
 
 @pytest.mark.parametrize("layout, field", [
-    ({"prefill": {"tp": 3}}, "deployment.prefill.tp"),  # 40 heads
+    ({"prefill": {"tp": 3}}, "deployment.prefill.tp"),  # 40 heads: no even split for vLLM or SGLang
     ({"prefill": {"tp": 8}}, "deployment"),  # 8 GPUs on a 4-GPU cluster
 ])
 def test_deployments_that_do_not_fit_raise_before_writing(tmp_path, layout, field):

@@ -29,6 +29,7 @@ import yaml
 from executor.launch import write_files
 from executor.launch.base import Approximations, LaunchFile, comment_block, engine_names
 from executor.launch.torchrun import SHELL_PROLOGUE, expand
+from simulator.errors import SpecError
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.specs.serving import DeploymentSpec, Parallel, validate_deployment
@@ -177,6 +178,7 @@ def render_serving(
 
     writers = {"vllm": vllm.write, "sglang": sglang.write}
     names = engine_names(engines, ENGINES)
+    check_even_split(deployment, model)
     validate_deployment(deployment, model, cluster)
     files: dict[Path, LaunchFile] = {}
     for name in names:
@@ -186,6 +188,20 @@ def render_serving(
     text += yaml.safe_dump(deployment.to_dict(), sort_keys=False)
     spec = LaunchFile("simtune", Path("deployment.yaml"), text)
     return [*files.values(), spec]
+
+
+def check_even_split(deployment: DeploymentSpec, model: TransformerSpec) -> None:
+    """vLLM and SGLang split the query heads, the K/V heads (or replicate them) and the MLP
+    evenly over tp; the uneven splits the simulator and simtune's own engine allow (whole GQA
+    groups, 2 + 1 on tp 2) have no launch file. Raises SpecError naming the phase's tp."""
+    heads, kv, ffn = model.num_attention_heads, model.num_kv_heads, model.ffn_hidden_size
+    for phase in ("prefill", "decode"):
+        tp = getattr(deployment, phase).tp
+        if heads % tp or ffn % tp or (kv % tp and tp % kv):
+            raise SpecError(f"deployment.{phase}.tp", tp,
+                            f"vLLM and SGLang need an even split: tp must divide num_attention_heads = {heads} "
+                            f"and ffn_hidden_size = {ffn} of {model.name}, and divide or be a multiple of "
+                            f"num_kv_heads = {kv} (uneven splits run on simtune's own engine: simtune serve)")
 
 
 def emit_serving_configs(
