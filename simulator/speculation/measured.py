@@ -195,12 +195,19 @@ def _checked_block(block: Any, where: str) -> dict[str, Any]:
     return block
 
 
+RATE_BOUND = 1e-3
+"""How close to 0 or 1 a measured per-request acceptance rate enters the model (see below)."""
+
+
 def measured_acceptance(results: dict[str, Any], workload_class: str | None = None,
                         where: str = "measurement") -> tuple[AcceptanceSpec, str]:
     """Per-request acceptance rates of a benchmark's results, and the field they came from.
 
     `bench_speculative.py` keeps them under "acceptance"; the continuous-batching benchmark
-    keeps one set per workload class under "classes" (`workload_class`, default: the first)."""
+    keeps one set per workload class under "classes" (`workload_class`, default: the first).
+    A request whose drafts were all rejected or all accepted measures a rate of exactly 0 or 1;
+    the acceptance model is geometric on (0, 1) (`AcceptanceSpec` refuses the bounds), so such a
+    rate enters as 0.001 or 0.999 (`RATE_BOUND`): it stays the most extreme request of the set."""
     classes = results.get("classes")
     if workload_class is not None or "acceptance" not in results:
         if not isinstance(classes, dict) or not classes:
@@ -222,7 +229,7 @@ def measured_acceptance(results: dict[str, Any], workload_class: str | None = No
     bad = [a for a in rates if not isinstance(a, (int, float)) or not 0 <= a <= 1]
     if bad:
         raise SpecError(f"{where}: {field_path}", bad[0], "every rate must be a number in [0, 1]")
-    clipped = [min(max(float(a), 1e-3), 1 - 1e-3) for a in rates]
+    clipped = [min(max(float(a), RATE_BOUND), 1 - RATE_BOUND) for a in rates]
     return AcceptanceSpec(distribution="empirical", values=clipped), field_path
 
 
