@@ -35,7 +35,9 @@ CPU memory so that it switches rarely. This notebook reads in four steps:
 2. **Independent estimate** - the roofline decode step of FORMULAS.md (Seesaw App. A), from the
    model's shapes and the datasheet alone, against the simulator's step time.
 3. **Measurement** - the simulator against published serving measurements (TensorRT-LLM, vLLM).
-4. **Conclusion** - the numbers above, computed when the notebook runs; nothing typed in by hand.
+4. **Measurement on this machine** - the real engine (`executor/serving`, SmolLM2-135M on CPU ranks)
+   against the simulator on the same requests, read from the committed benchmark results.
+5. **Conclusion** - the numbers above, computed when the notebook runs; nothing typed in by hand.
 
 Everything uses Llama-3 15B-class on one node of 4 L4 GPUs (PCIe only), the smallest of Seesaw's
 settings, with small workloads so that the notebook runs in seconds."""),
@@ -46,6 +48,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from simulator.serving.measured_plots import (
+    comparison_table,
+    load_result,
+    plot_measured_vs_simulated,
+    plot_steps,
+    step_table,
+)
 from simulator.serving.plots import (
     decode_step_check,
     latency_cdfs,
@@ -142,7 +151,33 @@ rows = pd.DataFrame(validation.rows)[["id", "quantity", "unit", "predicted", "me
 display(pd.DataFrame(validation.summary).T)
 rows"""),
     ("md", """\
-## 4. Conclusion
+## 4. Measurement on this machine: the real engine against the simulator
+
+`benchmarks/bench_serving_vs_sim.py` serves Poisson workloads (fixed seeds) with the real engine on
+SmolLM2-135M (bf16, one thread per rank, gloo between ranks on 127.0.0.1): static TP1, PP2 and TP2 on
+short prompts, and on long prompts the static layouts beside re-sharding (PP2 prefill -> TP2 decode).
+The simulator serves the very same requests (arrival times, prompt and output lengths from the same
+workload specs) on `1xcpu` / `2xcpu` with a profile of the kernels measured at the start of the same
+run. This section only reads the committed results (no engine runs here): measured (median over
+interleaved repeats, min-max whiskers) beside simulated, then where the engine's time goes per step
+kind against the iteration model's time for the same batches. The machine is shared: the load average
+recorded with each run says how much of a miss is other work on the 2 cores (rank 0's CPU time in
+the steps, below, is what the engine's thread actually got)."""),
+    ("code", """\
+measured = load_result(Path("..") / "benchmarks" / "results" / "serving_vs_sim.json")
+print(f"measured {measured['timestamp']} on {measured['machine']['cpu_model']} ({measured['machine']['cpu_count']} cores), "
+      f"load average {measured['load_average_1min']['before']:.1f} before, {measured['load_average_1min']['after']:.1f} after; "
+      f"targets: throughput within {measured['targets']['throughput']:.0%}, latency within {measured['targets']['latency']:.0%}")
+plot_measured_vs_simulated(measured)
+plt.tight_layout()
+comparison = comparison_table(measured)
+comparison"""),
+    ("code", """\
+plot_steps(measured)
+plt.tight_layout()
+step_table(measured)"""),
+    ("md", """\
+## 5. Conclusion
 
 Computed from the cells above. The throughput ratios are simulator predictions for one small
 setting, not measurements; the validation errors say how far the simulator has been from published
@@ -163,6 +198,14 @@ sim_over = roofline["simulator / achievable roofline"]
 print(f"decode step: simulator is {roofline['simulator / datasheet roofline'].min():.2f}x-"
       f"{roofline['simulator / datasheet roofline'].max():.2f}x the pure roofline and {sim_over.min():.2f}x-"
       f"{sim_over.max():.2f}x the roofline with achievable bandwidth and step overhead")
+within = comparison["within target"]
+print(f"this machine, real engine vs simulator: {int(within.sum())} of {len(within)} measured numbers within target "
+      f"(throughput errors {', '.join(f'{e:+.0%}' for e in comparison.xs('output tokens/s', level='metric')['error'])})")
+seesaw = measured["seesaw"]
+if seesaw.get("measured"):
+    print(f"Seesaw for real: {seesaw['resharding']} at {seesaw['measured']['speedup']:.2f}x the best static layout "
+          f"({seesaw['measured']['best_static']}) measured; the simulator predicted {seesaw['simulated']['speedup']:.2f}x "
+          f"(vs {seesaw['simulated']['best_static']})")
 for group, g in validation.summary.items():
     target = "no target" if g["target"] is None else (
         f"target {g['target']:.0%}: {'met' if g['passed'] else 'NOT met'}")
