@@ -39,6 +39,7 @@ Writes benchmarks/results/serving_vs_sim.json and .md atomically.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -46,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,7 @@ import torch  # noqa: E402
 
 from executor.serving.engine import Engine, EngineConfig  # noqa: E402
 from executor.serving.model import load_decoder  # noqa: E402
+from executor.serving.parallel import Comm  # noqa: E402
 from executor.serving.sampling import SamplingParams  # noqa: E402
 from profiler import gemm  # noqa: E402
 from profiler.context import ProfileContext  # noqa: E402
@@ -253,17 +256,47 @@ class StepLog:
             eng.reshard._transition = timed_transition
 
 
+@contextlib.contextmanager
+def timed_all_reduces() -> Iterator[list[float]]:
+    """Seconds of every tensor-parallel all-reduce rank 0 runs meanwhile (in this process; the
+    runners bind `Comm.all_reduce` when they are built, so the engine is built inside)."""
+    times: list[float] = []
+    original = Comm.all_reduce
+
+    def timed(comm, t):
+        t0 = time.perf_counter()
+        out = original(comm, t)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    Comm.all_reduce = timed
+    try:
+        yield times
+    finally:
+        Comm.all_reduce = original
+
+
+def all_reduce_summary(times: list[float]) -> dict[str, float] | None:
+    if not times:
+        return None
+    ordered = sorted(times)
+    return {"count": len(times), "mean_s": statistics.fmean(times), "median_s": statistics.median(times),
+            "p90_s": ordered[int(0.9 * (len(ordered) - 1))], "sum_s": sum(times)}
+
+
 def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict[str, Any]:
     """Serve the requests at their arrival times; the simulator's report formulas on the result."""
     load_before = os.getloadavg()[0]
-    with Engine(decoder, engine_config(cfg, requests)) as eng:
+    with timed_all_reduces() as all_reduces, Engine(decoder, engine_config(cfg, requests)) as eng:
         # warm-up: two short requests through prefill and decode (pp micro-batches, all-reduces)
         eng.generate([prompts[0][:32], prompts[1][:48]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        all_reduces.clear()
         log = StepLog(eng)
         seqs = [eng.add_request(p, SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True),
                                 arrival_s=r.arrival_s) for r, p in zip(requests, prompts)]
         eng.t0 = eng.clock()
         eng.run_until_done()
+        all_reduce = all_reduce_summary(all_reduces)
     wrong = [s.id for s in seqs if len(s.output_ids) != s.req.output_tokens]
     if wrong:
         raise RuntimeError(f"{cfg.label}: {len(wrong)} requests ended early (first {wrong[:3]})")
@@ -277,7 +310,7 @@ def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict
         steps[row["kind"]] = steps.get(row["kind"], 0) + 1
     return {**metrics_of(out / makespan, percentiles(ttft), percentiles(tpot)), "makespan_s": makespan,
             "steps": steps, "preemptions": eng.scheduler.preemptions, "step_log": log.rows,
-            "transitions": len(log.transitions), "transition_time_s": sum(log.transitions),
+            "transitions": len(log.transitions), "transition_time_s": sum(log.transitions), "all_reduce": all_reduce,
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
 
 
@@ -382,6 +415,9 @@ def summarize(row: dict[str, Any], cfg: Config, profile: Path) -> None:
     row["measured"]["preemptions"] = max(r["preemptions"] for r in runs)
     row["measured"]["transitions"] = max(r["transitions"] for r in runs)
     row["measured"]["transition_time_s"] = spread([r["transition_time_s"] for r in runs])
+    if all(r.get("all_reduce") for r in runs):   # rank 0's all-reduces inside the engine, per run
+        row["measured"]["all_reduce"] = {k: spread([r["all_reduce"][k] for r in runs])
+                                         for k in ("count", "mean_s", "median_s", "p90_s", "sum_s")}
     row["load_average_1min"] = [r["load_average_1min"] for r in runs]
     sim = row["simulated"]
     row["error"] = {m: sim[m] / row["measured"][m]["median"] - 1 for m in METRICS}
@@ -479,6 +515,17 @@ def markdown(result: dict[str, Any]) -> str:
                          f"| {a['measured_s']:.2f} | {a['host_s']:.2f} | {a['cpu_s']:.2f} | {a['cpu_s'] / a['measured_s']:.0%} "
                          f"| {a['predicted_s']:.2f} | {ratio} "
                          f"| {a['median_cpu_over_predicted']:.2f} |")
+    timed = [r for r in result["rows"] if r.get("measured", {}).get("all_reduce")]
+    if timed:
+        alpha = prof.get("gloo_allreduce_alpha_s")
+        lines += ["", "Tensor-parallel all-reduces timed on rank 0 inside the engine (median over the repeats; the "
+                  "profile's fit: " + ("-" if alpha is None else f"{1e3 * alpha:.2f} ms latency, from the median of "
+                                       "back-to-back calls") + "):", "",
+                  "| deployment | all-reduces | mean ms | median ms | p90 ms | seconds in all |", "|---|---:|---:|---:|---:|---:|"]
+        for r in timed:
+            a = r["measured"]["all_reduce"]
+            lines.append(f"| {r['label']} | {a['count']['median']:.0f} | {1e3 * a['mean_s']['median']:.2f} | "
+                         f"{1e3 * a['median_s']['median']:.2f} | {1e3 * a['p90_s']['median']:.2f} | {a['sum_s']['median']:.1f} |")
     s = result["seesaw"]
     lines += ["", "## Seesaw for real", ""]
     if not s.get("compared", True):
