@@ -343,29 +343,34 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | None) -> dict[str, Any]:
+def repeat_profile(tmp: Path, rep: int, given: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The profile this repeat's runs are predicted from: measured now, before the repeat (the
+    load of a shared machine moves within minutes), or the directory given with --profile."""
+    if given is not None:
+        return given, {"ops": "given", "dir": str(given)}
+    root = tmp / f"profile-{rep}"
+    print(f"same-run profile before repeat {rep + 1}:", ", ".join(PROFILE_OPS), flush=True)
+    info = same_run_profile(root)
+    print(f"  {info['seconds']:.0f} s; step overhead {1e3 * (info['decode_step_overhead_s'] or 0):.1f} ms, "
+          f"gloo all-reduce alpha {1e6 * (info['gloo_allreduce_alpha_s'] or 0):.0f} us", flush=True)
+    return root, info
+
+
+def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path | None) -> dict[str, Any]:
     torch.set_num_threads(THREADS_PER_RANK)
     load_before = os.getloadavg()[0]
     configs = [c for c in CONFIGS if (c.quick or not quick) and (only is None or c.label in only)]
     tmp = Path(tempfile.mkdtemp(prefix="simtune-bench-serving-"))
+    profiles: list[tuple[Path, dict[str, Any]]] = []
     try:
-        if profile_dir is None:
-            profile_dir = tmp / "profile"
-            print("same-run profile:", ", ".join(PROFILE_OPS), flush=True)
-            profile = same_run_profile(profile_dir)
-            print(f"  {profile['seconds']:.0f} s; step overhead {1e3 * (profile['decode_step_overhead_s'] or 0):.1f} ms, "
-                  f"gloo all-reduce alpha {1e6 * (profile['gloo_allreduce_alpha_s'] or 0):.0f} us", flush=True)
-        else:
-            profile = {"ops": "given", "dir": str(profile_dir)}
         workloads = {name: workload_spec(name, quick) for name in {c.workload for c in configs}}
         requests = {name: generate_requests(WorkloadSpec(**wl)) for name, wl in workloads.items()}
         prompts = {name: prompts_for(reqs, WORKLOADS[name]["seed"]) for name, reqs in requests.items()}
         decoder = load_decoder(dtype=torch.bfloat16)
-        rows = []
-        runnable = []
+        rows, runnable = [], []
         for cfg in configs:
-            row = {"label": cfg.label, "workload": cfg.workload, "deployment": simulated_spec(cfg, profile_dir).to_dict(),
-                   "ranks": cfg.ranks, "simulated": simulate(cfg, workloads[cfg.workload], profile_dir)}
+            row = {"label": cfg.label, "workload": cfg.workload, "deployment": cfg.spec().to_dict(),
+                   "ranks": cfg.ranks, "simulated_runs": []}
             try:
                 engine_config(cfg, requests[cfg.workload])
                 runnable.append(cfg)
@@ -375,6 +380,10 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
             rows.append(row)
         by_label = {r["label"]: r for r in rows}
         for rep in range(repeats):  # interleaved; every other repeat in reverse order
+            profiles.append(repeat_profile(tmp, rep, given_profile))
+            profile_dir = profiles[-1][0]
+            for row, cfg in zip(rows, configs):
+                row["simulated_runs"].append(simulate(cfg, workloads[cfg.workload], profile_dir))
             for cfg in runnable if rep % 2 == 0 else runnable[::-1]:
                 try:
                     r = run_engine(decoder, cfg, requests[cfg.workload], prompts[cfg.workload])
@@ -382,17 +391,23 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
                     by_label[cfg.label].setdefault("failures", []).append(f"{type(err).__name__}: {err}")
                     print(f"repeat {rep + 1}/{repeats} {cfg.label}: FAILED {type(err).__name__}: {err}", flush=True)
                     continue
+                r["repeat"] = rep
+                r["step_attribution"] = step_attribution(cfg, r.pop("step_log"), profile_dir)
                 by_label[cfg.label]["runs"].append(r)
-                sim = by_label[cfg.label]["simulated"]
+                sim = by_label[cfg.label]["simulated_runs"][-1]
                 print(f"repeat {rep + 1}/{repeats} {cfg.label:14s} measured {r['output_tokens_per_s']:6.1f} tok/s "
                       f"TTFT p50 {r['ttft_p50_s']:.3f} s TPOT p50 {1e3 * r['tpot_p50_s']:.0f} ms | simulated "
                       f"{sim['output_tokens_per_s']:6.1f} tok/s {sim['ttft_p50_s']:.3f} s {1e3 * sim['tpot_p50_s']:.0f} ms"
                       f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f})",
                       flush=True)
-        for cfg in runnable:
-            row = by_label[cfg.label]
+        for row, cfg in zip(rows, configs):
+            row["deployment"] = simulated_spec(cfg, profiles[0][0]).to_dict()
+            sims = row["simulated_runs"]
+            row["simulated"] = {**sims[0], **{m: statistics.median(x[m] for x in sims) for m in (*METRICS, "makespan_s")}}
+            if "runs" not in row:
+                continue
             if row["runs"]:
-                summarize(row, cfg, profile_dir)
+                summarize(row)
             else:
                 row.pop("runs")
                 row["not_measured"] = "the engine failed on every repeat: " + row["failures"][0].splitlines()[-1]
@@ -400,15 +415,17 @@ def run(quick: bool, repeats: int, only: list[str] | None, profile_dir: Path | N
         shutil.rmtree(tmp, ignore_errors=True)
     return {**common.run_fields("serving_vs_sim", quick, {"repeats": repeats}),
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-            "model": MODEL, "dtype": "bf16", "threads_per_rank": THREADS_PER_RANK, "profile": profile,
+            "model": MODEL, "dtype": "bf16", "threads_per_rank": THREADS_PER_RANK,
+            "profiles": [info for _, info in profiles],
             "targets": {"throughput": THROUGHPUT_TARGET, "latency": LATENCY_TARGET},
             "workloads": {name: {"spec": wl, "lengths": describe_lengths(requests[name])} for name, wl in workloads.items()},
             "limits": LIMITS, "rows": rows, "seesaw": seesaw_verdict(by_label)}
 
 
-def summarize(row: dict[str, Any], cfg: Config, profile: Path) -> None:
-    """Median and spread over the repeats, errors against the simulator, the step attribution
-    of the median-throughput run; the raw step logs are dropped."""
+def summarize(row: dict[str, Any]) -> None:
+    """Median and spread over the repeats, errors of the simulator's median prediction (each
+    repeat predicted from the profile measured just before it) against the measured median, and
+    the step attribution of the run of median throughput; the per-run details are dropped."""
     runs = row.pop("runs")
     row["measured"] = {m: spread([r[m] for r in runs]) for m in (*METRICS, "makespan_s")}
     row["measured"]["steps"] = runs[0]["steps"]
@@ -424,7 +441,7 @@ def summarize(row: dict[str, Any], cfg: Config, profile: Path) -> None:
     row["within_target"] = {m: abs(e) <= (THROUGHPUT_TARGET if m == "output_tokens_per_s" else LATENCY_TARGET)
                             for m, e in row["error"].items()}
     median_run = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
-    row["steps_measured_vs_predicted"] = step_attribution(cfg, median_run["step_log"], profile)
+    row["steps_measured_vs_predicted"] = median_run["step_attribution"]
 
 
 def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -460,13 +477,16 @@ def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 # --- markdown ----------------------------------------------------------------------------------------
 def markdown(result: dict[str, Any]) -> str:
-    m, load, prof = result["machine"], result["load_average_1min"], result["profile"]
+    m, load = result["machine"], result["load_average_1min"]
+    profs = result.get("profiles") or [result["profile"]]
+    prof = profs[0]
     lines = ["# Serving: the real engine measured vs the serving simulator, on this machine", "",
              f"SmolLM2-135M ({result['dtype']}) on {m['cpu_model']} ({m['cpu_count']} cores, shared), one thread per "
              f"rank, gloo on 127.0.0.1 between ranks; {result['repetitions']['repeats']} interleaved repeat(s), "
              f"median [min, max]. Simulated: `simulate_serving` on `Nxcpu` with the profile families "
              f"{', '.join(prof.get('ops', [])) if isinstance(prof.get('ops'), list) else prof.get('ops')} "
-             f"measured in the same run. Error = predicted / measured - 1; targets: throughput within "
+             f"measured in the same run, before each repeat (the prediction is the median over the repeats' "
+             f"profiles). Error = predicted / measured - 1; targets: throughput within "
              f"{result['targets']['throughput']:.0%}, latency percentiles within {result['targets']['latency']:.0%}. "
              f"One-minute load average {load['before']:.1f} before and {load['after']:.1f} after the run.", ""]
     for wl in result["workloads"].values():
@@ -517,10 +537,10 @@ def markdown(result: dict[str, Any]) -> str:
                          f"| {a['median_cpu_over_predicted']:.2f} |")
     timed = [r for r in result["rows"] if r.get("measured", {}).get("all_reduce")]
     if timed:
-        alpha = prof.get("gloo_allreduce_alpha_s")
+        alphas = [q.get("gloo_allreduce_alpha_s") for q in profs if q.get("gloo_allreduce_alpha_s")]
         lines += ["", "Tensor-parallel all-reduces timed on rank 0 inside the engine (median over the repeats; the "
-                  "profile's fit: " + ("-" if alpha is None else f"{1e3 * alpha:.2f} ms latency, from the median of "
-                                       "back-to-back calls") + "):", "",
+                  "profiles' fit: " + ("-" if not alphas else ", ".join(f"{1e3 * a:.2f}" for a in alphas)
+                                       + " ms latency, from the median of back-to-back calls") + "):", "",
                   "| deployment | all-reduces | mean ms | median ms | p90 ms | seconds in all |", "|---|---:|---:|---:|---:|---:|"]
         for r in timed:
             a = r["measured"]["all_reduce"]
@@ -546,11 +566,15 @@ def markdown(result: dict[str, Any]) -> str:
             if tr:
                 lines.append(f"Transitions: {tr['measured']} measured taking {tr['measured_time_s']:.2f} s in all, "
                              f"{tr['simulated']} simulated taking {tr['simulated_time_s']:.2f} s.")
-    if isinstance(prof.get("seconds"), float):
-        lines += ["", f"Same-run profile: {prof['seconds']:.0f} s at load {prof['load_average_1min']['before']:.1f}-"
-                  f"{prof['load_average_1min']['after']:.1f}; host time of a decoder step "
-                  f"{1e3 * (prof['decode_step_overhead_s'] or 0):.1f} ms, gloo all-reduce latency (2 ranks) "
-                  f"{1e6 * (prof['gloo_allreduce_alpha_s'] or 0):.0f} us.", ""]
+    measured_profiles = [q for q in profs if isinstance(q.get("seconds"), float)]
+    if measured_profiles:
+        lines.append("")
+    for i, q in enumerate(measured_profiles):
+        lines.append(f"Same-run profile {i + 1}: {q['seconds']:.0f} s at load {q['load_average_1min']['before']:.1f}-"
+                     f"{q['load_average_1min']['after']:.1f}; host time of a decoder step "
+                     f"{1e3 * (q['decode_step_overhead_s'] or 0):.1f} ms, gloo all-reduce latency (2 ranks) "
+                     f"{1e6 * (q['gloo_allreduce_alpha_s'] or 0):.0f} us.")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 
