@@ -183,9 +183,9 @@ def markdown(result: dict) -> str:
     lines += ["", "Both include prefill. The static decoder prefills prompts one at a time into a contiguous "
               "cache and decodes the whole batch with one padded forward per token; the engine prefills "
               "through the shared vllm scheduler (whole prompts within max_batched_tokens) and gathers "
-              "each sequence's KV blocks per layer and decode step. Greedy tokens agree everywhere in fp32; in "
-              "bf16 the two round differently (flattened vs padded batches), so near-ties flip and the "
-              "sequences diverge from there.", ""]
+              "each sequence's KV blocks per layer and decode step. The last column counts sequences whose greedy "
+              "tokens are identical between the two: in fp32 they must all be (tested); in bf16 a different "
+              "rounding anywhere can flip a near-tie, and the sequence parts from there.", ""]
     return "\n".join(lines)
 
 
