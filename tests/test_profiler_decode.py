@@ -84,9 +84,9 @@ def test_measure_times_every_phase_of_the_bf16_decoder():
     for r in rows:
         assert set(TABLES["decode"].columns) <= set(r)
         assert 0 < r["p10_s"] <= r["median_s"] <= r["p90_s"] and r["reps"] >= 1
-    # the tiny decoder's step is host time only; the 10th percentiles, which other work on a
-    # shared machine disturbs least
-    assert rows[0]["p10_s"] < rows[1]["p10_s"]
+    # the host row is the decoder's step without its model: less than a step with it (the
+    # fastest repetitions, which other work on a shared machine disturbs least)
+    assert rows[0]["p10_s"] < rows[1]["median_s"]
 
 
 @needs_model

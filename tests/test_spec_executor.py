@@ -82,7 +82,10 @@ def test_finished_sequences_leave_the_batch(greedy):
     assert greedy.requests[0].stop == "length" and len(greedy.requests[0].output) == MAX_NEW
     sizes = [r.batch_size for r in greedy.rounds]
     assert sizes[0] == 3 and sizes[-1] < 3 and sizes == sorted(sizes, reverse=True)
-    assert all(r.k == 0 and r.draft_s < 1e-3 for r in greedy.rounds)
+    # no drafts: no draft tokens, and drafting's bookkeeping a sliver of the verify passes (a
+    # ratio, not a wall-clock bound, which a loaded machine can break)
+    assert all(r.k == 0 and r.accepted == [0] * r.batch_size for r in greedy.rounds)
+    assert sum(r.draft_s for r in greedy.rounds) < 0.05 * sum(r.verify_s for r in greedy.rounds)
     assert greedy.tokens_per_round == 1.0 and greedy.acceptance_rate is None
 
 
