@@ -178,16 +178,18 @@ class PagedRunner:
         kvh, g, d = cfg.n_kv_heads, cfg.group, cfg.head_dim
         s, n = span
         dev = q.device
-        qi = q[s:s + n].reshape(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
         length = it.start + n
-        if it.start == 0:  # its own fresh K/V: no gather
+        if it.start == 0:  # a fresh prompt attends its own K/V: the fused causal kernel, no mask
+            qh = q[s:s + n].reshape(n, kvh * g, d).transpose(0, 1)[None]              # [1, heads, n, d]
             ki, vi = k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None]
-        else:
-            t0 = time.perf_counter()
-            nb = -(-length // kv.block_size)
-            ki, vi = kv.gather(layer, torch.tensor([kv.tables[it.seq_id][:nb]], device=dev))
-            ki, vi = ki[:, :, :length], vi[:, :, :length]
-            self.gather_s += time.perf_counter() - t0
+            oi = F.scaled_dot_product_attention(qh, ki, vi, is_causal=True, enable_gqa=True)
+            return oi[0].transpose(0, 1).reshape(n, kvh * g * d)
+        qi = q[s:s + n].reshape(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
+        t0 = time.perf_counter()
+        nb = -(-length // kv.block_size)
+        ki, vi = kv.gather(layer, torch.tensor([kv.tables[it.seq_id][:nb]], device=dev))
+        ki, vi = ki[:, :, :length], vi[:, :, :length]
+        self.gather_s += time.perf_counter() - t0
         qpos = torch.arange(it.start, length, device=dev)
         mask = torch.arange(length, device=dev)[None, :] <= qpos[:, None]          # [n, length]
         mask = mask[None, None, None].expand(1, 1, g, n, length).reshape(1, 1, g * n, length)
