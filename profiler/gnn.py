@@ -34,8 +34,10 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
 Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator.gnn.costs.OP_TERMS`)
 ------------------------------------------------------------------------------------------------
     sample          per_edge edges + per_row rows + overhead
-    to_block        per_id (rows + edges) + per_node src + overhead
-    aggregate*      per_edge_element edges width + per_edge edges + per_node_element (src + dst) width + overhead
+    to_block        per_id ids + per_sorted_id ids log2(ids) + per_node src + overhead, ids = rows + edges
+    aggregate*      per_edge_element edges width + per_far_edge_element edges width far + per_edge edges
+                    + per_node_element (src + dst) width + overhead; far = 1 - cache / (src width 4 B),
+                    the share of source-row reads beyond a cache whose size the fit picks from a grid
     linear*         per_flop flops + per_element rows (width + d_out) + overhead
     relu_dropout    per_element elements + overhead
     gat_attention   per_edge_head (edges + rows) heads + per_edge_element (edges + rows) width
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 
 from profiler.context import ProfileContext
 from profiler.fit import fit_linear, shape_groups
-from simulator.gnn.costs import OP_TERMS, op_terms
+from simulator.gnn.costs import CACHE_BYTES_GRID, OP_TERMS, op_terms
 
 GRAPH = "community-20k"
 SAMPLE_ROWS, SAMPLE_FANOUTS = (250, 1000, 4000, 16000), (5, 10, 15)
@@ -192,19 +194,38 @@ def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
     raise ValueError(f"unknown gnn op {op!r}")
 
 
+FLUSH_BYTES = 64 * 2**20
+"""Written before every timed call: more than the last-level cache, so each call starts cold."""
+
+
+@cache
+def _flush_buffer() -> np.ndarray:
+    return np.zeros(FLUSH_BYTES // 8)
+
+
+def flush_caches() -> None:
+    """Evict the caches: in a training step every operation's inputs were last touched several
+    operations (and tens of MB) ago, not by the same call a moment before."""
+    _flush_buffer()[:] += 1.0
+
+
 def measure(ctx: ProfileContext, shapes: list[dict]) -> Iterator[dict]:
     rng = np.random.default_rng(0)
     for shape in shapes:
         fn, counts = _operation(shape, rng)
-        timing = ctx.timer.measure(fn)
+        timing = ctx.timer.measure(fn, setup=flush_caches)
         yield {**{k: shape[k] for k in ("op", "rows", "fanout", "width", "d_out")}, **counts, **timing.row()}
 
 
-def features(df: pd.DataFrame, op: str) -> pd.DataFrame:
+def features(df: pd.DataFrame, op: str, cache_bytes: float = 0.0) -> pd.DataFrame:
     """The cost model's terms of `op` for every row (the simulator computes the same ones)."""
     cols = [op_terms(op, rows=r.rows, src=r.src, edges=r.edges, width=r.width, d_out=r.d_out,
-                     elements=r.elements, params=r.params) for r in df.itertuples()]
+                     elements=r.elements, params=r.params, cache_bytes=cache_bytes) for r in df.itertuples()]
     return pd.DataFrame(cols, index=df.index, columns=list(OP_TERMS[op]), dtype=float)
+
+
+def _cv(lf) -> float:
+    return float(np.median(lf.cv_errors)) if len(lf.cv_errors) else float("inf")
 
 
 def fit(df: pd.DataFrame, device_meta: dict) -> dict:
@@ -213,9 +234,14 @@ def fit(df: pd.DataFrame, device_meta: dict) -> dict:
     for op, part in df.groupby("op", sort=False):
         if str(op) not in OP_TERMS or len(part) < 2:
             continue
-        lf = fit_linear(features(part, str(op)), part["median_s"],
-                        shape_groups(part, ["rows", "fanout", "width", "d_out"]))
-        out[str(op)] = {**lf.coef, **lf.summary()}
+        groups = shape_groups(part, ["rows", "fanout", "width", "d_out"])
+        if str(op).startswith("aggregate"):   # the cache size that cross-validates best
+            fits = [(fit_linear(features(part, str(op), c), part["median_s"], groups), c) for c in CACHE_BYTES_GRID]
+            lf, cache = min(fits, key=lambda fc: _cv(fc[0]))
+            out[str(op)] = {**lf.coef, **lf.summary(), "cache_bytes": cache}
+        else:
+            lf = fit_linear(features(part, str(op)), part["median_s"], groups)
+            out[str(op)] = {**lf.coef, **lf.summary()}
         errors.append(lf.cv_errors)
     pooled = np.concatenate(errors) if errors else np.array([])
     return {**out, "cv_median_abs_error": float(np.median(pooled)) if len(pooled) else None, "samples": len(df)}

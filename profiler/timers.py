@@ -67,16 +67,19 @@ class Timer:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
-    def measure(self, fn: Callable[[], object]) -> Timing:
+    def measure(self, fn: Callable[[], object], setup: Callable[[], object] | None = None) -> Timing:
+        """Samples of `fn`; `setup` (CPU only) runs before each one, untimed (e.g. a cache flush)."""
         for _ in range(self.warmup):
             fn()
         self.synchronize()
-        return Timing.of(self._cuda_samples(fn) if self.is_cuda else self._wall_samples(fn))
+        return Timing.of(self._cuda_samples(fn) if self.is_cuda else self._wall_samples(fn, setup))
 
-    def _wall_samples(self, fn: Callable[[], object]) -> list[float]:
+    def _wall_samples(self, fn: Callable[[], object], setup: Callable[[], object] | None = None) -> list[float]:
         samples: list[float] = []
         deadline = time.perf_counter() + self.budget_s
         while len(samples) < self.reps and (len(samples) < self.min_reps or time.perf_counter() < deadline):
+            if setup is not None:
+                setup()
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)

@@ -91,3 +91,31 @@ def test_a_profile_without_the_family_still_loads_and_names_no_gnn_source(tmp_pa
     root = write_profile(tmp_path / "old")
     cluster = apply_profile(load_cluster("1xcpu", profile="none"), root)
     assert "gnn" not in cluster.device.cost_sources and "gemm" in cluster.device.cost_sources
+
+
+def test_aggregation_fit_finds_the_cache_its_source_rows_fall_out_of():
+    """Synthetic aggregation times with a knee at 2 MiB of source rows: the fit keeps the cache
+    size of the grid that reproduces them, and the far term prices the reads beyond it."""
+    from simulator.gnn.costs import far_share
+
+    rows = []
+    for r in (500, 2000, 8000):
+        for f in (4, 12):
+            for w in (32, 128, 256):
+                src, edges = r + r * f // 4, r * f
+                seconds = 2e-10 * edges * w + 1.5e-9 * edges * w * far_share(src, w, 2 * 2**20) + 5e-8 * edges
+                rows.append({"op": "aggregate", "rows": r, "fanout": f, "width": w, "d_out": 0, "src": src,
+                             "edges": edges, "elements": 0, "params": 0, "median_s": seconds})
+    fit = gnn.fit(pd.DataFrame(rows), {"kind": "cpu"})["aggregate"]
+    assert fit["cache_bytes"] == 2 * 2**20
+    assert fit["s_per_far_edge_element"] == pytest.approx(1.5e-9, rel=0.05)
+    assert far_share(1000, 32, 2 * 2**20) == 0 and 0 < far_share(16000, 256, 2 * 2**20) < 1
+
+
+def test_every_timed_call_starts_with_cold_caches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gnn, "flush_caches", lambda: calls.append("flush"))
+    shape = [s for s in small_sweep(None) if s["op"] == "relu_dropout"][:1]
+    timer = Timer("cpu", warmup=0, reps=3, min_reps=3, budget_s=0.0)
+    list(gnn.measure(ProfileContext(quick=True, timer=timer), shape))
+    assert calls == ["flush"] * 3

@@ -77,6 +77,7 @@ model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,9 +104,10 @@ SERVERS_PER_MACHINE = 1
 
 OP_TERMS: dict[str, tuple[str, ...]] = {
     "sample": ("s_per_edge", "s_per_row", "overhead_s"),
-    "to_block": ("s_per_id", "s_per_node", "overhead_s"),
-    "aggregate": ("s_per_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
-    "aggregate_input": ("s_per_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
+    "to_block": ("s_per_id", "s_per_sorted_id", "s_per_node", "overhead_s"),
+    "aggregate": ("s_per_edge_element", "s_per_far_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
+    "aggregate_input": ("s_per_edge_element", "s_per_far_edge_element", "s_per_edge", "s_per_node_element",
+                        "overhead_s"),
     "linear": ("s_per_flop", "s_per_element", "overhead_s"),
     "linear_input": ("s_per_flop", "s_per_element", "overhead_s"),
     "relu_dropout": ("s_per_element", "overhead_s"),
@@ -114,20 +116,33 @@ OP_TERMS: dict[str, tuple[str, ...]] = {
 }
 """The cost model of each operation of the profile's `gnn` family: seconds = sum of coefficient x term."""
 OPTIONAL_OPS = ("gat_attention",)
+CACHE_BYTES_GRID = (0.5 * 2**20, 2**20, 2 * 2**20, 4 * 2**20, 8 * 2**20, 16 * 2**20)
+"""Candidate sizes of the cache the aggregation's source rows fall out of: the profiler keeps
+the one whose fit cross-validates best (`cache_bytes` in the aggregate ops' fits)."""
+
+
+def far_share(src: float, width: float, cache_bytes: float) -> float:
+    """Share of an aggregation's random source-row reads that miss a cache of `cache_bytes`:
+    the source rows (src x width fp32) beyond what the cache holds."""
+    table = src * width * FP32
+    return max(0.0, 1.0 - cache_bytes / table) if table > 0 and cache_bytes > 0 else 0.0
 """Operations only one architecture needs: a profile without them still prices the others."""
 
 
 def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, width: float = 0, d_out: float = 0,
-             elements: float = 0, params: float = 0) -> tuple[float, ...]:
+             elements: float = 0, params: float = 0, cache_bytes: float = 0.0) -> tuple[float, ...]:
     """The terms of `op`'s cost model (in OP_TERMS order) for one call. `rows`: frontier nodes
     (sample, to_block), dst nodes (aggregate) or input rows (linear); `src`: a block's source
-    nodes; `width`: feature width (a linear layer's input); `d_out`: a linear layer's output."""
+    nodes; `width`: feature width (a linear layer's input); `d_out`: a linear layer's output;
+    `cache_bytes`: the aggregation's cache (its fit's `cache_bytes`): edge reads of rows beyond
+    it are the far term, priced apart (a DRAM miss per row, not a cache hit)."""
     if op == "sample":
         return edges, rows, 1.0
-    if op == "to_block":
-        return rows + edges, src, 1.0
+    if op == "to_block":   # np.unique over frontier + neighbors: a sort, n log2 n
+        ids = rows + edges
+        return ids, ids * math.log2(ids) if ids > 1 else 0.0, src, 1.0
     if op in ("aggregate", "aggregate_input"):
-        return edges * width, edges, (src + rows) * width, 1.0
+        return edges * width, edges * width * far_share(src, width, cache_bytes), edges, (src + rows) * width, 1.0
     if op in ("linear", "linear_input"):
         return 2.0 * rows * width * d_out, rows * (width + d_out), 1.0
     if op == "relu_dropout":
@@ -143,7 +158,8 @@ def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, widt
 def op_s(fits: dict[str, Any], op: str, **counts: float) -> float:
     """Seconds of one call of `op` from a profile's `gnn` fits."""
     fit = fits[op]
-    return float(sum(fit[name] * term for name, term in zip(OP_TERMS[op], op_terms(op, **counts))))
+    terms = op_terms(op, cache_bytes=fit.get("cache_bytes", 0.0), **counts)
+    return float(sum(fit.get(name, 0.0) * term for name, term in zip(OP_TERMS[op], terms)))
 
 
 def measured_ops(cluster: ClusterSpec) -> dict[str, Any] | None:
