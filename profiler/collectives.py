@@ -27,6 +27,14 @@ timed with CUDA events on a GPU, as `Timer` does, and with `perf_counter` on the
 calls return when the data has arrived). Ranks are spawned once per (backend, ranks) group,
 which measures all its shapes, so a group's rows arrive together.
 
+Each row also keeps `mean_s`, the mean of the repetitions, and the fit reads it (the median
+where an older table lacks it): a step that makes many calls spends their sum, whose
+expectation is the mean. On a shared or virtual machine a blocking call's latency is
+heavy-tailed (a descheduled rank): gloo's 4 KiB all-reduce on the 2-core development machine
+has a median of 0.3-0.4 ms and a mean of 0.8-1.6 ms over 200 calls, and a decode step's 60 of
+them add up to the mean. Messages up to `SMALL_BYTES` get at least `SMALL_REPS` repetitions,
+so that the mean of a heavy tail settles (they take about a millisecond each).
+
 The fit (`fit`), per (backend, collective, ranks), with `profiler.fit.fit_linear`:
 
     time = alpha_s + bytes / alg_bytes_per_s          (features "launch" = 1 and "bytes")
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,6 +72,7 @@ KiB, MiB = 1024, 1024**2
 FLOAT32_BYTES = 4
 # the hang guard of one group: start-up plus a generous bound per shape, never a budget
 GROUP_TIMEOUT_S, SHAPE_TIMEOUT_S = 120.0, 60.0
+SMALL_BYTES, SMALL_REPS = 64 * KiB, 200
 
 # torch >= 2.13 renamed the single-tensor forms; older releases only have the old names
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -114,7 +124,7 @@ def measure(ctx: ProfileContext, shapes: Iterable[dict[str, Any]]) -> Iterator[d
                                  args=(work, ctx.timer),
                                  timeout_s=GROUP_TIMEOUT_S + SHAPE_TIMEOUT_S * len(work))
             for j, samples in zip(members, per_rank[0], strict=True):
-                rows[j] = {**_key(shapes[j]), **Timing.of(samples).row()}
+                rows[j] = {**_key(shapes[j]), **Timing.of(samples).row(), "mean_s": float(np.mean(samples))}
         yield rows.pop(i)
 
 
@@ -130,8 +140,9 @@ def fit(df: pd.DataFrame, device_meta: dict[str, Any]) -> dict[str, Any]:
     samples = 0
     for (backend, collective, ranks), g in df.groupby(["backend", "collective", "ranks"], sort=True):
         nbytes = g["bytes"].to_numpy(float)
+        seconds = g["mean_s"] if "mean_s" in g and g["mean_s"].notna().all() else g["median_s"]
         lf = fit_linear(pd.DataFrame({"launch": np.ones(len(g)), "bytes": nbytes}),
-                        g["median_s"].to_numpy(float), groups=nbytes)
+                        seconds.to_numpy(float), groups=nbytes)
         alg = 1.0 / lf.coef["bytes"] if lf.coef["bytes"] > 0 else None
         out.setdefault(backend, {}).setdefault(collective, {})[str(int(ranks))] = {
             "alpha_s": lf.coef["launch"],
@@ -168,7 +179,14 @@ def _bench_rank(rank: int, world_size: int, work: list[tuple[str, int]], timer: 
     """Per shape, the per-repetition maxima over ranks (the same list on every rank)."""
     cuda = dist.get_backend() == "nccl"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    return [_max_samples(_collective_op(c, b, rank, world_size, device), timer, device) for c, b in work]
+    return [_max_samples(_collective_op(c, b, rank, world_size, device), _timer_for(b, timer), device) for c, b in work]
+
+
+def _timer_for(nbytes: int, timer: Timer) -> Timer:
+    """Small messages: at least SMALL_REPS repetitions (their mean is the fit's)."""
+    if nbytes > SMALL_BYTES or timer.reps >= SMALL_REPS:
+        return timer
+    return replace(timer, reps=SMALL_REPS, min_reps=max(timer.min_reps, SMALL_REPS))
 
 
 def _collective_op(collective: str, nbytes: int, rank: int, n: int, device: torch.device) -> Callable[[], object]:

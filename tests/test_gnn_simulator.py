@@ -305,3 +305,16 @@ def test_measured_operation_costs_add_up_term_by_term():
     assert costs.measured_compute_s(fits, gat, 32, 8, nodes, edges) == pytest.approx(expected_gat)
     with pytest.raises(ValueError, match="unknown gnn op"):
         costs.op_terms("spmm")
+
+
+def test_executor_request_rounds_cost_four_measured_all_to_alls():
+    """Without DistDGL's servers a request round is the executor's four all-to-all calls, at the
+    profile's measured latency for that many ranks; a datasheet cluster uses its link latency."""
+    from simulator.costs.comm import Link
+    from simulator.specs.profile import load_profile
+
+    cpu = load_cluster("2xcpu")
+    alpha = load_profile(cpu.profile).fit("collectives")["gloo"]["all_to_all"]["2"]["alpha_s"]
+    assert costs.exchange_round_s(cpu, 2) == pytest.approx(4 * alpha)
+    gpu = load_cluster("4xa100-80gb")
+    assert costs.exchange_round_s(gpu, 4) == pytest.approx(4 * Link.of(gpu, "inter_node", 4).alpha_s)

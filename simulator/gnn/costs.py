@@ -271,6 +271,28 @@ def remote_edges(nodes: list[float], edges: list[float], remote_frontier: list[f
     return [r / max(n, 1.0) * e for r, n, e in zip(remote_frontier, nodes, edges)]
 
 
+EXCHANGE_CALLS = 4
+"""Collective calls of one request round of simtune's executor (`executor.gnn.exchange`): an
+all-to-all of sizes and one of payload for the request, the same for the answer."""
+
+
+def exchange_round_s(cluster: ClusterSpec, machines: float) -> float:
+    """Latency of one request round without DistDGL's servers (simtune's executor: collectives
+    over all ranks, `EXCHANGE_CALLS` all-to-alls): the profile's all-to-all latency for that many
+    ranks (the mean of repeated calls: the wait is heavy-tailed on a shared machine, and an
+    iteration's calls add up to their mean), else the cluster's collective latency."""
+    ranks = max(2, int(machines))
+    if cluster.profile is not None and "collectives" in cluster.device.cost_sources:
+        from simulator.specs.profile import load_profile  # noqa: PLC0415 - only profiled clusters read it
+
+        fits = load_profile(cluster.profile).fit("collectives") or {}
+        backend = "nccl" if cluster.host_offload else "gloo"
+        fit = ((fits.get(backend) or {}).get("all_to_all") or {}).get(str(ranks))
+        if isinstance(fit, dict) and isinstance(fit.get("alpha_s"), (int, float)):
+            return EXCHANGE_CALLS * float(fit["alpha_s"])
+    return EXCHANGE_CALLS * Link.of(cluster, "inter_node", ranks).alpha_s
+
+
 def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[float],
                machines: int, cluster: ClusterSpec, trainers_per_machine: int) -> float:
     """One sampler process building one mini-batch: local work, and for frontier nodes another
@@ -290,7 +312,7 @@ def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[flo
         if served:
             work += RPC_ROUND_TRIP_S + e * RESPONSE_EDGE_BYTES * (1 / net + 2 / CORE_COPY_BYTES_PER_S)
         else:
-            work += RPC_ROUND_TRIP_S + e * SAMPLED_EDGE_BYTES / net
+            work += exchange_round_s(cluster, machines) + e * SAMPLED_EDGE_BYTES / net
     return work
 
 
@@ -407,7 +429,7 @@ def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, 
         return (RPC_ROUND_TRIP_S * (remote_machines > 0) + (nbytes + rows * ID_BYTES) / link
                 + 2 * nbytes / CORE_COPY_BYTES_PER_S)
     gather = nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
-    return RPC_ROUND_TRIP_S * (remote_machines > 0) + nbytes / link + gather
+    return exchange_round_s(cluster, remote_machines + 1) * (remote_machines > 0) + nbytes / link + gather
 
 
 def h2d_s(cluster: ClusterSpec, nbytes: float) -> float:
