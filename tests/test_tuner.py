@@ -211,3 +211,15 @@ def test_space_rules():
     assert inflight_microbatches(0, 8, 64, 3) == pytest.approx(8 * (1 + 7 / 24))
     assert inflight_microbatches(7, 8, 64, 1) == 1
     assert all(n % 3 == 0 for n in layer_band(96, 8, 3))
+
+
+def test_an_absurdly_slow_link_is_rounding_not_a_broken_milp():
+    """Found by `make fuzz`: a cluster whose link takes 1e257 s per hop cancels the MILP's closed
+    form to 0 in floating point; the check compares at the scale of the pipeline's time."""
+    from tuner.training.analytic import pipeline_time_s
+    from tuner.training.inter_stage import Candidate, _verify
+
+    choice = [Candidate(2, 3e-4, 2e-5, None), Candidate(2, 3e-4, 2e-5, None)]
+    p2p = 5.4e257
+    objective = pipeline_time_s([3e-4] * 2, [2e-5] * 2, 8, 1, 0.0)
+    assert _verify(choice, 4, 8, 1, p2p, objective) == pipeline_time_s([3e-4] * 2, [2e-5] * 2, 8, 1, p2p)
