@@ -241,3 +241,13 @@ def test_cpu_rank_clusters_refuse_offloading_and_the_tuner_does_not_offer_it():
     for lay in layouts(model, cluster, 4):
         grid = layout_grid(lay, cluster.host_offload)
         assert all(not grid[k].any() for k in ("o_w", "o_g", "o_o", "o_a"))
+
+
+def test_a_link_slower_than_a_megabyte_per_second_is_refused_by_name():
+    """Found by `make fuzz`: 1e-263 GB/s overflowed the inter-stage MILP's coefficients."""
+    from simulator.specs.catalog import load_cluster
+
+    spec = {"name": "x", "device": "a100-80gb", "num_nodes": 1, "devices_per_node": 2,
+            "intra_node_bandwidth_GBps": 1e-263, "inter_node_bandwidth_GBps": 1}
+    with pytest.raises(SpecError, match="intra_node_bandwidth_GBps"):
+        load_cluster(spec)

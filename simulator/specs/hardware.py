@@ -21,6 +21,10 @@ COSTS = ("gemm", "attention", "memory", "copies", "collectives", "step_overhead"
 """The device costs a measured profile can replace; reports say where each came from."""
 
 
+MIN_GBPS = 1e-3
+"""The slowest link or memory a spec may name, 1 MB/s: below it (a fuzzed 1e-263 GB/s) times
+overflow what a solver or a float can carry, and no real device is that slow."""
+
 class CollectiveEfficiency(Spec):
     """Alpha-beta parameters of collectives on one link level (NCCL-tests bus bandwidth)."""
 
@@ -80,8 +84,8 @@ class DeviceSpec(Spec):
     )
     peak_tflops: dict[Literal["fp32", "tf32", "fp16", "bf16", "fp8"], float]
     memory_GiB: float = Field(gt=0)
-    hbm_bandwidth_GBps: float = Field(gt=0)
-    pcie_bandwidth_GBps: float = Field(gt=0, description="host link, one direction")
+    hbm_bandwidth_GBps: float = Field(ge=MIN_GBPS)
+    pcie_bandwidth_GBps: float = Field(ge=MIN_GBPS, description="host link, one direction")
     nvlink_bandwidth_GBps: float = Field(ge=0, description="per device, one direction; 0: none")
     efficiency: Efficiency
 
@@ -128,10 +132,10 @@ class ClusterSpec(Spec):
     num_nodes: int = Field(ge=1, le=MAX_NODES)
     devices_per_node: int = Field(ge=1, le=MAX_DEVICES_PER_NODE)
     intra_node_link: Literal["nvlink", "pcie"] = "nvlink"
-    intra_node_bandwidth_GBps: float = Field(gt=0)
-    inter_node_bandwidth_GBps: float = Field(gt=0)
+    intra_node_bandwidth_GBps: float = Field(ge=MIN_GBPS)
+    inter_node_bandwidth_GBps: float = Field(ge=MIN_GBPS)
     host_link_bandwidth_GBps: float | None = Field(
-        default=None, gt=0, description="device<->host per device, one direction; default: the device's PCIe"
+        default=None, ge=MIN_GBPS, description="device<->host per device, one direction; default: the device's PCIe"
     )
     host_memory_GiB_per_device: float = Field(default=128.0, gt=0)
     host_optimizer_params_per_s: float = Field(
