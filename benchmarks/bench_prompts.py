@@ -144,22 +144,16 @@ class _SimtuneServe:
     """`simtune serve` in a child process on a free loopback port, stopped by its PID."""
 
     def __init__(self):
-        import httpx
 
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "simtune.cli", "serve", "--model", "smollm2-135m",
                                       "--host", "127.0.0.1", "--port", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"simtune serve exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        why = common.wait_healthy(self.proc, self.port, 300)
+        if why is None:
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"simtune serve exited: {self.proc.stderr.read()[-2000:]}")
         self.close()
         raise RuntimeError("simtune serve did not become healthy in 300 s")
 

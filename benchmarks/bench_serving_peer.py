@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_serving_engine import prompts_of, run_engine  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, parser, rewrite_markdown, run_fields, write_results  # noqa: E402
+from benchmarks.common import wait_healthy as common_wait_healthy  # noqa: E402
 from executor.serving.engine import Engine, EngineConfig  # noqa: E402
 from executor.serving.model import load_decoder  # noqa: E402
 from executor.serving.sampling import SamplingParams  # noqa: E402
@@ -121,19 +122,9 @@ class PeerOffline(Proc):
 
 
 def wait_healthy(proc: Proc, port: int) -> None:
-    import httpx
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.p.poll() is not None:
-            raise proc.failed(f"exited with {proc.p.returncode} while starting")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise proc.failed(f"not healthy after {START_TIMEOUT_S:.0f} s")
+    why = common_wait_healthy(proc.p, port, START_TIMEOUT_S)
+    if why is not None:
+        raise proc.failed(why + (" while starting" if why.startswith("exited") else ""))
 
 
 def start_servers(logdir: Path, threads: int, max_num_seqs: int) -> dict[str, tuple[Proc, int]]:

@@ -68,6 +68,24 @@ def print_findings(flags: list[str]) -> None:
         print(f"  - {f}")
 
 
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> str | None:
+    """Poll a server child's http://127.0.0.1:port/health once a second until it answers 200.
+    Returns None then, else why not: "exited with N" or "not healthy after T s"."""
+    import httpx  # noqa: PLC0415 - only the serving benchmarks start servers
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2.0).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    return f"not healthy after {timeout_s:.0f} s"
+
+
 def write_text_atomic(text: str, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename it over `path` (readable by all)."""
     simulator.files.write_text_atomic(path, text)

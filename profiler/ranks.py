@@ -104,7 +104,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, backend: str = "gloo", th
         polite_s = STOP_GRACE_S
         return results
     finally:
-        _stop(procs, polite_s)
+        stop_started(procs, polite_s)
         for reader in pipes:
             reader.close()
 
@@ -145,8 +145,9 @@ def _collect(procs: list, pipes: list[Connection], world_size: int, deadline: fl
     return [results[r] for r in range(world_size)]
 
 
-def _stop(procs: list, polite_s: float) -> None:
-    """Join every started process for `polite_s`; SIGTERM, then SIGKILL, those still running."""
+def stop_started(procs: list, polite_s: float, grace_s: float = STOP_GRACE_S) -> None:
+    """Join every started process for `polite_s`; SIGTERM, then SIGKILL after `grace_s`, those
+    still running."""
     deadline = time.monotonic() + polite_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -154,10 +155,10 @@ def _stop(procs: list, polite_s: float) -> None:
         if p.is_alive():
             p.terminate()
     for p in procs:
-        p.join(STOP_GRACE_S)
+        p.join(grace_s)
         if p.is_alive():
             p.kill()
-            p.join(STOP_GRACE_S)
+            p.join(grace_s)
 
 
 def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, backend: str, threads: int,

@@ -45,7 +45,7 @@ from executor.serving.model import LlamaDecoder, cast_weights, load_decoder
 from executor.serving.paged import PagedKV
 from executor.serving.parallel import Comm, Layout, run_step, shard_decoder
 from executor.serving.runner import Item, PagedRunner
-from profiler.ranks import free_port
+from profiler.ranks import free_port, stop_started
 
 STOP_GRACE_S = 3.0
 REPORT_GRACE_S = 2.0   # after a failure, how long the other ranks get to report theirs
@@ -159,16 +159,7 @@ def stop_processes(procs: list, pipes: list[Connection], grace_s: float) -> None
                 conn.send(("stop",))
             except OSError:
                 pass
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-            p.join(grace_s)
-        if p.is_alive():
-            p.kill()
-            p.join(grace_s)
+    stop_started(procs, grace_s, grace_s)
     for conn in pipes:
         conn.close()
 
