@@ -38,6 +38,7 @@ import common
 
 from executor.gnn.run import run_gnn
 from profiler.run import run_profile
+from profiler.store import this_machines_profile
 from simulator.gnn.graph import build_graph
 from simulator.gnn.partition import partition_graph
 from simulator.gnn.simulate import simulate_gnn
@@ -68,7 +69,7 @@ def run_config(ranks: int, method: str, compare: bool) -> dict[str, Any]:
 
 def same_run_profile(root: Path) -> Path:
     """The committed CPU profile with its `gnn` family measured again now, under `root`."""
-    committed = resolve_profile_path(load_cluster("1xcpu").profile)
+    committed = resolve_profile_path(this_machines_profile() or load_cluster("1xcpu").profile)
     shutil.copytree(committed, root)
     meta = json.loads((root / META_FILE).read_text())
     meta["tables"].pop("gnn", None)

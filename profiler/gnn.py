@@ -11,10 +11,14 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
 ------------------------------------------------------------------------------------
 - `sample`: one hop of `DistSampler._one_hop` on one rank (`rows` frontier nodes, up to
   `fanout` neighbors each, drawn without replacement, put back into frontier order), on the
-  catalog's generated `community-20k` graph: the per-edge cost includes the sort over each
-  row's candidate edges, so it holds for graphs of similar degrees (mean ~20).
+  catalog's generated `community-20k` graph. Rows with more neighbors than `fanout` shuffle
+  all of theirs (one random key per candidate edge, one argsort), so the cost follows the
+  candidate edges as well as the sampled ones. Each shape is timed on two frontiers (the
+  `frontier` column): `uniform` nodes, as the seeds are, and `edge-end` nodes (ends of random
+  edges, degree-biased), as every later hop's new nodes are; on a power-law graph the second
+  has several times the candidates per row, which separates the two terms.
 - `to_block`: relabelling that hop's nodes into a block (`executor.gnn.sampler.to_block`:
-  np.unique over frontier + neighbors, order of first appearance).
+  np.unique over frontier + neighbors, order of first appearance), on the same two frontiers.
 - `aggregate` / `aggregate_input`: `mean_of_neighbors` forward and backward on a block of
   `rows` dst nodes, `fanout` sampled edges each, `src` = rows + edges / 4 source nodes and
   `width` features: the sparse mean matrix (built and coalesced) times the features; `_input`
@@ -33,7 +37,8 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
 
 Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator.gnn.costs.OP_TERMS`)
 ------------------------------------------------------------------------------------------------
-    sample          per_edge edges + per_row rows + overhead
+    sample          per_edge edges + per_candidate c + per_sorted_candidate c log2(c) + per_row rows
+                    + overhead, c = candidate edges (of the rows above the fan-out)
     to_block        per_id ids + per_sorted_id ids log2(ids) + per_node src + overhead, ids = rows + edges
     aggregate*      per_edge_element edges width + per_far_edge_element edges width far + per_edge edges
                     + per_node_element (src + dst) width + overhead; far = 1 - cache / (src width 4 B),
@@ -61,6 +66,7 @@ from simulator.gnn.costs import CACHE_BYTES_GRID, OP_TERMS, op_terms
 
 GRAPH = "community-20k"
 SAMPLE_ROWS, SAMPLE_FANOUTS = (250, 1000, 4000, 16000), (5, 10, 15)
+FRONTIERS = ("uniform", "edge-end")
 AGG_ROWS, AGG_FANOUTS, AGG_WIDTHS = (500, 2000, 8000), (4, 12), (32, 128, 256)
 LINEAR_ROWS, LINEAR_DIMS = (1000, 4000, 16000), ((32, 256), (256, 256), (256, 8))
 DROPOUT_ROWS, DROPOUT_WIDTHS = (1000, 4000, 16000), (64, 256)
@@ -79,7 +85,8 @@ def sweep(ctx: ProfileContext) -> list[dict]:
     q = ctx.quick
     sample_rows = QUICK["sample_rows"] if q else SAMPLE_ROWS
     agg_rows, agg_widths = (QUICK["agg_rows"], QUICK["agg_widths"]) if q else (AGG_ROWS, AGG_WIDTHS)
-    shapes = [_shape(op, r, f) for op in ("sample", "to_block") for r in sample_rows for f in SAMPLE_FANOUTS]
+    shapes = [_shape(op, r, f, frontier=kind) for op in ("sample", "to_block") for r in sample_rows
+              for f in SAMPLE_FANOUTS for kind in FRONTIERS]
     shapes += [_shape(op, r, f, w) for op in ("aggregate", "aggregate_input") for r in agg_rows
                for f in AGG_FANOUTS for w in agg_widths]
     shapes += [_shape(op, r, 0, d_in, d_out) for op in ("linear", "linear_input")
@@ -91,8 +98,8 @@ def sweep(ctx: ProfileContext) -> list[dict]:
     return shapes
 
 
-def _shape(op: str, rows: int, fanout: int, width: int = 0, d_out: int = 0) -> dict:
-    return {"op": op, "rows": rows, "fanout": fanout, "width": width, "d_out": d_out}
+def _shape(op: str, rows: int, fanout: int, width: int = 0, d_out: int = 0, frontier: str = "uniform") -> dict:
+    return {"op": op, "rows": rows, "fanout": fanout, "width": width, "d_out": d_out, "frontier": frontier}
 
 
 @cache
@@ -112,8 +119,20 @@ def _sampler():
                        [1], Exchange(0, 1), seed=0)
 
 
-def _frontier(rows: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.choice(_graph().num_nodes, size=min(rows, _graph().num_nodes), replace=False).astype(np.int64)
+def _frontier(rows: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """`rows` distinct nodes: uniform, or ends of uniformly drawn edges (degree-biased, in order
+    of first draw), as a sampled hop's new nodes are."""
+    g = _graph()
+    rows = min(rows, g.num_nodes)
+    if kind == "uniform":
+        return rng.choice(g.num_nodes, size=rows, replace=False).astype(np.int64)
+    ends = g.indices[rng.integers(0, g.indices.size, 8 * rows)].astype(np.int64)
+    _, first = np.unique(ends, return_index=True)
+    picked = ends[np.sort(first)][:rows]
+    if picked.size < rows:   # a small graph's hubs run out: fill with uniform nodes
+        rest = np.setdiff1d(np.arange(g.num_nodes), picked)
+        picked = np.concatenate([picked, rng.choice(rest, size=rows - picked.size, replace=False)])
+    return picked
 
 
 def _random_block(rows: int, fanout: int, rng: np.random.Generator):
@@ -139,12 +158,13 @@ def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
     from executor.gnn.sampler import to_block  # noqa: PLC0415
 
     op, rows, fanout, width, d_out = (shape[k] for k in ("op", "rows", "fanout", "width", "d_out"))
-    counts = {"src": 0, "edges": 0, "elements": 0, "params": 0}
+    counts = {"src": 0, "edges": 0, "candidates": 0, "elements": 0, "params": 0}
     if op in ("sample", "to_block"):
-        sampler, frontier = _sampler(), _frontier(rows, rng)
+        sampler, frontier = _sampler(), _frontier(rows, shape.get("frontier", "uniform"), rng)
         dst_of_edge, nbrs = sampler._one_hop(frontier, fanout)
         block, _ = to_block(frontier, dst_of_edge, nbrs)
-        counts.update(src=block.num_src, edges=int(nbrs.size))
+        degree = sampler.indptr[frontier + 1] - sampler.indptr[frontier]
+        counts.update(src=block.num_src, edges=int(nbrs.size), candidates=int(degree[degree > fanout].sum()))
         if op == "sample":
             return (lambda: sampler._one_hop(frontier, fanout)), counts
         return (lambda: to_block(frontier, dst_of_edge, nbrs)), counts
@@ -214,13 +234,14 @@ def measure(ctx: ProfileContext, shapes: list[dict]) -> Iterator[dict]:
     for shape in shapes:
         fn, counts = _operation(shape, rng)
         timing = ctx.timer.measure(fn, setup=flush_caches)
-        yield {**{k: shape[k] for k in ("op", "rows", "fanout", "width", "d_out")}, **counts, **timing.row()}
+        yield {**{k: shape[k] for k in ("op", "rows", "fanout", "width", "d_out", "frontier")}, **counts, **timing.row()}
 
 
 def features(df: pd.DataFrame, op: str, cache_bytes: float = 0.0) -> pd.DataFrame:
     """The cost model's terms of `op` for every row (the simulator computes the same ones)."""
-    cols = [op_terms(op, rows=r.rows, src=r.src, edges=r.edges, width=r.width, d_out=r.d_out,
-                     elements=r.elements, params=r.params, cache_bytes=cache_bytes) for r in df.itertuples()]
+    candidates = df["candidates"] if "candidates" in df else df["edges"]   # older tables: sampled edges
+    cols = [op_terms(op, rows=r.rows, src=r.src, edges=r.edges, width=r.width, d_out=r.d_out, elements=r.elements,
+                     params=r.params, cache_bytes=cache_bytes, candidates=c) for r, c in zip(df.itertuples(), candidates)]
     return pd.DataFrame(cols, index=df.index, columns=list(OP_TERMS[op]), dtype=float)
 
 

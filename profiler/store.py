@@ -27,7 +27,16 @@ import pandas as pd
 import torch
 
 from simulator.files import write_text_atomic
-from simulator.specs.profile import FORMAT, META_FILE, TABLES, VERSION, ProfileError, read_meta
+from simulator.specs.profile import (
+    FORMAT,
+    META_FILE,
+    PROFILES_DIR,
+    TABLES,
+    VERSION,
+    ProfileError,
+    read_meta,
+    with_added_columns,
+)
 
 
 def machine_meta(device: str, threads: int) -> dict[str, Any]:
@@ -55,6 +64,21 @@ def _cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def this_machines_profile(threads: int = 1) -> str | None:
+    """The catalog profile measured on a CPU like this one (same model name, `threads` per
+    process), if one is committed: what a prediction of this machine's own ranks should use,
+    since the `Nxcpu` clusters name the profile of the machine simtune was first built on."""
+    name = _cpu_model()
+    for root in sorted(PROFILES_DIR.iterdir()):
+        try:
+            device = read_meta(root)["device"]
+        except ProfileError:
+            continue
+        if device.get("kind") == "cpu" and device.get("name") == name and device.get("threads") == threads:
+            return root.name
+    return None
 
 
 def _cuda_driver() -> str | None:
@@ -126,7 +150,7 @@ class Table:
         self.store, self.op, self.spec = store, op, TABLES[op]
         self.path = store.root / self.spec.file
         self.rows: list[dict[str, Any]] = (
-            pd.read_csv(self.path).to_dict("records") if self.path.exists() else []
+            with_added_columns(op, pd.read_csv(self.path)).to_dict("records") if self.path.exists() else []
         )
         self._keys = {self.key_of(r) for r in self.rows}
 

@@ -37,22 +37,24 @@ def test_sampling_saturates_monotonically_and_never_exceeds_the_graph():
     spec = load_graph("community-20k")
     previous = None
     for batch in (10, 100, 1000, 5000, 10000):
-        nodes, edges = expected_counts(spec, FANOUTS, batch)
+        nodes, edges, _ = expected_counts(spec, FANOUTS, batch)
         assert all(b >= a for a, b in zip(nodes, nodes[1:]))          # hops only add nodes
         assert max(nodes) <= spec.num_nodes
         if previous is not None:
             assert all(n >= p for n, p in zip(nodes, previous))
         previous = nodes
     assert previous[-1] > 0.9 * spec.num_nodes                        # a huge batch covers the graph
-    small, small_edges = expected_counts(spec, FANOUTS, 10)
+    small, small_edges, _ = expected_counts(spec, FANOUTS, 10)
     assert small[1] == pytest.approx(10 + small_edges[0], rel=0.06)  # 10 seeds: few repeats (hubs only)
 
 
 def test_expected_counts_agree_with_sampling_the_generated_graph(graph):
-    nodes, edges = expected_counts(load_graph("community-20k"), FANOUTS, 2000)
+    nodes, edges, candidates = expected_counts(load_graph("community-20k"), FANOUTS, 2000)
     measured, _ = sample_counts(graph, np.zeros(graph.num_nodes, dtype=np.int32), 0, 1, FANOUTS, 2000)
     assert np.allclose(nodes, measured.nodes, rtol=0.2)
     assert np.allclose(edges, measured.edges, rtol=0.2)
+    assert np.allclose(candidates, measured.candidates, rtol=0.2)   # the degree-biased frontiers
+    assert measured.candidates[1] > 3 * measured.edges[1]              # a power law: hubs shuffle many
 
 
 def test_sampler_respects_fanouts(graph):
@@ -274,7 +276,8 @@ def test_cpu_ranks_are_priced_from_the_profiles_measured_gnn_operations(graph):
     model = load_gnn_model("graphsage-3")
     assert stages["compute"] == pytest.approx(costs.measured_compute_s(fits, model, graph.feature_dim,
                                                                        graph.num_classes, nodes, edges))
-    assert stages["sample"] == pytest.approx(costs.measured_sample_s(fits, nodes, edges))
+    candidates = report.candidate_edges_per_layer
+    assert stages["sample"] == pytest.approx(costs.measured_sample_s(fits, nodes, edges, candidates))
     assert counts.input_nodes == nodes[-1]
     fallback = simulate_gnn(graph, "graphsage-3", datasheet, plan).trainer_loads[0].stages_s
     layers = costs.layer_costs(model, graph.feature_dim, graph.num_classes, nodes, edges)

@@ -78,8 +78,8 @@ def test_a_new_family_may_come_from_another_machine_of_the_same_kind(tmp_path, m
     with pytest.raises(ProfileError, match="device.name"):
         ProfileStore.open(root, "cpu", threads=1, ops=("gemm",))     # its own table: refused
     store = ProfileStore.open(root, "cpu", threads=1, ops=("gnn",))  # a new table: kept apart
-    store.table("gnn").add({"op": "optimizer", "rows": 0, "fanout": 0, "width": 32, "d_out": 0, "src": 0,
-                            "edges": 0, "elements": 0, "params": 10, "median_s": 1e-3, "p10_s": 1e-3,
+    store.table("gnn").add({"op": "optimizer", "rows": 0, "fanout": 0, "width": 32, "d_out": 0,
+                            "frontier": "uniform", "src": 0, "edges": 0, "candidates": 0, "elements": 0, "params": 10, "median_s": 1e-3, "p10_s": 1e-3,
                             "p90_s": 1e-3, "reps": 1})
     profile = load_profile(root)
     assert profile.tables["gnn"]["device"]["name"] == "Another CPU"

@@ -41,6 +41,7 @@ import numpy as np
 from executor.gnn.model import check_model
 from executor.gnn.rank import TIMED_PARTS, GNNJob, train_gnn_rank
 from profiler.ranks import run_ranks
+from profiler.store import machine_meta, this_machines_profile
 from simulator.errors import SpecError
 from simulator.gnn.graph import Graph, build_graph
 from simulator.gnn.partition import Partition, partition_graph
@@ -100,7 +101,8 @@ def run_gnn(graph: Any, model: Any, plan: Any, nproc: int, epochs: int = 3, seed
     directory `simtune partition --out` wrote (nproc parts of this graph); without one the graph
     is partitioned with the plan's method into a temporary directory. `compare` (or `profile`)
     adds the simulator's prediction on the `{nproc}xcpu` cluster with `profile` (default: the
-    cluster's own, the committed CPU profile). Raises SpecError for inputs that cannot run,
+    committed profile of this machine's CPU, `profiler.store.this_machines_profile`, else the
+    cluster's own). Raises SpecError for inputs that cannot run,
     `RankError` naming the rank when a rank fails, TimeoutError past `timeout_s`.
     """
     graph_spec, model_spec, plan_spec = load_graph(graph), load_gnn_model(model), load_gnn_plan(plan)
@@ -218,6 +220,9 @@ def _predict(report: GNNRunReport, graph: Graph, model: GNNModelSpec, plan: GNNP
         return
     from simulator.specs.catalog import load_cluster
 
+    if profile is None and (profile := this_machines_profile()) is None:
+        report.notes.append(f"no committed profile of this CPU ({machine_meta('cpu', 1)['name']}): predicted with "
+                            f"{report.cluster}'s own, measured on another machine")
     cluster = load_cluster(report.cluster, profile)
     ran = plan.model_copy(update={"trainers_per_machine": 1, "partition": partition.method})
     predicted = simulate_gnn(graph, model, cluster, ran, partition=partition)

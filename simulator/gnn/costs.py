@@ -83,6 +83,7 @@ from typing import Any
 
 from simulator.costs.comm import Link, allreduce_s
 from simulator.costs.timing import gemm_efficiency
+from simulator.gnn.sampling import HopCounts
 from simulator.specs.gnn import GNNModelSpec, GNNPlan
 from simulator.specs.hardware import ClusterSpec
 
@@ -103,7 +104,7 @@ SERVERS_PER_MACHINE = 1
 
 
 OP_TERMS: dict[str, tuple[str, ...]] = {
-    "sample": ("s_per_edge", "s_per_row", "overhead_s"),
+    "sample": ("s_per_edge", "s_per_candidate", "s_per_sorted_candidate", "s_per_row", "overhead_s"),
     "to_block": ("s_per_id", "s_per_sorted_id", "s_per_node", "overhead_s"),
     "aggregate": ("s_per_edge_element", "s_per_far_edge_element", "s_per_edge", "s_per_node_element", "overhead_s"),
     "aggregate_input": ("s_per_edge_element", "s_per_far_edge_element", "s_per_edge", "s_per_node_element",
@@ -130,14 +131,17 @@ def far_share(src: float, width: float, cache_bytes: float) -> float:
 
 
 def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, width: float = 0, d_out: float = 0,
-             elements: float = 0, params: float = 0, cache_bytes: float = 0.0) -> tuple[float, ...]:
+             elements: float = 0, params: float = 0, cache_bytes: float = 0.0, candidates: float = 0.0
+             ) -> tuple[float, ...]:
     """The terms of `op`'s cost model (in OP_TERMS order) for one call. `rows`: frontier nodes
     (sample, to_block), dst nodes (aggregate) or input rows (linear); `src`: a block's source
-    nodes; `width`: feature width (a linear layer's input); `d_out`: a linear layer's output;
+    nodes; `candidates`: the in-edges of frontier rows with more neighbors than the fan-out,
+    which the sampler shuffles (one random key each, one argsort); `width`: feature width (a
+    linear layer's input); `d_out`: a linear layer's output;
     `cache_bytes`: the aggregation's cache (its fit's `cache_bytes`): edge reads of rows beyond
     it are the far term, priced apart (a DRAM miss per row, not a cache hit)."""
     if op == "sample":
-        return edges, rows, 1.0
+        return edges, candidates, candidates * math.log2(candidates) if candidates > 1 else 0.0, rows, 1.0
     if op == "to_block":   # np.unique over frontier + neighbors: a sort, n log2 n
         ids = rows + edges
         return ids, ids * math.log2(ids) if ids > 1 else 0.0, src, 1.0
@@ -198,10 +202,11 @@ def measured_compute_s(fits: dict[str, Any], model: GNNModelSpec, feature_dim: i
     return total
 
 
-def measured_sample_s(fits: dict[str, Any], nodes: list[float], edges: list[float]) -> float:
-    """One trainer's sampler work for one mini-batch, hop by hop: the draw over the frontier and
-    the relabelling into a block (the exchange with the owners is charged apart)."""
-    return sum(op_s(fits, "sample", rows=nodes[h], edges=edges[h])
+def measured_sample_s(fits: dict[str, Any], nodes: list[float], edges: list[float], candidates: list[float]) -> float:
+    """One trainer's sampler work for one mini-batch, hop by hop: the draw over the frontier
+    (shuffling the candidate edges of rows above the fan-out) and the relabelling into a block
+    (the exchange with the owners is charged apart)."""
+    return sum(op_s(fits, "sample", rows=nodes[h], edges=edges[h], candidates=candidates[h])
                + op_s(fits, "to_block", rows=nodes[h], edges=edges[h], src=nodes[h + 1]) for h in range(len(edges)))
 
 
@@ -293,16 +298,16 @@ def exchange_round_s(cluster: ClusterSpec, machines: float) -> float:
     return EXCHANGE_CALLS * Link.of(cluster, "inter_node", ranks).alpha_s
 
 
-def sampling_s(nodes: list[float], edges: list[float], remote_frontier: list[float],
-               machines: int, cluster: ClusterSpec, trainers_per_machine: int) -> float:
+def sampling_s(counts: HopCounts, machines: int, cluster: ClusterSpec, trainers_per_machine: int) -> float:
     """One sampler process building one mini-batch: local work, and for frontier nodes another
     machine owns, one RPC per hop to the owners and the sampled edges sent back. With DistDGL's
     server layout (`has_cores`) the owners' servers draw the remote edges (`serve_s`); the
     sampler receives, deserialises and merges their responses."""
-    far = remote_edges(nodes, edges, remote_frontier) if machines > 1 else [0.0] * len(edges)
+    nodes, edges = counts.nodes, counts.edges
+    far = remote_edges(nodes, edges, counts.frontier_remote) if machines > 1 else [0.0] * len(edges)
     served = has_cores(cluster)
     if (fits := measured_ops(cluster)) is not None and not served:
-        work = measured_sample_s(fits, nodes, edges)
+        work = measured_sample_s(fits, nodes, edges, counts.candidate_edges)
     else:
         work = SAMPLE_EDGE_S * (sum(edges) - (sum(far) if served else 0.0)) + SAMPLE_NODE_S * sum(nodes[1:])
     net = trainer_network_bytes_per_s(cluster, trainers_per_machine)
@@ -452,12 +457,15 @@ def parameter_count(model: GNNModelSpec, feature_dim: int, num_classes: int) -> 
 
 def allreduce_grad_s(cluster: ClusterSpec, plan: GNNPlan, model_bytes: float) -> float:
     """Dense gradient all-reduce over every trainer (DDP over gloo or NCCL): the machines' ring
-    through their network interfaces; trainers of one machine reduce through its memory."""
+    through their network interfaces; trainers of one machine reduce through its memory, and so
+    do the one-core ranks of `Nxcpu` (its intra-node link: a profile's measured all-reduce)."""
     machines, per_machine = num_machines(cluster), plan.trainers_per_machine
     t = 0.0
     if per_machine > 1:
         t += allreduce_s(model_bytes, per_machine, Link.of(cluster, "intra_node"))
-    if machines > 1:
+    if machines > 1 and cluster.num_nodes == 1:   # `Nxcpu`: the "machines" are ranks of one node
+        t += float(allreduce_s(model_bytes, machines, Link.of(cluster, "intra_node")))
+    elif machines > 1:
         link = Link.of(cluster, "inter_node", machines)
         link = Link(machine_network_bytes_per_s(cluster), link.alpha_s, link.alpha_inter_s, machines)
         t += float(allreduce_s(model_bytes, machines, link))

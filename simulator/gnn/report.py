@@ -47,6 +47,7 @@ class GNNReport:
     allreduce_bytes_per_epoch: float   # gradient bytes each trainer all-reduces, summed over iterations
     sampled_nodes_per_layer: list[float]   # unique nodes per hop, seeds first (slowest trainer)
     sampled_edges_per_layer: list[float]
+    candidate_edges_per_layer: list[float]   # edges of rows above the fan-out, which a shuffling sampler draws from
     trainer_loads: list[TrainerLoad]
     partition: dict[str, Any]
     path: str                          # "measured" (sampled on the graph) or "statistical"

@@ -17,7 +17,15 @@ those neighbors (DGL's blocks keep the destination nodes among the sources). Two
   "Cooperative Minibatching", arXiv 2310.12403, measure the same saturation on real graphs).
 
 Draws per node at hop h are E[min(f_h, D)], with D the degree of a node reached through an edge
-(size-biased) for h >= 1 and of a uniform training node for the seeds. The degree sample
+(size-biased) for h >= 1 and of a uniform training node for the seeds.
+
+Candidate edges: a sampler that draws without replacement by shuffling a row's neighbor list
+(simtune's executor, `executor.gnn.sampler`) handles every edge of a row with more than f_h
+neighbors, not only the f_h it keeps. The frontier of a hop h >= 1 is degree-biased (its new
+nodes are edge ends), so on a power-law graph these candidates outnumber the sampled edges
+several times (community-20k, 1,000 seeds, fan-outs 15, 10, 5: 230,000 candidates for 47,000
+sampled edges at the second hop). Statistical path: the sum of D 1(D > f_h) over the degree
+sample, each node weighted by its coverage of hop h (its chance to be in that frontier). The degree sample
 follows the generator's law (simulator.gnn.graph: Pareto with exponent gamma - 1, capped at
 sqrt(edges), scaled to the mean degree), so the statistical path and generated graphs agree.
 """
@@ -54,6 +62,13 @@ class HopCounts:
     input_cached: float
     input_remote: float
     frontier_remote: list[float] = field(default_factory=list)
+    candidates: list[float] = field(default_factory=list)
+    """Per hop, the in-edges of frontier rows with more neighbors than the fan-out (what a
+    shuffling sampler draws from); empty when unknown (then the sampled edges stand in)."""
+
+    @property
+    def candidate_edges(self) -> list[float]:
+        return self.candidates or self.edges
 
     @property
     def input_nodes(self) -> float:
@@ -84,41 +99,46 @@ def spec_degrees(spec: GraphSpec) -> np.ndarray:
                          spec.degree_distribution)
 
 
-def expected_counts(spec: GraphSpec, fanouts: list[int], batch_size: int) -> tuple[list[float], list[float]]:
-    """(nodes per hop, edges per hop) of one mini-batch of `batch_size` seeds, expected values."""
+def expected_counts(spec: GraphSpec, fanouts: list[int], batch_size: int
+                    ) -> tuple[list[float], list[float], list[float]]:
+    """(nodes per hop, edges per hop, candidate edges per hop) of one mini-batch of `batch_size`
+    seeds, expected values."""
     d = spec_degrees(spec)
     n = float(spec.num_nodes)
     batch = float(min(batch_size, spec.num_train_nodes))
     share = d / (n * d.mean())                           # chance one sampled edge ends at v
     size_biased = d / d.mean() / d.size                  # weight of v among edge ends
     coverage = np.full(d.size, batch / n)                # seeds: uniform training nodes
-    nodes, edges = [batch], []
+    nodes, edges, candidates = [batch], [], []
     for h, f in enumerate(fanouts):
         per_node = np.minimum(f, d)
         draws_per_node = per_node.mean() if h == 0 else float((per_node * size_biased).sum())
         draws = nodes[-1] * draws_per_node
         edges.append(draws)
+        candidates.append(float(n * (coverage * np.where(d > f, d, 0.0)).mean()))   # frontier rows over f
         coverage = 1.0 - (1.0 - coverage) * np.exp(-draws * share)
         nodes.append(float(min(n, coverage.mean() * n)))
-    return nodes, edges
+    return nodes, edges, candidates
 
 
 # --- measured path ----------------------------------------------------------------------------
 
 
 def sample_batch(graph: Graph, seeds: np.ndarray, fanouts: list[int], rng: np.random.Generator
-                 ) -> tuple[list[np.ndarray], list[int]]:
-    """Sample one mini-batch: the unique node ids per hop (seeds first) and the edge counts.
+                 ) -> tuple[list[np.ndarray], list[int], list[int]]:
+    """Sample one mini-batch: the unique node ids per hop (seeds first), the sampled edges and
+    the candidate edges (of rows with more than f neighbors) per hop.
 
     Nodes with at most f neighbors take all of them (DGL's `sample_neighbors` without
     replacement); nodes with more draw f with replacement, which equals sampling without
     replacement up to the rare repeats when the degree is much larger than f."""
     indptr, indices = graph.indptr, graph.indices
     frontier = sorted_unique(np.asarray(seeds, dtype=np.int64))
-    hops, edges = [frontier], []
+    hops, edges, candidates = [frontier], [], []
     for f in fanouts:
         start, deg = indptr[frontier], indptr[frontier + 1] - indptr[frontier]
         small = deg <= f
+        candidates.append(int(deg[~small].sum()))
         take_all = np.repeat(start[small], deg[small]) + _ranges(deg[small])
         big_start, big_deg = start[~small], deg[~small]
         picks = (np.repeat(big_start, f) + (rng.random(big_start.size * f) * np.repeat(big_deg, f)).astype(np.int64))
@@ -126,7 +146,7 @@ def sample_batch(graph: Graph, seeds: np.ndarray, fanouts: list[int], rng: np.ra
         edges.append(int(nbrs.size))
         frontier = sorted_unique(np.concatenate([frontier, nbrs]))
         hops.append(frontier)
-    return hops, edges
+    return hops, edges, candidates
 
 
 def _ranges(lengths: np.ndarray) -> np.ndarray:
@@ -155,13 +175,14 @@ def sample_counts(graph: Graph, parts: np.ndarray, part: int, num_parts: int, fa
     if own.size < quota:
         others = train[parts[train] != part]
         pool = np.concatenate([own, rng.choice(others, size=min(others.size, quota - own.size), replace=False)])
-    acc = {"nodes": np.zeros(len(fanouts) + 1), "edges": np.zeros(len(fanouts)),
+    acc = {"nodes": np.zeros(len(fanouts) + 1), "edges": np.zeros(len(fanouts)), "candidates": np.zeros(len(fanouts)),
            "local": 0.0, "cached": 0.0, "remote": 0.0, "frontier_remote": np.zeros(len(fanouts))}
     for _ in range(batches):
         seeds = rng.choice(pool, size=min(batch_size, pool.size), replace=False)
-        hops, edges = sample_batch(graph, seeds, fanouts, rng)
+        hops, edges, candidates = sample_batch(graph, seeds, fanouts, rng)
         acc["nodes"] += [h.size for h in hops]
         acc["edges"] += edges
+        acc["candidates"] += candidates
         inputs = hops[-1]
         local = parts[inputs] == part
         hit = ~local & (cached[inputs] if cached is not None else False)
@@ -172,12 +193,12 @@ def sample_counts(graph: Graph, parts: np.ndarray, part: int, num_parts: int, fa
     k = float(batches)
     counts = HopCounts([float(x) for x in acc["nodes"] / k], [float(x) for x in acc["edges"] / k],
                        float(acc["local"] / k), float(acc["cached"] / k), float(acc["remote"] / k),
-                       [float(x) for x in acc["frontier_remote"] / k])
+                       [float(x) for x in acc["frontier_remote"] / k], [float(x) for x in acc["candidates"] / k])
     return counts, float(min(own.size, quota) / max(pool.size, 1))
 
 
 def split_counts(nodes: list[float], edges: list[float], seed_local: float, cut: float, mean_cut: float,
-                 num_parts: int, cache_hit: float) -> HopCounts:
+                 num_parts: int, cache_hit: float, candidates: list[float] | None = None) -> HopCounts:
     """Where a part's sampled nodes live, from its cut fraction (statistical path).
 
     A sampled edge of a node the part owns leaves the part with probability `cut` (the part's
@@ -185,7 +206,7 @@ def split_counts(nodes: list[float], edges: list[float], seed_local: float, cut:
     `mean_cut / (num_parts - 1)`. Hop h+1's new nodes inherit hop h's mix through that chain,
     starting from the seeds' local share; `cache_hit` of the remote input reads hit the cache."""
     if num_parts <= 1:
-        return HopCounts(nodes, edges, nodes[-1], 0.0, 0.0, [0.0] * len(edges))
+        return HopCounts(nodes, edges, nodes[-1], 0.0, 0.0, [0.0] * len(edges), list(candidates or []))
     back = mean_cut / (num_parts - 1)
     local = [seed_local * nodes[0]]
     for h in range(len(edges)):
@@ -194,4 +215,4 @@ def split_counts(nodes: list[float], edges: list[float], seed_local: float, cut:
         local.append(local[-1] + new * (share * (1 - cut) + (1 - share) * back))
     remote = nodes[-1] - local[-1]
     return HopCounts(nodes, edges, local[-1], remote * cache_hit, remote * (1 - cache_hit),
-                     [n - l for n, l in zip(nodes[:-1], local[:-1])])
+                     [n - l for n, l in zip(nodes[:-1], local[:-1])], list(candidates or []))

@@ -116,6 +116,7 @@ def simulate_prepared(prep: Prepared, model: GNNModelSpec, cluster: ClusterSpec,
             c.input_local + c.input_cached for c, _ in counts),
         allreduce_bytes_per_epoch=iterations * model_bytes * (trainers > 1),
         sampled_nodes_per_layer=counts[slowest][0].nodes, sampled_edges_per_layer=counts[slowest][0].edges,
+        candidate_edges_per_layer=counts[slowest][0].candidate_edges,
         trainer_loads=loads, partition=prep.quality.to_dict(), path=prep.path, plan=plan.to_dict())
     if trace_path is not None:
         write_chrome_trace(trace_events(report, slowest), trace_path, "simtune gnn", "machine")
@@ -143,13 +144,13 @@ def _measured(graph: Graph, part: Partition, model: GNNModelSpec, plan: GNNPlan)
 
 
 def _statistical(spec: GraphSpec, q: PartitionQuality, model: GNNModelSpec, plan: GNNPlan) -> list[tuple[HopCounts, float]]:
-    nodes, edges = expected_counts(spec, model.fanouts, plan.batch_size_per_trainer)
+    nodes, edges, candidates = expected_counts(spec, model.fanouts, plan.batch_size_per_trainer)
     mean_cut = q.edge_cut_fraction
     hit = q.hit_rate(plan.feature_cache_fraction)
     out = []
     for p in range(q.num_parts):
         seed_local = min(1.0, q.train_share[p] * q.num_parts)
-        out.append((split_counts(nodes, edges, seed_local, q.cut_fraction[p], mean_cut, q.num_parts, hit), seed_local))
+        out.append((split_counts(nodes, edges, seed_local, q.cut_fraction[p], mean_cut, q.num_parts, hit, candidates), seed_local))
     return out
 
 
@@ -231,7 +232,7 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, served: costs
     remote_share = remote_rows / max(counts.input_nodes, 1.0)
     far_edges = costs.remote_edges(counts.nodes, counts.edges, counts.frontier_remote)
     stages = {
-        "sample": costs.sampling_s(counts.nodes, counts.edges, counts.frontier_remote, machines, cluster, tpm),
+        "sample": costs.sampling_s(counts, machines, cluster, tpm),
         "fetch_local": costs.fetch_local_s(local_rows * row, cluster, tpm),
         "fetch_remote": costs.fetch_remote_s(remote_rows * row, machines - 1, cluster, tpm, remote_rows),
         "compute": _compute_s(cluster, model, layers, per_device, dims, counts),

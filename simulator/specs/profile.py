@@ -16,7 +16,8 @@ DIR/memory.csv      op, elements, dtype, bytes, timing
 DIR/copies.csv      direction, pinned, bytes, timing
 DIR/collectives.csv backend, collective, bytes, ranks, timing
 DIR/decode.csv      phase, batch, context, new_tokens, timing
-DIR/gnn.csv         op, rows, fanout, width, d_out, src, edges, elements, params, timing   (optional)
+DIR/gnn.csv         op, rows, fanout, width, d_out, frontier, src, edges, candidates, elements, params,
+                    timing (optional)
 ```
 One row per measured shape, SI units (seconds, bytes, FLOPs); `timing` is median_s, p10_s,
 p90_s and reps. The key columns of each table (TABLES) identify a shape.
@@ -46,6 +47,7 @@ and records which cost came from where (`DeviceSpec.cost_sources`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -65,6 +67,8 @@ class TableSpec:
     file: str
     key: tuple[str, ...]
     values: tuple[str, ...] = ()
+    added: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
+    """Columns a later version added, each with what stands in for it in an older table."""
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -79,7 +83,9 @@ TABLES: dict[str, TableSpec] = {
     "copies": TableSpec("copies.csv", ("direction", "pinned", "bytes")),
     "collectives": TableSpec("collectives.csv", ("backend", "collective", "bytes", "ranks")),
     "decode": TableSpec("decode.csv", ("phase", "batch", "context", "new_tokens")),
-    "gnn": TableSpec("gnn.csv", ("op", "rows", "fanout", "width", "d_out"), ("src", "edges", "elements", "params")),
+    "gnn": TableSpec("gnn.csv", ("op", "rows", "fanout", "width", "d_out", "frontier"),
+                     ("src", "edges", "candidates", "elements", "params"),
+                     added=(("frontier", lambda df: "uniform"), ("candidates", lambda df: df["edges"]))),
 }
 OPS = tuple(TABLES)
 
@@ -167,10 +173,19 @@ class HardwareProfile:
             df = pd.read_csv(path)
         except Exception as err:  # noqa: BLE001 - any parse failure is a corrupt file
             raise ProfileError(path, "<file>", "unreadable", f"is corrupt: {err}") from None
+        df = with_added_columns(op, df)
         missing = [c for c in TABLES[op].columns if c not in df.columns]
         if missing:
             raise ProfileError(path, "columns", missing, f"are required: {', '.join(TABLES[op].columns)}")
         return df
+
+
+def with_added_columns(op: str, df):
+    """`df` (a table of `op`) with the columns later versions added filled in where it lacks them."""
+    for column, stand_in in TABLES[op].added:
+        if column not in df.columns:
+            df = df.assign(**{column: stand_in(df)})
+    return df
 
 
 def resolve_profile_path(ref: str | Path) -> Path:
