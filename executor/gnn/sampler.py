@@ -1,12 +1,10 @@
 """Neighbor sampling on CSR arrays: one hop on the rows a rank owns, and the distributed
 mini-batch sampler that asks the owners of remote nodes to sample theirs (DistDGL's design).
 
-One hop (`sample_neighbors`): for each row, up to `fanout` of its in-neighbors, drawn without
-replacement (all of them when the row has no more than `fanout`). Vectorized over the rows:
-every candidate edge gets the key `row + U(0, 1)`; one argsort orders each row's edges
-randomly and keeps rows together, and the first `fanout` of each row are the sample. Rows of
-degree <= fanout skip the draw (they keep every edge), so the sort covers only the edges of
-rows that must drop some.
+One hop (`simulator.gnn.sampling.sample_neighbors`, shared with the simulator's counts so the
+two draw alike): for each row, up to `fanout` of its in-neighbors, drawn without replacement
+(all of them when the row has no more than `fanout`), by one argsort over random keys of the
+candidate edges of the rows that must drop some.
 
 A mini-batch (`DistSampler.sample`), hop by hop from the seeds outward (the model's fan-outs
 are seed side first):
@@ -33,39 +31,7 @@ import numpy as np
 import torch
 
 from executor.gnn.exchange import Exchange, split_by_owner
-
-
-def sample_neighbors(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, fanout: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `fanout` distinct in-neighbors of each row (positions into the CSR `indptr`).
-
-    Returns (counts per row, the neighbors concatenated in row order)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    starts, degrees = indptr[rows], indptr[rows + 1] - indptr[rows]
-    counts = np.minimum(degrees, fanout)
-    out_start = np.cumsum(counts) - counts
-    out = np.empty(int(counts.sum()), dtype=indices.dtype)
-    small = np.flatnonzero(degrees <= fanout)  # these keep every edge
-    out[_ranges(out_start[small], degrees[small])] = indices[_ranges(starts[small], degrees[small])]
-    big = np.flatnonzero(degrees > fanout)     # these keep a random `fanout` of theirs
-    if big.size:
-        degree = degrees[big]
-        row_of = np.repeat(np.arange(big.size), degree)
-        first = np.cumsum(degree) - degree
-        order = np.argsort(row_of + rng.random(row_of.size))  # rows stay in order, edges shuffled
-        keep = order[np.arange(order.size) - first[row_of] < fanout]
-        csr = starts[big][row_of[keep]] + keep - first[row_of[keep]]
-        out[_ranges(out_start[big], counts[big])] = indices[csr]
-    return counts, out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenation of arange(s, s + n) over (starts, lengths)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    first = np.cumsum(lengths) - lengths
-    return np.repeat(starts - first, lengths) + np.arange(total)
+from simulator.gnn.sampling import sample_neighbors
 
 
 @dataclass

@@ -124,38 +124,60 @@ def expected_counts(spec: GraphSpec, fanouts: list[int], batch_size: int
 # --- measured path ----------------------------------------------------------------------------
 
 
+def sample_neighbors(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray, fanout: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `fanout` distinct in-neighbors of each row (positions into the CSR `indptr`), drawn
+    without replacement; all of them when the row has no more than `fanout`. Returns (counts per
+    row, the neighbors concatenated in row order).
+
+    Vectorized over the rows (simtune's GNN executor samples with this function): every
+    candidate edge gets the key `row + U(0, 1)`; one argsort orders each row's edges randomly
+    and keeps rows together, and the first `fanout` of each row are the sample. Rows of degree
+    <= fanout skip the draw, so the sort covers only the edges of rows that must drop some."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, degrees = indptr[rows], indptr[rows + 1] - indptr[rows]
+    counts = np.minimum(degrees, fanout)
+    out_start = np.cumsum(counts) - counts
+    out = np.empty(int(counts.sum()), dtype=indices.dtype)
+    small = np.flatnonzero(degrees <= fanout)  # these keep every edge
+    out[_ranges(out_start[small], degrees[small])] = indices[_ranges(starts[small], degrees[small])]
+    big = np.flatnonzero(degrees > fanout)     # these keep a random `fanout` of theirs
+    if big.size:
+        degree = degrees[big]
+        row_of = np.repeat(np.arange(big.size), degree)
+        first = np.cumsum(degree) - degree
+        order = np.argsort(row_of + rng.random(row_of.size))  # rows stay in order, edges shuffled
+        keep = order[np.arange(order.size) - first[row_of] < fanout]
+        csr = starts[big][row_of[keep]] + keep - first[row_of[keep]]
+        out[_ranges(out_start[big], counts[big])] = indices[csr]
+    return counts, out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(s, s + n) over (starts, lengths)."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(total)
+
+
 def sample_batch(graph: Graph, seeds: np.ndarray, fanouts: list[int], rng: np.random.Generator
                  ) -> tuple[list[np.ndarray], list[int], list[int]]:
     """Sample one mini-batch: the unique node ids per hop (seeds first), the sampled edges and
-    the candidate edges (of rows with more than f neighbors) per hop.
-
-    Nodes with at most f neighbors take all of them (DGL's `sample_neighbors` without
-    replacement); nodes with more draw f with replacement, which equals sampling without
-    replacement up to the rare repeats when the degree is much larger than f."""
+    the candidate edges (of rows with more than f neighbors) per hop. Each hop draws as the
+    executor's sampler does (`sample_neighbors`: without replacement, as DGL's)."""
     indptr, indices = graph.indptr, graph.indices
     frontier = sorted_unique(np.asarray(seeds, dtype=np.int64))
     hops, edges, candidates = [frontier], [], []
     for f in fanouts:
-        start, deg = indptr[frontier], indptr[frontier + 1] - indptr[frontier]
-        small = deg <= f
-        candidates.append(int(deg[~small].sum()))
-        take_all = np.repeat(start[small], deg[small]) + _ranges(deg[small])
-        big_start, big_deg = start[~small], deg[~small]
-        picks = (np.repeat(big_start, f) + (rng.random(big_start.size * f) * np.repeat(big_deg, f)).astype(np.int64))
-        nbrs = indices[np.concatenate([take_all, picks])].astype(np.int64)
+        deg = indptr[frontier + 1] - indptr[frontier]
+        candidates.append(int(deg[deg > f].sum()))
+        _, nbrs = sample_neighbors(indptr, indices, frontier, f, rng)
         edges.append(int(nbrs.size))
-        frontier = sorted_unique(np.concatenate([frontier, nbrs]))
+        frontier = sorted_unique(np.concatenate([frontier, nbrs.astype(np.int64)]))
         hops.append(frontier)
     return hops, edges, candidates
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """0..n-1 for each n in `lengths`, concatenated."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    return np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
 
 
 def sample_counts(graph: Graph, parts: np.ndarray, part: int, num_parts: int, fanouts: list[int],
