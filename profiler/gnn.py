@@ -31,6 +31,10 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
   `rows` dst nodes with `fanout` sampled edges each and a self loop per dst node, over
   projected source rows of `width` = heads x `d_out` (per head) features: the per-edge scores,
   the softmax over each dst node's edges and the weighted sum. GAT's projection is a `linear`.
+- `fetch`: `FeatureStore.fetch` (executor/gnn/features.py) of `rows` random rows of a
+  20,000-row fp32 feature table of `width` columns, all held locally: the slot lookup, the
+  row gather into the batch and its fp32 copy (a remote row costs this on its owner and again
+  when scattered into the requester's batch; the simulator adds the exchange).
 - `optimizer`: a batch's fixed cost: zero_grad, the loss on 1,000 seeds and Adam's step over a
   3-layer GraphSAGE of hidden `width` (input 32, 8 classes), forward and backward of its layers
   excluded (`params` its parameter count).
@@ -47,6 +51,7 @@ Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator
     relu_dropout    per_element elements + overhead
     gat_attention   per_edge_head (edges + rows) heads + per_edge_element (edges + rows) width
                     + per_node_element (src + rows) width + overhead
+    fetch           per_row rows + per_element rows width + overhead
     optimizer       per_param params + overhead
 """
 
@@ -71,6 +76,7 @@ AGG_ROWS, AGG_FANOUTS, AGG_WIDTHS = (500, 2000, 8000), (4, 12), (32, 128, 256)
 LINEAR_ROWS, LINEAR_DIMS = (1000, 4000, 16000), ((32, 256), (256, 256), (256, 8))
 DROPOUT_ROWS, DROPOUT_WIDTHS = (1000, 4000, 16000), (64, 256)
 OPTIMIZER_WIDTHS = (32, 64, 128, 256, 512)
+FETCH_ROWS, FETCH_WIDTHS, FETCH_TABLE_ROWS = (1000, 4000, 16000), (32, 128, 512), 20_000
 GAT_HEADS, GAT_HEAD_DIMS = 4, (8, 64)   # gat-3: 4 heads of 64, the output layer 4 heads of the classes
 QUICK = {"sample_rows": (500, 4000), "agg_rows": (500, 4000), "agg_widths": (32, 256), "linear_rows": (1000, 8000),
          "optimizer_widths": (32, 128, 256)}
@@ -93,6 +99,7 @@ def sweep(ctx: ProfileContext) -> list[dict]:
                for r in (QUICK["linear_rows"] if q else LINEAR_ROWS) for d_in, d_out in LINEAR_DIMS]
     shapes += [_shape("relu_dropout", r, 0, w) for r in DROPOUT_ROWS for w in DROPOUT_WIDTHS]
     shapes += [_shape("optimizer", 0, 0, w) for w in (QUICK["optimizer_widths"] if q else OPTIMIZER_WIDTHS)]
+    shapes += [_shape("fetch", r, 0, w) for r in FETCH_ROWS for w in FETCH_WIDTHS]
     shapes += [_shape("gat_attention", r, f, GAT_HEADS * d, d) for r in agg_rows for f in AGG_FANOUTS
                for d in GAT_HEAD_DIMS]
     return shapes
@@ -197,6 +204,15 @@ def _operation(shape: dict, rng: np.random.Generator) -> tuple[callable, dict]:
         def attention():
             gat_attention(z, block, attn_src, attn_dst).sum().backward()
         return attention, counts
+    if op == "fetch":
+        from executor.gnn.exchange import Exchange  # noqa: PLC0415
+        from executor.gnn.features import FeatureStore  # noqa: PLC0415
+
+        table = rng.standard_normal((FETCH_TABLE_ROWS, width), dtype=np.float32)
+        store = FeatureStore(table, np.arange(FETCH_TABLE_ROWS), np.zeros(FETCH_TABLE_ROWS, dtype=np.int64),
+                             Exchange(0, 1), replicated=True)
+        ids = rng.choice(FETCH_TABLE_ROWS, size=rows, replace=False).astype(np.int64)
+        return (lambda: store.fetch(ids, {})), counts
     if op == "optimizer":
         params = _gnn_params(width)
         for p in params:

@@ -3,8 +3,11 @@ cut-down sweep; a profile may gain it from another machine of the same kind; old
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,9 +17,10 @@ from profiler.context import ProfileContext
 from profiler.run import fit_tables, run_profile
 from profiler.store import ProfileStore
 from profiler.timers import Timer
+from simulator.gnn import costs
 from simulator.gnn.costs import OP_TERMS
 from simulator.specs.catalog import load_cluster
-from simulator.specs.profile import ProfileError, apply_profile, load_profile
+from simulator.specs.profile import ProfileError, apply_profile, load_profile, resolve_profile_path
 from tests.test_profile_format import write_profile
 
 FAST = Timer("cpu", warmup=0, reps=1, min_reps=1, budget_s=0.0)
@@ -119,3 +123,28 @@ def test_every_timed_call_starts_with_cold_caches(monkeypatch):
     timer = Timer("cpu", warmup=0, reps=3, min_reps=3, budget_s=0.0)
     list(gnn.measure(ProfileContext(quick=True, timer=timer), shape))
     assert calls == ["flush"] * 3
+
+
+def test_edge_end_frontiers_are_degree_biased_as_later_hops_are():
+    rng = np.random.default_rng(0)
+    degree = np.diff(gnn._graph().indptr)
+    uniform, ends = gnn._frontier(1000, "uniform", rng), gnn._frontier(1000, "edge-end", rng)
+    assert np.unique(ends).size == ends.size == 1000
+    assert degree[ends].mean() > 2 * degree[uniform].mean()
+
+
+def test_a_profiled_fetch_prices_the_feature_rows(tmp_path):
+    """With a `fetch` fit the rows cost its per-row and per-element terms (a remote row twice,
+    owner and requester); an older profile without one keeps the bandwidth formulas."""
+    root = tmp_path / "p"
+    shutil.copytree(resolve_profile_path(load_cluster("2xcpu").profile), root)
+    meta = json.loads((root / "profile.json").read_text())
+    meta["fits"]["gnn"]["fetch"] = {"s_per_row": 1e-7, "s_per_element": 2e-9, "overhead_s": 1e-4}
+    (root / "profile.json").write_text(json.dumps(meta))
+    cluster = load_cluster("2xcpu", profile=str(root))
+    assert costs.fetch_local_s(4000 * 128, cluster, 1, 4000) == pytest.approx(1e-4 + 4000 * 1e-7 + 4000 * 32 * 2e-9)
+    two_sided = costs.fetch_remote_s(4000 * 128, 1, cluster, 1, 4000) - costs.fetch_local_s(4000 * 128, cluster, 1, 4000)
+    assert two_sided > costs.fetch_local_s(4000 * 128, cluster, 1, 4000)   # gathered twice, plus the exchange
+    older = load_cluster("2xcpu")
+    assert costs.fetch_local_s(4000 * 128, older, 1, 4000) == pytest.approx(
+        4000 * 128 / costs.local_gather_bytes_per_s(older))

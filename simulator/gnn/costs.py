@@ -72,7 +72,10 @@ matrix and its product, forward and backward), ReLU and dropout between layers, 
 the optimizer's step; per hop the sampler's draw and the block's relabelling. Each cost is the
 linear model `OP_TERMS` names, the same terms the profiler fits. GAT layers are priced so when
 the profile timed `gat_attention` too (older profiles did not: GAT then keeps the FLOP-based
-model).
+model). Feature rows are priced by the profile's `fetch` (the executor's `FeatureStore.fetch`:
+a random gather of rows, per row and per element) where it has one: locally for the owned and
+cached rows, and twice for a remote row (the owner's gather, the requester's scatter into the
+batch) besides the exchange and the bytes on the link.
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ OP_TERMS: dict[str, tuple[str, ...]] = {
     "relu_dropout": ("s_per_element", "overhead_s"),
     "optimizer": ("s_per_param", "overhead_s"),
     "gat_attention": ("s_per_edge_head", "s_per_edge_element", "s_per_node_element", "overhead_s"),
+    "fetch": ("s_per_row", "s_per_element", "overhead_s"),
 }
 """The cost model of each operation of the profile's `gnn` family: seconds = sum of coefficient x term."""
-OPTIONAL_OPS = ("gat_attention",)
+OPTIONAL_OPS = ("gat_attention", "fetch")
 CACHE_BYTES_GRID = (0.5 * 2**20, 2**20, 2 * 2**20, 4 * 2**20, 8 * 2**20, 16 * 2**20)
 """Candidate sizes of the cache the aggregation's source rows fall out of: the profiler keeps
 the one whose fit cross-validates best (`cache_bytes` in the aggregate ops' fits)."""
@@ -153,6 +157,8 @@ def op_terms(op: str, *, rows: float = 0, src: float = 0, edges: float = 0, widt
         return elements, 1.0
     if op == "optimizer":
         return params, 1.0
+    if op == "fetch":          # rows x width fp32 elements (a narrower dtype: its fp32-equivalent width)
+        return rows, rows * width, 1.0
     if op == "gat_attention":   # width = heads x d_out per head; a self loop per dst node
         heads = width / d_out if d_out else 0.0
         return (edges + rows) * heads, (edges + rows) * width, (src + rows) * width, 1.0
@@ -414,10 +420,22 @@ def local_gather_bytes_per_s(cluster: ClusterSpec) -> float:
     return d.hbm_bandwidth_bytes_per_s * d.efficiency.memory_bound
 
 
-def fetch_local_s(nbytes: float, cluster: ClusterSpec, trainers_per_machine: int) -> float:
+def fetch_local_s(nbytes: float, cluster: ClusterSpec, trainers_per_machine: int, rows: float = 0.0) -> float:
     """Copy of local (and cached) feature rows out of the machine's shared-memory store; the
-    machine's trainers share its memory bandwidth."""
+    machine's trainers share its memory bandwidth. From the profile's measured `fetch` where
+    it has one (`rows` rows of nbytes / rows bytes each)."""
+    if (gather := measured_gather_s(cluster, nbytes, rows)) is not None:
+        return gather
     return nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
+
+
+def measured_gather_s(cluster: ClusterSpec, nbytes: float, rows: float) -> float | None:
+    """A profiled gather of `rows` feature rows (`nbytes` in all) by simtune's executor, or None
+    where the cluster's profile did not time one (then the bandwidth formulas price it)."""
+    fits = measured_ops(cluster)
+    if fits is None or not isinstance(fits.get("fetch"), dict) or rows <= 0 or has_cores(cluster):
+        return None
+    return op_s(fits, "fetch", rows=rows, width=nbytes / rows / FP32)
 
 
 def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, trainers_per_machine: int,
@@ -433,7 +451,8 @@ def fetch_remote_s(nbytes: float, remote_machines: float, cluster: ClusterSpec, 
     if has_cores(cluster):
         return (RPC_ROUND_TRIP_S * (remote_machines > 0) + (nbytes + rows * ID_BYTES) / link
                 + 2 * nbytes / CORE_COPY_BYTES_PER_S)
-    gather = nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
+    gather = measured_gather_s(cluster, nbytes, rows)
+    gather = 2 * gather if gather is not None else nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
     return exchange_round_s(cluster, remote_machines + 1) * (remote_machines > 0) + nbytes / link + gather
 
 

@@ -233,7 +233,7 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, served: costs
     far_edges = costs.remote_edges(counts.nodes, counts.edges, counts.frontier_remote)
     stages = {
         "sample": costs.sampling_s(counts, machines, cluster, tpm),
-        "fetch_local": costs.fetch_local_s(local_rows * row, cluster, tpm),
+        "fetch_local": costs.fetch_local_s(local_rows * row, cluster, tpm, local_rows),
         "fetch_remote": costs.fetch_remote_s(remote_rows * row, machines - 1, cluster, tpm, remote_rows),
         "compute": _compute_s(cluster, model, layers, per_device, dims, counts),
         "h2d_copy": costs.h2d_s(cluster, counts.input_nodes * dims[0] * costs.FP32 + block_bytes),
