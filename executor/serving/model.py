@@ -40,6 +40,7 @@ runs on the CPU).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import weakref
 from dataclasses import dataclass, fields
@@ -161,7 +162,13 @@ def _padded_rows(m: int) -> int:
     return -(-m // 8) * 8
 
 
-PACKED_MAX_ROWS = 16   # bf16 matmuls of at most this many rows read oneDNN's packed copy of the weight
+@functools.cache
+def packed_rows() -> tuple[int, int]:
+    """(most rows of a bf16 matmul that reads oneDNN's packed copy of the weight, the row count
+    the packing is made for); see `_linear`. Where the CPU has AMX tiles (oneDNN's
+    avx512_core_amx kernels), (256, 64); elsewhere (16, 16)."""
+    amx = getattr(torch.cpu, "_init_amx", lambda: False)()
+    return (256, 64) if amx else (16, 16)
 
 
 _PACKED: dict[int, tuple[weakref.ref, object]] = {}   # id(weight) -> (the weight, its packed copy or None)
@@ -177,7 +184,7 @@ def _packed_weight(w: torch.Tensor):
     packed = None
     if w.device.type == "cpu" and torch.backends.mkldnn.is_available():
         try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, PACKED_MAX_ROWS)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, packed_rows()[1])
         except (RuntimeError, AttributeError):
             packed = None
     key = id(w)
@@ -202,14 +209,21 @@ def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     64 do); for the MLP's gate/up projection it took 0.4-0.7x the time of w @ x.T (30 layers
     at 64 rows: 21 against 52 ms, one thread), and its output is contiguous, which the
     elementwise ops after it run 2-10x faster on than on w @ x.T's transposed view (a
-    4000-token prefill spent 27 ms per rope add on the view). Up to PACKED_MAX_ROWS rows it reads
+    4000-token prefill spent 27 ms per rope add on the view). Up to `packed_rows()` rows it reads
     a copy of the weight in oneDNN's blocked layout (`_packed_weight`, what vLLM's CPU backend
     and torch.compile's CPU freezing use), with identical results: a decode step of a few
     sequences streams every weight once, and the plain [out, in] layout took 2.0-2.6x as long
     at 1-8 rows (30 layers at 6 rows: 22.6 against 9.8 ms; the LM head 4.9 against 2.1 ms);
-    from ~24 rows the two are even, and at 64 the plain weight is faster for the LM head."""
+    from ~24 rows the two are even, and at 64 the plain weight is faster for the LM head. Those
+    were AVX-512 kernels (AMD EPYC). With AMX tiles (a 2-core Intel Xeon VM, oneDNN's
+    brg_matmul:avx10_1_512_amx, one thread) the plain layout is reordered for the tiles at every
+    call, and the packed copy (made for 64 rows) was faster up to a few hundred rows: 30 layers
+    + the LM head at 64 rows 18.7 against 39.0 ms (the head 3.8 against 11.0 ms), at 256 rows
+    57 against 79 ms, while a 1024-3200-row prefill was 15-40% faster on the plain weight;
+    hence 256 rows there. Both layouts give bit-identical outputs at every row count measured
+    (1 to 3200), so the choice changes speed only."""
     if x.dtype == torch.bfloat16:
-        if x.numel() <= PACKED_MAX_ROWS * x.shape[-1] and (packed := _packed_weight(w)) is not None:
+        if x.numel() <= packed_rows()[0] * x.shape[-1] and (packed := _packed_weight(w)) is not None:
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             out = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
             return out.view(*x.shape[:-1], w.shape[0])
