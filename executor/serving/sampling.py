@@ -75,8 +75,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of logits [B, vocab]; greedy rows share one argmax."""
-    greedy = logits.argmax(-1).tolist()
+    """One token per row of logits [B, vocab]; greedy rows share one argmax.
+
+    The argmax is `max(-1).indices` (also the first index of the maximum): on the 2-core Xeon
+    it took 1.6 ms for 64 rows of 49152 float32 logits, `argmax` 5.2 ms (one thread)."""
+    greedy = logits.max(-1).indices.tolist()
     return [greedy[i] if p.greedy else sample(logits[i], p, g)
             for i, (p, g) in enumerate(zip(params, generators))]
 
