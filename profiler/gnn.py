@@ -39,6 +39,19 @@ Operations (the table's `op`; shapes in the key columns rows, fanout, width, d_o
   3-layer GraphSAGE of hidden `width` (input 32, 8 classes), forward and backward of its layers
   excluded (`params` its parameter count).
 
+Lock-step rows (`ranks` >= 2, for each rank count of the profile's `--ranks`)
+---------------------------------------------------------------------------
+On `N` one-core ranks of one machine the executor's ranks meet at a collective between every
+two of these operations (an all-to-all per sampling hop and feature fetch, the gradient
+all-reduce after compute), so each phase lasts as long as the slower rank's, while the ranks
+share the machine's memory and caches. One row per operation (the middle shape of its sweep)
+times that: `ranks` processes run the operation at the same moment (a barrier before each
+repetition, cold caches on every rank), and a repetition's time is the maximum over the ranks
+(as the collectives family times a collective). The fit keeps, per rank count, the ratio of
+that to the same shape timed alone (`lockstep`: the median over the sampler's operations, the
+feature fetch, and the compute operations), which the simulator applies to those stages of
+`Nxcpu` with that many ranks (`simulator.gnn.costs.lockstep_factor`).
+
 Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator.gnn.costs.OP_TERMS`)
 ------------------------------------------------------------------------------------------------
     sample          per_edge edges + per_candidate c + per_sorted_candidate c log2(c) + per_row rows
@@ -57,17 +70,21 @@ Cost models (NNLS on relative error, GroupKFold over shapes; terms in `simulator
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from profiler.context import ProfileContext
 from profiler.fit import fit_linear, shape_groups
-from simulator.gnn.costs import CACHE_BYTES_GRID, OP_TERMS, op_terms
+from profiler.ranks import run_ranks
+from profiler.timers import Timer, Timing
+from simulator.gnn.costs import CACHE_BYTES_GRID, LOCKSTEP_STAGES, OP_TERMS, op_terms
 
 GRAPH = "community-20k"
 SAMPLE_ROWS, SAMPLE_FANOUTS = (250, 1000, 4000, 16000), (5, 10, 15)
@@ -82,6 +99,8 @@ QUICK = {"sample_rows": (500, 4000), "agg_rows": (500, 4000), "agg_widths": (32,
          "optimizer_widths": (32, 128, 256)}
 OPTIMIZER_SEEDS, OPTIMIZER_IN, OPTIMIZER_CLASSES = 1000, 32, 8
 DROPOUT_P = 0.5
+KEY = ("op", "rows", "fanout", "width", "d_out", "frontier", "ranks")
+LOCKSTEP_TIMEOUT_S = 600.0
 
 
 def sweep(ctx: ProfileContext) -> list[dict]:
@@ -102,11 +121,19 @@ def sweep(ctx: ProfileContext) -> list[dict]:
     shapes += [_shape("fetch", r, 0, w) for r in FETCH_ROWS for w in FETCH_WIDTHS]
     shapes += [_shape("gat_attention", r, f, GAT_HEADS * d, d) for r in agg_rows for f in AGG_FANOUTS
                for d in GAT_HEAD_DIMS]
-    return shapes
+    return shapes + [{**shape, "ranks": n} for n in ctx.ranks if n >= 2 for shape in lockstep_shapes(shapes)]
+
+
+def lockstep_shapes(shapes: list[dict]) -> list[dict]:
+    """The middle shape (in sweep order) of every operation: what the lock-step rows time."""
+    by_op: dict[str, list[dict]] = {}
+    for shape in shapes:
+        by_op.setdefault(shape["op"], []).append(shape)
+    return [mine[len(mine) // 2] for mine in by_op.values()]
 
 
 def _shape(op: str, rows: int, fanout: int, width: int = 0, d_out: int = 0, frontier: str = "uniform") -> dict:
-    return {"op": op, "rows": rows, "fanout": fanout, "width": width, "d_out": d_out, "frontier": frontier}
+    return {"op": op, "rows": rows, "fanout": fanout, "width": width, "d_out": d_out, "frontier": frontier, "ranks": 1}
 
 
 @cache
@@ -246,11 +273,52 @@ def flush_caches() -> None:
 
 
 def measure(ctx: ProfileContext, shapes: list[dict]) -> Iterator[dict]:
+    """Rows in input order: a shape timed alone, or (`ranks` >= 2) on that many ranks at once,
+    which are spawned once per rank count and time all of its shapes."""
     rng = np.random.default_rng(0)
+    lockstep: dict[int, list[dict]] = {}
+    for shape in shapes:
+        if shape.get("ranks", 1) >= 2:
+            lockstep.setdefault(int(shape["ranks"]), []).append(shape)
+    done: dict[tuple, dict] = {}
+    for shape in shapes:
+        n = int(shape.get("ranks", 1))
+        if n < 2:
+            fn, counts = _operation(shape, rng)
+            yield {**_key(shape), **counts, **ctx.timer.measure(fn, setup=flush_caches).row()}
+            continue
+        if n in lockstep:   # the first shape of its rank count: spawn the ranks, time them all
+            group = lockstep.pop(n)
+            results = run_ranks(_lockstep_rank, n, "gloo", ctx.threads, (group, ctx.timer), LOCKSTEP_TIMEOUT_S)
+            for s, (counts, samples) in zip(group, results[0], strict=True):
+                done[tuple(_key(s).values())] = {**_key(s), **counts, **Timing.of(samples).row()}
+        yield done.pop(tuple(_key(shape).values()))
+
+
+def _key(shape: dict) -> dict:
+    return {k: shape.get(k, "uniform" if k == "frontier" else 1 if k == "ranks" else 0) for k in KEY}
+
+
+def _lockstep_rank(rank: int, world_size: int, shapes: list[dict], timer: Timer) -> list[tuple[dict, list[float]]]:
+    """Inside each rank: every shape's repetitions, all ranks starting together (a barrier),
+    each repetition the slowest rank's seconds (the same lists on every rank)."""
+    rng = np.random.default_rng(rank)
+    out = []
     for shape in shapes:
         fn, counts = _operation(shape, rng)
-        timing = ctx.timer.measure(fn, setup=flush_caches)
-        yield {**{k: shape[k] for k in ("op", "rows", "fanout", "width", "d_out", "frontier")}, **counts, **timing.row()}
+        for _ in range(max(1, timer.warmup)):
+            fn()
+        samples: list[float] = []
+        while len(samples) < timer.reps and (len(samples) < timer.min_reps or sum(samples) < timer.budget_s):
+            flush_caches()
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            worst = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            samples.append(float(worst.item()))
+        out.append((counts, samples))
+    return out
 
 
 def features(df: pd.DataFrame, op: str, cache_bytes: float = 0.0) -> pd.DataFrame:
@@ -266,7 +334,9 @@ def _cv(lf) -> float:
 
 
 def fit(df: pd.DataFrame, device_meta: dict) -> dict:
-    out: dict = {}
+    ranks = df["ranks"] if "ranks" in df else pd.Series(1, index=df.index)
+    out: dict = {"lockstep": lockstep_fit(df[ranks == 1], df[ranks >= 2])} if (ranks >= 2).any() else {}
+    df = df[ranks == 1]
     errors = []
     for op, part in df.groupby("op", sort=False):
         if str(op) not in OP_TERMS or len(part) < 2:
@@ -282,3 +352,20 @@ def fit(df: pd.DataFrame, device_meta: dict) -> dict:
         errors.append(lf.cv_errors)
     pooled = np.concatenate(errors) if errors else np.array([])
     return {**out, "cv_median_abs_error": float(np.median(pooled)) if len(pooled) else None, "samples": len(df)}
+
+
+def lockstep_fit(alone: pd.DataFrame, together: pd.DataFrame) -> dict:
+    """Per rank count: each lock-step row over the same shape timed alone, and the median of
+    those ratios over each stage's operations (`LOCKSTEP_STAGES`)."""
+    solo = {tuple(_key(r).values())[:-1]: r["median_s"] for r in alone.to_dict("records")}
+    out: dict = {}
+    for n, rows in together.groupby("ranks", sort=True):
+        by_op = {}
+        for r in rows.to_dict("records"):
+            base = solo.get(tuple(_key(r).values())[:-1])
+            if base and base > 0:
+                by_op[str(r["op"])] = float(r["median_s"] / base)
+        stages = {stage: float(np.median([by_op[op] for op in ops if op in by_op]))
+                  for stage, ops in LOCKSTEP_STAGES.items() if any(op in by_op for op in ops)}
+        out[str(int(n))] = {**stages, "by_op": by_op}
+    return out

@@ -19,6 +19,7 @@ from profiler.store import ProfileStore
 from profiler.timers import Timer
 from simulator.gnn import costs
 from simulator.gnn.costs import OP_TERMS
+from simulator.gnn.simulate import simulate_gnn
 from simulator.specs.catalog import load_cluster
 from simulator.specs.profile import ProfileError, apply_profile, load_profile, resolve_profile_path
 from tests.test_profile_format import write_profile
@@ -83,7 +84,7 @@ def test_a_new_family_may_come_from_another_machine_of_the_same_kind(tmp_path, m
         ProfileStore.open(root, "cpu", threads=1, ops=("gemm",))     # its own table: refused
     store = ProfileStore.open(root, "cpu", threads=1, ops=("gnn",))  # a new table: kept apart
     store.table("gnn").add({"op": "optimizer", "rows": 0, "fanout": 0, "width": 32, "d_out": 0,
-                            "frontier": "uniform", "src": 0, "edges": 0, "candidates": 0, "elements": 0, "params": 10, "median_s": 1e-3, "p10_s": 1e-3,
+                            "frontier": "uniform", "ranks": 1, "src": 0, "edges": 0, "candidates": 0, "elements": 0, "params": 10, "median_s": 1e-3, "p10_s": 1e-3,
                             "p90_s": 1e-3, "reps": 1})
     profile = load_profile(root)
     assert profile.tables["gnn"]["device"]["name"] == "Another CPU"
@@ -148,3 +149,31 @@ def test_a_profiled_fetch_prices_the_feature_rows(tmp_path):
     older = load_cluster("2xcpu")
     assert costs.fetch_local_s(4000 * 128, older, 1, 4000) == pytest.approx(
         4000 * 128 / costs.local_gather_bytes_per_s(older))
+
+
+def test_lockstep_rows_time_the_slowest_of_ranks_running_at_once_and_fit_a_ratio():
+    ctx = ProfileContext(quick=True, timer=Timer("cpu", warmup=1, reps=3, min_reps=3, budget_s=0.0))
+    alone = {"op": "relu_dropout", "rows": 1000, "fanout": 0, "width": 64, "d_out": 0, "frontier": "uniform",
+             "ranks": 1}
+    rows = list(gnn.measure(ctx, [alone, {**alone, "ranks": 2}]))
+    assert [r["ranks"] for r in rows] == [1, 2] and all(r["median_s"] > 0 for r in rows)
+    ratio = gnn.fit(pd.DataFrame(rows), {"kind": "cpu"})["lockstep"]["2"]
+    assert ratio["compute"] == pytest.approx(rows[1]["median_s"] / rows[0]["median_s"])
+    assert set(ratio["by_op"]) == {"relu_dropout"} and "sample" not in ratio
+
+
+def test_lockstep_ratios_slow_the_stages_of_nxcpu_ranks_only(tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(resolve_profile_path(load_cluster("2xcpu").profile), root)
+    meta = json.loads((root / "profile.json").read_text())
+    meta["fits"]["gnn"]["lockstep"] = {"2": {"sample": 1.5, "fetch": 1.2, "compute": 1.25, "by_op": {}}}
+    (root / "profile.json").write_text(json.dumps(meta))
+    two, one = load_cluster("2xcpu", profile=str(root)), load_cluster("1xcpu", profile=str(root))
+    assert costs.lockstep_factor(two, "compute") == 1.25 and costs.lockstep_factor(two, "sample") == 1.5
+    assert costs.lockstep_factor(load_cluster("4xcpu", profile=str(root)), "fetch") == 1.2   # nearest count below
+    assert costs.lockstep_factor(one, "compute") == 1.0                                      # one rank: alone
+    assert costs.lockstep_factor(load_cluster("2xm5n-24xlarge"), "compute") == 1.0           # DistDGL's machines
+    plan = {"partition": "random", "batch_size_per_trainer": 200}
+    slowed = simulate_gnn("community-20k", "graphsage-3", two, plan).trainer_loads[0].stages_s
+    plain = simulate_gnn("community-20k", "graphsage-3", load_cluster("2xcpu"), plan).trainer_loads[0].stages_s
+    assert slowed["compute"] == pytest.approx(1.25 * plain["compute"])

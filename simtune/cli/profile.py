@@ -84,7 +84,7 @@ def _report_table(report: dict[str, Any]) -> Table:
 def profile(
     device: Annotated[str, typer.Option(help="What to measure: cpu, cuda or cuda:<index>.")] = "cpu",
     ops: Annotated[str, typer.Option(
-        help="Op families, comma-separated: gemm, attention, memory, copies, collectives, decode (or all).")] = "all",
+        help="Op families, comma-separated: gemm, attention, memory, copies, collectives, decode, gnn (or all).")] = "all",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Profile directory to write (or resume).")] = None,
     ranks: Annotated[str, typer.Option(help="Rank counts for collectives, comma-separated (each >= 2).")] = "2",
     threads: Annotated[int | None, typer.Option(

@@ -121,6 +121,10 @@ OP_TERMS: dict[str, tuple[str, ...]] = {
 }
 """The cost model of each operation of the profile's `gnn` family: seconds = sum of coefficient x term."""
 OPTIONAL_OPS = ("gat_attention", "fetch")
+LOCKSTEP_STAGES = {"sample": ("sample", "to_block"), "fetch": ("fetch",),
+                   "compute": ("aggregate", "aggregate_input", "linear", "linear_input", "relu_dropout", "optimizer",
+                               "gat_attention")}
+"""The operations whose lock-step ratios (profiler/gnn.py) price each stage of `Nxcpu`'s ranks."""
 CACHE_BYTES_GRID = (0.5 * 2**20, 2**20, 2 * 2**20, 4 * 2**20, 8 * 2**20, 16 * 2**20)
 """Candidate sizes of the cache the aggregation's source rows fall out of: the profiler keeps
 the one whose fit cross-validates best (`cache_bytes` in the aggregate ops' fits)."""
@@ -427,6 +431,21 @@ def fetch_local_s(nbytes: float, cluster: ClusterSpec, trainers_per_machine: int
     if (gather := measured_gather_s(cluster, nbytes, rows)) is not None:
         return gather
     return nbytes * trainers_per_machine / local_gather_bytes_per_s(cluster)
+
+
+def lockstep_factor(cluster: ClusterSpec, stage: str) -> float:
+    """How much longer a stage of `Nxcpu`'s lock-stepped ranks takes than one rank alone: the
+    profile's lock-step ratio for the cluster's rank count (profiler/gnn.py; the largest
+    measured count below it when it has none for that count), 1 for one rank, for clusters
+    with DistDGL's servers and for profiles without lock-step rows."""
+    fits, machines = measured_ops(cluster), num_machines(cluster)
+    if fits is None or machines < 2 or has_cores(cluster) or cluster.num_nodes != 1:
+        return 1.0
+    measured = {int(n): f for n, f in (fits.get("lockstep") or {}).items() if isinstance(f, dict)}
+    below = [n for n in measured if n <= machines]
+    if not below:
+        return 1.0
+    return float(measured[max(below)].get(stage, 1.0))
 
 
 def measured_gather_s(cluster: ClusterSpec, nbytes: float, rows: float) -> float | None:

@@ -241,6 +241,8 @@ def _trainer_load(part: int, counts: HopCounts, seed_local: float, served: costs
         "sparse_update": costs.sparse_update_s(counts.input_nodes, remote_share, model, cluster, plan),
         "serve": costs.serve_s(served, row, machines, cluster),
     }
+    for key, stage in (("sample", "sample"), ("fetch_local", "fetch"), ("fetch_remote", "fetch"), ("compute", "compute")):
+        stages[key] *= costs.lockstep_factor(cluster, stage)   # Nxcpu's ranks: slower together than alone
     slow = costs.oversubscription(cluster, plan)   # the machine's processes time-share its cores
     for key in ("sample", "fetch_local", "fetch_remote", "serve") + (() if cluster.host_offload else ("compute",)):
         stages[key] *= slow

@@ -16,8 +16,8 @@ DIR/memory.csv      op, elements, dtype, bytes, timing
 DIR/copies.csv      direction, pinned, bytes, timing
 DIR/collectives.csv backend, collective, bytes, ranks, timing
 DIR/decode.csv      phase, batch, context, new_tokens, timing
-DIR/gnn.csv         op, rows, fanout, width, d_out, frontier, src, edges, candidates, elements, params,
-                    timing (optional)
+DIR/gnn.csv         op, rows, fanout, width, d_out, frontier, ranks, src, edges, candidates, elements,
+                    params, timing (optional)
 ```
 One row per measured shape, SI units (seconds, bytes, FLOPs); `timing` is median_s, p10_s,
 p90_s and reps. The key columns of each table (TABLES) identify a shape.
@@ -37,7 +37,9 @@ The fits (see `profiler/fit.py`) are physical quantities, not efficiencies:
   and dispatch time of a step whose kernels do almost no work).
 - `gnn` (optional): {op: {<coefficient>: seconds per term, ..., cv_median_abs_error, samples}}
   for the GNN executor's operations (sample, to_block, aggregate[_input], linear[_input],
-  relu_dropout, optimizer); the terms of each are `simulator.gnn.costs.OP_TERMS`.
+  relu_dropout, optimizer, gat_attention, fetch); the terms of each are
+  `simulator.gnn.costs.OP_TERMS`; `lockstep`: {"<ranks>": {sample, fetch, compute: ratio of the
+  operations on that many ranks at once, the slowest rank's time, to one alone; by_op}}.
 A table may carry its own `device` block (`tables.<op>.device`) when a later run added it on
 another machine of the same kind and thread count; it then describes where that table was measured.
 `apply_profile` turns them into a device's `Efficiency` by dividing by its datasheet peaks,
@@ -83,9 +85,10 @@ TABLES: dict[str, TableSpec] = {
     "copies": TableSpec("copies.csv", ("direction", "pinned", "bytes")),
     "collectives": TableSpec("collectives.csv", ("backend", "collective", "bytes", "ranks")),
     "decode": TableSpec("decode.csv", ("phase", "batch", "context", "new_tokens")),
-    "gnn": TableSpec("gnn.csv", ("op", "rows", "fanout", "width", "d_out", "frontier"),
+    "gnn": TableSpec("gnn.csv", ("op", "rows", "fanout", "width", "d_out", "frontier", "ranks"),
                      ("src", "edges", "candidates", "elements", "params"),
-                     added=(("frontier", lambda df: "uniform"), ("candidates", lambda df: df["edges"]))),
+                     added=(("frontier", lambda df: "uniform"), ("candidates", lambda df: df["edges"]),
+                            ("ranks", lambda df: 1))),
 }
 OPS = tuple(TABLES)
 
