@@ -86,7 +86,8 @@ def profile(
     ops: Annotated[str, typer.Option(
         help="Op families, comma-separated: gemm, attention, memory, copies, collectives, decode, gnn (or all).")] = "all",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Profile directory to write (or resume).")] = None,
-    ranks: Annotated[str, typer.Option(help="Rank counts for collectives, comma-separated (each >= 2).")] = "2",
+    ranks: Annotated[str, typer.Option(
+        help="Rank counts for collectives and the gnn lock-step rows, comma-separated (each >= 2).")] = "2",
     threads: Annotated[int | None, typer.Option(
         min=1, help="Threads per process (default: 1 on cpu, a rank being one core).")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer, smaller shapes (about 2 minutes on a CPU).")] = False,
