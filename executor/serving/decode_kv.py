@@ -16,7 +16,8 @@ gathered tensors from one step to the next and appends each step's new K/V to th
 So an offline batch gathers at its first decode step, then once every block_size (16) steps,
 and again whenever a sequence finishes or joins. Measured against the per-step gather, all else
 equal (offline 64 prompts x 128 tokens, bf16, interleaved in one session on the Xeon): 1.17x
-output tokens/s at 1 thread, 1.27x at 2 (benchmarks/bench_serving_engine.py --against).
+output tokens/s at 1 thread, 1.27x at 2 (medians of 3; `benchmarks/bench_serving_engine.py
+--against REV` repeats such a before/after comparison).
 
 The paged pool stays the source of truth: every K/V is written there first, as before; the
 block manager's allocation, preemption (recompute or swap), speculative rollback and
