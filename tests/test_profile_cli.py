@@ -18,6 +18,7 @@ from profiler import gemm
 from simtune.cli import app
 from simulator.costs.timing import attention_s
 from simulator.specs.catalog import load_cluster, load_model
+from simulator.specs.profile import catalog_device_of
 from simulator.training.stage_model import StageModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_profile_writes_fits_in_the_json_contract_and_resumes(tmp_path, tiny):
     data = json.loads(first.stdout)
     for op in ("gemm", "memory"):
         assert set(data["fits"][op]) >= {"cv_median_abs_error", "samples"} and data["fits"][op]["samples"] == 4
-    assert data["device"]["threads"] == 1 and data["datasheet_device"] == "cpu"
+    assert data["device"]["threads"] == 1 and data["datasheet_device"] == catalog_device_of(data["device"])   # this CPU
     rows = pd.read_csv(out / "gemm.csv")
     assert len(rows) == 4 and (rows["median_s"] > 0).all()
     again = run("profile", "--device", "cpu", "--ops", "gemm", "--quick", "--out", out)

@@ -40,7 +40,7 @@ def test_round_trip_changes_the_prediction_and_names_its_source(tmp_path):
     datasheet = load_cluster("2xcpu", profile="none")
     measured = load_cluster("2xcpu", profile=root)
     dev = measured.device
-    assert dev.efficiency.gemm_max == pytest.approx(2.5e11 / 0.525e12)
+    assert dev.efficiency.gemm_max == pytest.approx(2.5e11 / dev.peak_flops)   # this CPU's datasheet peak
     assert dev.efficiency.gemm_overhead_us == pytest.approx(20.0)
     assert dev.efficiency.memory_bound == pytest.approx(4e9 / 50e9)
     assert measured.intra_node_bandwidth_GBps == pytest.approx(2.0)
@@ -103,3 +103,14 @@ def test_resume_refuses_another_thread_count_and_non_profile_directories(tmp_pat
     with pytest.raises(ProfileError, match="not empty"):
         ProfileStore.open(other, "cpu", threads=1)
     assert isinstance(ProfileError(root, "f", 1, "x"), SpecError)
+
+
+def test_cpu_ranks_take_the_datasheet_of_the_cpu_the_profile_measured():
+    """Nxcpu is the cores of the machine that measured the profile: the committed profiles of
+    the two development CPUs bring their own datasheets (an AMX Xeon's bf16 GEMMs run past the
+    EPYC core's whole peak); a GPU cluster keeps its device."""
+    assert load_cluster("2xcpu", profile="cpu-epyc-1t").device.name == "cpu"
+    xeon = load_cluster("2xcpu", profile="cpu-xeon-1t").device
+    assert xeon.name == "cpu-xeon" and "gemm" in xeon.cost_sources and xeon.efficiency.gemm_max <= 1.0
+    assert load_cluster("2xcpu", profile="none").device.name == "cpu"
+    assert load_cluster("8xh100", profile="cpu-xeon-1t").device.name == load_cluster("8xh100").device.name

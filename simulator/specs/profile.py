@@ -246,9 +246,10 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
     fitted launch cost as `kernel_overhead_us`; pinned host-to-device copies set `pcie`; the
     all-reduce of the largest measured rank count sets the intra-node link (its bus bandwidth
     becomes the link's, at efficiency 1, and its latency the per-step alpha). Costs the profile
-    did not measure keep their datasheet values; `cost_sources` records which is which."""
+    did not measure keep their datasheet values; `cost_sources` records which is which. A
+    cluster of CPU ranks takes the datasheet of the CPU the profile measured (`_ranks_device`)."""
     profile = load_profile(profile)
-    device = cluster.device
+    device = _ranks_device(cluster, profile)
     eff = device.efficiency.model_dump()
     sources: dict[str, str] = {}
     cluster_update: dict[str, Any] = {}
@@ -340,12 +341,29 @@ CUDA_DEVICES = {"H200": "h200", "H100": "h100-sxm", "A100-SXM4-80GB": "a100-80gb
 """torch.cuda.get_device_name() substrings -> catalog device, most specific first."""
 
 
+CPU_DEVICES = {"Intel(R) Xeon(R)": "cpu-xeon"}
+"""CPU model-name substrings -> catalog device of one core; any other CPU is `cpu` (the AMD EPYC)."""
+
+
 def catalog_device_of(device_meta: dict[str, Any]) -> str | None:
     """The catalog device a profile measured (whose datasheet it is compared with), if known."""
-    if device_meta.get("kind") == "cpu":
-        return "cpu"
     name = str(device_meta.get("name", ""))
+    if device_meta.get("kind") == "cpu":
+        return next((catalog for key, catalog in CPU_DEVICES.items() if key in name), "cpu")
     return next((catalog for key, catalog in CUDA_DEVICES.items() if key in name), None)
+
+
+def _ranks_device(cluster, profile: HardwareProfile):
+    """The device of `cluster` under `profile`: a cluster of one-core CPU ranks (`Nxcpu`) is the
+    cores of the machine that measured the profile, so a profile of another CPU model brings
+    that CPU's datasheet (its peaks are what the profile's rates are compared with)."""
+    from simulator.specs.catalog import load_device  # noqa: PLC0415 - the catalog imports this module
+
+    cpu_devices = {"cpu", *CPU_DEVICES.values()}
+    measured = catalog_device_of(profile.device)
+    if cluster.device.name in cpu_devices and measured in cpu_devices and measured != cluster.device.name:
+        return load_device(measured)
+    return cluster.device
 
 
 def profile_applies(cluster, profile: str | Path | HardwareProfile) -> bool:
