@@ -156,8 +156,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"the same partition. Target: |error| <= {result['target_abs_error']:.0%}. Core share: the least-served "
         "rank's CPU time over its wall time (a rank waiting on a peer also lowers it)."
         + _load_note(result), "",
-        "| run | edge cut | iterations | measured epoch s (min-max) | predicted s | error | remote MB/epoch "
-        "(predicted) | sample / fetch remote / compute / all-reduce s, measured (predicted) | core share |",
+        "| run | edge cut | iterations | measured epoch s (min-max) | predicted s | error | remote MB/epoch: feature "
+        "rows + sampling (predicted) | sample / fetch remote / compute / all-reduce s, measured (predicted) | core share |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["rows"]:
         e, b = r["epoch_time_s"], r["breakdown"]
@@ -166,7 +166,8 @@ def markdown(result: dict[str, Any]) -> str:
         prb = r["predicted_remote_bytes_per_epoch"]
         lines.append(
             f"| {r['label']} | {r['edge_cut_fraction']:.1%} | {r['iterations_per_epoch']} | {e['median']:.3f} "
-            f"({e['min']:.3f}-{e['max']:.3f}) | {pred} | {err} | {r['remote_bytes_per_epoch'] / 1e6:.2f} "
+            f"({e['min']:.3f}-{e['max']:.3f}) | {pred} | {err} | "
+            f"{(r['remote_bytes_per_epoch'] + r['sampling_bytes_per_epoch']) / 1e6:.2f} "
             f"({'-' if prb is None else f'{prb / 1e6:.2f}'}) | "
             + " / ".join(f"{b[k]:.3f}" + _predicted_part(r, k) for k in ("sample", "fetch_remote", "compute", "allreduce"))
             + f" | {_share(r)} |")
