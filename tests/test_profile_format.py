@@ -42,7 +42,7 @@ def test_round_trip_changes_the_prediction_and_names_its_source(tmp_path):
     dev = measured.device
     assert dev.efficiency.gemm_max == pytest.approx(2.5e11 / dev.peak_flops)   # this CPU's datasheet peak
     assert dev.efficiency.gemm_overhead_us == pytest.approx(20.0)
-    assert dev.efficiency.memory_bound == pytest.approx(4e9 / 50e9)
+    assert dev.efficiency.memory_bound == pytest.approx(4e9 / dev.hbm_bandwidth_bytes_per_s)
     assert measured.intra_node_bandwidth_GBps == pytest.approx(2.0)
     assert dev.source_of("gemm").startswith("measured") and dev.source_of("attention") == "datasheet"
     a = simulate_training(model, datasheet, plan)
