@@ -146,7 +146,9 @@ def test_a_profiled_fetch_prices_the_feature_rows(tmp_path):
     assert costs.fetch_local_s(4000 * 128, cluster, 1, 4000) == pytest.approx(1e-4 + 4000 * 1e-7 + 4000 * 32 * 2e-9)
     two_sided = costs.fetch_remote_s(4000 * 128, 1, cluster, 1, 4000) - costs.fetch_local_s(4000 * 128, cluster, 1, 4000)
     assert two_sided > costs.fetch_local_s(4000 * 128, cluster, 1, 4000)   # gathered twice, plus the exchange
-    older = load_cluster("2xcpu")
+    meta["fits"]["gnn"].pop("fetch")
+    (root / "profile.json").write_text(json.dumps(meta))
+    older = load_cluster("2xcpu", profile=str(root))
     assert costs.fetch_local_s(4000 * 128, older, 1, 4000) == pytest.approx(
         4000 * 128 / costs.local_gather_bytes_per_s(older))
 
@@ -175,5 +177,8 @@ def test_lockstep_ratios_slow_the_stages_of_nxcpu_ranks_only(tmp_path):
     assert costs.lockstep_factor(load_cluster("2xm5n-24xlarge"), "compute") == 1.0           # DistDGL's machines
     plan = {"partition": "random", "batch_size_per_trainer": 200}
     slowed = simulate_gnn("community-20k", "graphsage-3", two, plan).trainer_loads[0].stages_s
-    plain = simulate_gnn("community-20k", "graphsage-3", load_cluster("2xcpu"), plan).trainer_loads[0].stages_s
+    meta["fits"]["gnn"].pop("lockstep")   # the same profile without lock-step rows
+    (root / "profile.json").write_text(json.dumps(meta))
+    plain = simulate_gnn("community-20k", "graphsage-3", load_cluster("2xcpu", profile=str(root)),
+                         plan).trainer_loads[0].stages_s
     assert slowed["compute"] == pytest.approx(1.25 * plain["compute"])
