@@ -4,7 +4,8 @@ A step runs a batch of sequences, each contributing `new_tokens` (a prefill chun
 decode) on top of `context` tokens already cached. Per layer and device (one TP shard):
 - GEMMs: the longer of reading the layer's weights and computing 2 x tokens x weights
   (roofline; Seesaw App. A), so small-batch decode is bound by weight reads;
-- attention: causal score/value FLOPs of the new tokens against their context, and the
+- attention: causal score/value FLOPs of the new tokens against their context (with the
+  diagonal blocks a blocked causal kernel computes in full, `attention_half_seq`), and the
   cached K/V they read (4 h_kv d bytes per token per layer, FORMULAS.md);
 - element-wise kernels and two TP all-reduces of the step's activations;
 - the LM head for the sequences that produce a token, on the last stage;
@@ -83,13 +84,15 @@ class BatchSums:
     context: int | np.ndarray           # sum of the contexts
     attention_pairs: int | np.ndarray   # (query, key) pairs of causal attention: n * c + n (n + 1) / 2 per work
     decode_pairs: int | np.ndarray      # those pairs of the one-token (decode) works
+    chunk_tokens: int = 0               # new tokens of the works of several (prompts, chunks, verifications)
 
     @classmethod
     def of(cls, works: list[Work]) -> BatchSums:
         return cls(len(works), sum(w.new_tokens for w in works), sum(w.logits for w in works),
                    sum(w.context for w in works),
                    sum(w.new_tokens * w.context + w.new_tokens * (w.new_tokens + 1) // 2 for w in works),
-                   sum(w.context + 1 for w in works if w.new_tokens == 1))
+                   sum(w.context + 1 for w in works if w.new_tokens == 1),
+                   sum(w.new_tokens for w in works if w.new_tokens > 1))
 
     def __add__(self, other: BatchSums) -> BatchSums:
         return BatchSums(*(getattr(self, f) + getattr(other, f) for f in self.__slots__))
@@ -100,7 +103,7 @@ class BatchSums:
         sum to `context` (an int, or an array over steps)."""
         pairs = new_tokens * context + sequences * (new_tokens * (new_tokens + 1) // 2)
         return cls(sequences, sequences * new_tokens, sequences * logits, context, pairs,
-                   pairs if new_tokens == 1 else 0 * pairs)
+                   pairs if new_tokens == 1 else 0 * pairs, 0 if new_tokens == 1 else sequences * new_tokens)
 
 
 def _max(a, b):
@@ -159,6 +162,11 @@ class IterationModel:
         self._heads: dict[int, float] = {}
         self._decode_parts: dict[tuple[int, int], tuple] = {}
         self._peak_flops = self.device.peak_flops
+        # a blocked causal kernel computes whole blocks on the diagonal: about half a block of
+        # keys more per query row of a prompt, chunk or verification (`timing.attention_s`:
+        # eff(s) = attention * s / (s + attention_half_seq) is s (s + h) for a prompt of s, that
+        # is h / 2 pairs more per row); 0 on a device without a measured kernel
+        self.diagonal_keys = eff.attention_half_seq / 2.0
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -215,7 +223,8 @@ class IterationModel:
         scale = 4.0 * (self.model.hidden_size / self.t_attn)
         decode = scale * b.decode_pairs
         kv = self.kv_bytes_per_token * (b.context + b.new_tokens)
-        layer = self._layer_s(b.new_tokens, scale * (b.attention_pairs - b.decode_pairs), kv, decode)
+        pairs = b.attention_pairs - b.decode_pairs + self.diagonal_keys * b.chunk_tokens
+        layer = self._layer_s(b.new_tokens, scale * pairs, kv, decode)
         return self.layers_per_stage * layer, self._lm_head_s(b.logits)
 
     def step_s(self, works: list[Work]) -> float:
@@ -261,8 +270,10 @@ class IterationModel:
             _, tokens, scale, gemms, elementwise, tp, head_s = parts
             pairs = new_tokens * context + n * half
             decode_pairs = pairs if new_tokens == 1 else 0 * pairs
+            diagonal = 0.0 if new_tokens == 1 else self.diagonal_keys * tokens
             kv = self.kv_bytes_per_token * (context + tokens)
-            attention = self._attention_s(scale * (pairs - decode_pairs), scale * decode_pairs) + kv / self.kv_hbm
+            attention = (self._attention_s(scale * (pairs - decode_pairs + diagonal), scale * decode_pairs)
+                         + kv / self.kv_hbm)
             layers_s = self.layers_per_stage * (gemms + attention + elementwise + tp)
             busy = busy + (layers_s + head_s)
             trip = max(trip, pp * layers_s + head_s)
