@@ -25,15 +25,18 @@ beside the simulator's verdict for the same pair. A deployment the engine cannot
 (`EngineConfig.from_deployment` refuses it with a SpecError) is still simulated; its row
 says why it was not measured, so the same command picks it up once the engine runs it.
 
-The simulator prices steps with the profile families measured at the start of the run
-(`PROFILE_OPS`, quick sweeps), so the prediction sees the machine of this run, not that of
-the committed profile's day. The machine is shared: configurations are interleaved and
-repeated (median, min and max), and the one-minute load average is recorded before and after
-every engine run. Targets: throughput within 15%, latency percentiles within 25%
-(error = predicted / measured - 1).
+The prediction uses the committed profile of this CPU (`profiler.store.this_machines_profile`:
+the catalog profile whose CPU model is this machine's; `--profile DIR` names another), as a
+user's `simtune simulate serve` would. Beside it, the same deployments are predicted from the
+profile families the serving model reads measured again before each repeat (`PROFILE_OPS`,
+quick sweeps; `--no-same-run` skips them): the prediction of the machine of this run, not of
+the committed profile's day. Without a committed profile of this CPU the same-run profile is
+the prediction. The machine is shared: configurations are interleaved and repeated (median,
+min and max), and the one-minute load average is recorded before and after every engine run.
+Targets: throughput within 15%, latency percentiles within 25% (error = predicted / measured - 1).
 
 Usage: python benchmarks/bench_serving_vs_sim.py [--quick] [--repeats N] [--only LABEL,...]
-       [--profile DIR] [--out PATH] [--markdown-only]
+       [--profile DIR] [--no-same-run] [--out PATH] [--markdown-only]
 Writes benchmarks/results/serving_vs_sim.json and .md atomically.
 """
 
@@ -64,14 +67,14 @@ from executor.serving.sampling import SamplingParams  # noqa: E402
 from profiler import gemm  # noqa: E402
 from profiler.context import ProfileContext  # noqa: E402
 from profiler.run import fit_profile, op_module  # noqa: E402
-from profiler.store import ProfileStore  # noqa: E402
+from profiler.store import ProfileStore, this_machines_profile  # noqa: E402
 from simulator.errors import SpecError  # noqa: E402
 from simulator.serving.iteration import IterationModel  # noqa: E402
 from simulator.serving.report import percentiles  # noqa: E402
 from simulator.serving.simulate import simulate_serving  # noqa: E402
 from simulator.serving.workload import describe_lengths, generate_requests  # noqa: E402
 from simulator.specs.catalog import load_cluster, load_model  # noqa: E402
-from simulator.specs.profile import load_profile  # noqa: E402
+from simulator.specs.profile import PROFILES_DIR, load_profile, read_meta  # noqa: E402
 from simulator.specs.serving import DeploymentSpec, EngineSpec, WorkloadSpec  # noqa: E402
 
 DEFAULT_OUT = common.RESULTS / "serving_vs_sim.json"
@@ -343,11 +346,18 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
-def repeat_profile(tmp: Path, rep: int, given: Path | None) -> tuple[Path, dict[str, Any]]:
-    """The profile this repeat's runs are predicted from: measured now, before the repeat (the
-    load of a shared machine moves within minutes), or the directory given with --profile."""
+def committed_profile(given: Path | None) -> Path | None:
+    """The profile the prediction is made from: the directory given with --profile, else the
+    committed profile of this CPU, else None (then each repeat's same-run profile)."""
     if given is not None:
-        return given, {"ops": "given", "dir": str(given)}
+        return given
+    name = this_machines_profile(THREADS_PER_RANK)
+    return None if name is None else PROFILES_DIR / name
+
+
+def repeat_profile(tmp: Path, rep: int) -> tuple[Path, dict[str, Any]]:
+    """A profile measured now, before the repeat (the load of a shared machine moves within
+    minutes)."""
     root = tmp / f"profile-{rep}"
     print(f"same-run profile before repeat {rep + 1}:", ", ".join(PROFILE_OPS), flush=True)
     info = same_run_profile(root)
@@ -356,9 +366,12 @@ def repeat_profile(tmp: Path, rep: int, given: Path | None) -> tuple[Path, dict[
     return root, info
 
 
-def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path | None) -> dict[str, Any]:
+def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path | None,
+        same_run: bool = True) -> dict[str, Any]:
     torch.set_num_threads(THREADS_PER_RANK)
     load_before = os.getloadavg()[0]
+    committed = committed_profile(given_profile)
+    same_run = same_run or committed is None
     configs = [c for c in CONFIGS if (c.quick or not quick) and (only is None or c.label in only)]
     tmp = Path(tempfile.mkdtemp(prefix="simtune-bench-serving-"))
     profiles: list[tuple[Path, dict[str, Any]]] = []
@@ -379,11 +392,15 @@ def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path |
                 row["not_measured"] = str(err)
             rows.append(row)
         by_label = {r["label"]: r for r in rows}
-        for rep in range(repeats):  # interleaved; every other repeat in reverse order
-            profiles.append(repeat_profile(tmp, rep, given_profile))
-            profile_dir = profiles[-1][0]
+        if committed is not None:
             for row, cfg in zip(rows, configs):
-                row["simulated_runs"].append(simulate(cfg, workloads[cfg.workload], profile_dir))
+                row["simulated"] = simulate(cfg, workloads[cfg.workload], committed)
+        for rep in range(repeats):  # interleaved; every other repeat in reverse order
+            if same_run:
+                profiles.append(repeat_profile(tmp, rep))
+                for row, cfg in zip(rows, configs):
+                    row["simulated_runs"].append(simulate(cfg, workloads[cfg.workload], profiles[-1][0]))
+            profile_dir = committed or profiles[-1][0]
             for cfg in runnable if rep % 2 == 0 else runnable[::-1]:
                 try:
                     r = run_engine(decoder, cfg, requests[cfg.workload], prompts[cfg.workload])
@@ -394,16 +411,18 @@ def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path |
                 r["repeat"] = rep
                 r["step_attribution"] = step_attribution(cfg, r.pop("step_log"), profile_dir)
                 by_label[cfg.label]["runs"].append(r)
-                sim = by_label[cfg.label]["simulated_runs"][-1]
+                sim = by_label[cfg.label].get("simulated") or by_label[cfg.label]["simulated_runs"][-1]
                 print(f"repeat {rep + 1}/{repeats} {cfg.label:14s} measured {r['output_tokens_per_s']:6.1f} tok/s "
                       f"TTFT p50 {r['ttft_p50_s']:.3f} s TPOT p50 {1e3 * r['tpot_p50_s']:.0f} ms | simulated "
                       f"{sim['output_tokens_per_s']:6.1f} tok/s {sim['ttft_p50_s']:.3f} s {1e3 * sim['tpot_p50_s']:.0f} ms"
                       f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f})",
                       flush=True)
         for row, cfg in zip(rows, configs):
-            row["deployment"] = simulated_spec(cfg, profiles[0][0]).to_dict()
-            sims = row["simulated_runs"]
-            row["simulated"] = {**sims[0], **{m: statistics.median(x[m] for x in sims) for m in (*METRICS, "makespan_s")}}
+            row["deployment"] = simulated_spec(cfg, committed or profiles[0][0]).to_dict()
+            sims = row.pop("simulated_runs")
+            if sims:
+                median = {**sims[0], **{m: statistics.median(x[m] for x in sims) for m in (*METRICS, "makespan_s")}}
+                row["simulated_same_run" if committed is not None else "simulated"] = median
             if "runs" not in row:
                 continue
             if row["runs"]:
@@ -416,7 +435,9 @@ def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path |
     return {**common.run_fields("serving_vs_sim", quick, {"repeats": repeats}),
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
             "model": MODEL, "dtype": "bf16", "threads_per_rank": THREADS_PER_RANK,
-            "profiles": [info for _, info in profiles],
+            "profile": None if committed is None else {"dir": committed.name if committed.parent == PROFILES_DIR
+                                                       else str(committed), "device": read_meta(committed)["device"]},
+            "same_run_profiles": [info for _, info in profiles],
             "targets": {"throughput": THROUGHPUT_TARGET, "latency": LATENCY_TARGET},
             "workloads": {name: {"spec": wl, "lengths": describe_lengths(requests[name])} for name, wl in workloads.items()},
             "limits": LIMITS, "rows": rows, "seesaw": seesaw_verdict(by_label)}
@@ -438,6 +459,8 @@ def summarize(row: dict[str, Any]) -> None:
     row["load_average_1min"] = [r["load_average_1min"] for r in runs]
     sim = row["simulated"]
     row["error"] = {m: sim[m] / row["measured"][m]["median"] - 1 for m in METRICS}
+    if "simulated_same_run" in row:
+        row["error_same_run"] = {m: row["simulated_same_run"][m] / row["measured"][m]["median"] - 1 for m in METRICS}
     row["within_target"] = {m: abs(e) <= (THROUGHPUT_TARGET if m == "output_tokens_per_s" else LATENCY_TARGET)
                             for m, e in row["error"].items()}
     median_run = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
@@ -478,15 +501,22 @@ def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # --- markdown ----------------------------------------------------------------------------------------
 def markdown(result: dict[str, Any]) -> str:
     m, load = result["machine"], result["load_average_1min"]
-    profs = result.get("profiles") or [result["profile"]]
-    prof = profs[0]
+    profs = result.get("same_run_profiles", [])
+    committed = result.get("profile")
+    same_run = (f"the profile families {', '.join(PROFILE_OPS)} measured in the same run, before each repeat "
+                f"(the median of the repeats' predictions)")
+    if committed is None:
+        source = same_run
+    else:
+        source = (f"the committed profile `{committed['dir']}` (measured {committed['device'].get('date', '?')[:10]} "
+                  f"on {committed['device'].get('name')}, {committed['device'].get('threads')} thread)")
+        if profs:
+            source += f"; the errors from {same_run} follow the table"
     lines = ["# Serving: the real engine measured vs the serving simulator, on this machine", "",
              f"SmolLM2-135M ({result['dtype']}) on {m['cpu_model']} ({m['cpu_count']} cores, shared), one thread per "
              f"rank, gloo on 127.0.0.1 between ranks; {result['repetitions']['repeats']} interleaved repeat(s), "
-             f"median [min, max]. Simulated: `simulate_serving` on `Nxcpu` with the profile families "
-             f"{', '.join(prof.get('ops', [])) if isinstance(prof.get('ops'), list) else prof.get('ops')} "
-             f"measured in the same run, before each repeat (the prediction is the median over the repeats' "
-             f"profiles). Error = predicted / measured - 1; targets: throughput within "
+             f"median [min, max]. Simulated: `simulate_serving` on `Nxcpu` with {source}. "
+             f"Error = predicted / measured - 1; targets: throughput within "
              f"{result['targets']['throughput']:.0%}, latency percentiles within {result['targets']['latency']:.0%}. "
              f"One-minute load average {load['before']:.1f} before and {load['after']:.1f} after the run.", ""]
     for wl in result["workloads"].values():
@@ -517,6 +547,12 @@ def markdown(result: dict[str, Any]) -> str:
             cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
                       f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * sim[key]), f"{r['error'][key]:+.0%}{mark}"]
         lines.append(f"| {r['label']} | {r['ranks']} | {lo:.1f}-{hi:.1f} | " + " | ".join(cells) + " |")
+    same = [r for r in result["rows"] if "error_same_run" in r]
+    if same:
+        lines += ["", "Errors of the same-run profile's prediction (median of the repeats):", "",
+                  "| deployment | output tok/s | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 |", "|---|---:|---:|---:|---:|---:|"]
+        for r in same:
+            lines.append(f"| {r['label']} | " + " | ".join(f"{r['error_same_run'][k]:+.0%}" for k in METRICS) + " |")
     missing = [r for r in result["rows"] if "measured" not in r]
     if missing:
         lines += ["", "Not measured (the engine refuses the deployment today; simulated only):"]
@@ -539,8 +575,8 @@ def markdown(result: dict[str, Any]) -> str:
     if timed:
         alphas = [q.get("gloo_allreduce_alpha_s") for q in profs if q.get("gloo_allreduce_alpha_s")]
         lines += ["", "Tensor-parallel all-reduces timed on rank 0 inside the engine (median over the repeats; the "
-                  "profiles' fit: " + ("-" if not alphas else ", ".join(f"{1e3 * a:.2f}" for a in alphas)
-                                       + " ms latency, from the median of back-to-back calls") + "):", "",
+                  "same-run profiles' fit: " + ("-" if not alphas else ", ".join(f"{1e3 * a:.2f}" for a in alphas)
+                                                + " ms latency, from the mean of back-to-back calls") + "):", "",
                   "| deployment | all-reduces | mean ms | median ms | p90 ms | seconds in all |", "|---|---:|---:|---:|---:|---:|"]
         for r in timed:
             a = r["measured"]["all_reduce"]
@@ -582,13 +618,15 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0], "fewer requests, one repeat, the long TP1 and PP2 rows left out", DEFAULT_OUT)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
-    p.add_argument("--profile", type=Path, help="a profile directory to use instead of measuring one now")
+    p.add_argument("--profile", type=Path, help="the profile directory to predict from (default: the committed "
+                   "profile of this CPU)")
+    p.add_argument("--no-same-run", action="store_true", help="do not measure a profile before each repeat")
     args = p.parse_args()
     if args.markdown_only:
         common.rewrite_markdown(args.out, markdown)
         return
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    result = run(args.quick, 1 if args.quick else args.repeats, only, args.profile)
+    result = run(args.quick, 1 if args.quick else args.repeats, only, args.profile, not args.no_same_run)
     common.write_results(result, args.out, markdown)
 
 
