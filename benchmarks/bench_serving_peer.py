@@ -13,11 +13,13 @@ binding of one core for the engine process and one for the model worker):
   ignored, all at once. Ours: `Engine.generate` in bf16, in this process, at each thread count
   of `--threads`; vLLM: `LLM.generate` in a helper process under `.peer-venv`
   (benchmarks/vllm_peer.py) that keeps the model loaded, so the runs interleave without reloads.
-- online: a seeded Poisson stream of the same prompts through both OpenAI servers (`simtune
-  serve`, and vLLM's api_server), streaming /v1/completions with the official client's wire
-  format over httpx. Reported: output tokens/s over the run, TTFT and TPOT (time per output
-  token after the first) p50/p90.
-Both servers and the helper listen on 127.0.0.1, are started here and stopped by their PID.
+- online: a seeded Poisson stream of the same prompts through the OpenAI servers (`simtune
+  serve` at each thread count of `--online-threads`, default `--threads`, and vLLM's
+  api_server), streaming /v1/completions with the official client's wire format over httpx.
+  Reported: output tokens/s over the run, TTFT and TPOT (time per output token after the
+  first) p50/p90. The best thread count offline need not be the best online: our server runs
+  the engine and the HTTP event loop in one process.
+The servers and the helper listen on 127.0.0.1, are started here and stopped by their PID.
 vLLM's prefix cache is off (the repetitions resend the same prompts; our engine has none).
 Configurations alternate within each repetition; the one-minute load average is recorded
 before and after every run, since the machine is shared. A short torch.profiler run of our
@@ -127,20 +129,28 @@ def wait_healthy(proc: Proc, port: int) -> None:
         raise proc.failed(why + (" while starting" if why.startswith("exited") else ""))
 
 
-def start_servers(logdir: Path, threads: int, max_num_seqs: int) -> dict[str, tuple[Proc, int]]:
+def start_servers(logdir: Path, threads: list[int], max_num_seqs: int,
+                  in_process: list[int] = ()) -> dict[str, tuple[Proc, int]]:
+    """Our server at each thread count (`ours_<t>t`, the engine in its own process), at each
+    count of `in_process` with the engine in the server's process (`ours_<t>t_inproc`), and
+    vLLM's, all on 127.0.0.1, healthy."""
     simtune = Path(sys.executable).parent / "simtune"
     if not simtune.exists():
         raise SystemExit(f"{simtune} is missing: run `make install` first")
-    ours_port, peer_port = free_port(), free_port()
-    ours = Proc("ours-server", [str(simtune), "serve", "--host", "127.0.0.1", "--port", str(ours_port),
-                                "--max-num-seqs", str(max_num_seqs), "--dtype", "bfloat16"],
-                {"OMP_NUM_THREADS": str(threads)}, logdir)
+    servers: dict[str, tuple[Proc, int]] = {}
+    for t, suffix, flag in [(t, "", "--engine-process") for t in threads] + [(t, "_inproc", "--in-process")
+                                                                             for t in in_process]:
+        port = free_port()
+        servers[f"ours_{t}t{suffix}"] = (Proc(f"ours-server-{t}t{suffix}", [
+            str(simtune), "serve", "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs),
+            "--dtype", "bfloat16", flag], {"OMP_NUM_THREADS": str(t)}, logdir), port)
+    peer_port = free_port()
     peer = Proc("vllm-server", [str(PEER_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
                                 str(PEER_MODEL), "--served-model-name", MODEL_NAME, "--host", "127.0.0.1",
                                 "--port", str(peer_port), "--max-model-len", "2048", "--dtype", "bfloat16",
                                 "--enforce-eager", "--max-num-seqs", str(max_num_seqs),
                                 "--no-enable-prefix-caching"], PEER_ENV, logdir)
-    servers = {"ours": (ours, ours_port), "vllm": (peer, peer_port)}
+    servers["vllm"] = (peer, peer_port)
     try:
         for proc, port in servers.values():
             wait_healthy(proc, port)
@@ -246,20 +256,21 @@ def agreement(ours: list[list[int]], peer: list[list[int]]) -> dict:
             "mean_common_prefix": statistics.mean(prefix(a, b) for a, b in zip(ours, peer))}
 
 
-def online(prompts, new_tokens: int, rate: float, threads: int, repeats: int, logdir: Path) -> dict:
+def online(prompts, new_tokens: int, rate: float, threads: list[int], repeats: int, logdir: Path,
+           in_process: list[int] = ()) -> dict:
     arrivals = poisson_arrivals(len(prompts), rate)
-    servers = start_servers(logdir, threads, len(prompts))
-    runs: dict[str, list[dict]] = {"ours": [], "vllm": []}
+    servers = start_servers(logdir, threads, len(prompts), in_process)
+    runs: dict[str, list[dict]] = {name: [] for name in servers}
     try:
         for _, port in servers.values():  # warm-up
             online_run(port, prompts[:4], [0.0] * 4, 8)
         for rep in range(repeats):
-            for name in (("ours", "vllm") if rep % 2 == 0 else ("vllm", "ours")):
+            for name in (list(runs) if rep % 2 == 0 else list(reversed(runs))):
                 before = load1()
                 r = online_run(servers[name][1], prompts, arrivals, new_tokens)
                 r |= {"load1_before": before, "load1_after": load1()}
                 runs[name].append(r)
-                print(f"online rep {rep} {name:5s} {r['output_tokens_per_s']:6.1f} output tok/s, TTFT p50 "
+                print(f"online rep {rep} {name:8s} {r['output_tokens_per_s']:6.1f} output tok/s, TTFT p50 "
                       f"{r['ttft_s']['p50']:.2f} s, TPOT p50 {1e3 * r['tpot_s']['p50']:.0f} ms, failed {r['failed']} "
                       f"(load {before:.1f} -> {r['load1_after']:.1f})", flush=True)
     finally:
@@ -305,8 +316,11 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], "16 prompts x 32 tokens offline, 16 requests online, one repetition", OUT)
     p.add_argument("--repeats", type=int, default=2, help="interleaved repetitions of every configuration")
     p.add_argument("--threads", default="1,2", help="torch threads of our engine offline, comma-separated")
-    p.add_argument("--online-threads", type=int, default=None,
-                   help="torch threads of our server (default: the best offline median)")
+    p.add_argument("--online-threads", default=None,
+                   help="torch threads of our server, comma-separated (default: those of --threads)")
+    p.add_argument("--in-process-threads", default="1",
+                   help="online, also our server with the engine in the HTTP process at these thread counts, "
+                   "comma-separated (empty: none)")
     p.add_argument("--rate", type=float, default=1.0, help="online Poisson arrival rate, requests/s")
     p.add_argument("--skip-online", action="store_true", help="offline batch only")
     args = p.parse_args()
@@ -331,7 +345,9 @@ def main() -> None:
         profile = decode_profile(decoder, best, n)
         on = None
         if not args.skip_online:
-            on = online(prompts_of(n_online, seed=1), new, args.rate, args.online_threads or best, repeats, logdir)
+            online_threads = [int(t) for t in args.online_threads.split(",")] if args.online_threads else threads
+            in_process = [int(t) for t in args.in_process_threads.split(",") if t.strip()]
+            on = online(prompts_of(n_online, seed=1), new, args.rate, online_threads, repeats, logdir, in_process)
     vllm_tps = [r["tokens_per_s"] for r in off["vllm"]]
     offline_rows = {name: {"output_tokens_per_s": summary([r["tokens_per_s"] for r in rs]),
                            "ratio_to_vllm": summary([r["tokens_per_s"] / v for r, v in zip(rs, vllm_tps)]),
@@ -358,8 +374,9 @@ def summarize_online(on: dict) -> dict:
                       **{f"{m}_{q}": summary([r[m][q] for r in rs]) for m in ("ttft_s", "tpot_s") for q in ("p50", "p90")},
                       "failed": sum(r["failed"] for r in rs), "errors": sorted({e for r in rs for e in r["errors"]}),
                       "load1": [[r["load1_before"], r["load1_after"]] for r in rs]}
-    ratios = {k: rows["ours"][k]["median"] / rows["vllm"][k]["median"]
-              for k in ("output_tokens_per_s", "ttft_s_p50", "ttft_s_p90", "tpot_s_p50", "tpot_s_p90")}
+    ratios = {name: {k: rows[name][k]["median"] / rows["vllm"][k]["median"]
+                     for k in ("output_tokens_per_s", "ttft_s_p50", "ttft_s_p90", "tpot_s_p50", "tpot_s_p90")}
+              for name in rows if name != "vllm"}
     return {k: v for k, v in on.items() if k != "runs"} | {"results": rows, "ratio_ours_over_vllm": ratios}
 
 
@@ -369,6 +386,12 @@ def _cell(s: dict, fmt: str = "{:.1f}", scale: float = 1.0) -> str:
 
 def _loads(pairs: list[list[float]]) -> str:
     return ", ".join(f"{a:.1f}->{b:.1f}" for a, b in pairs)
+
+
+def _ours_label(name: str) -> str:
+    """`ours_2t` -> simtune serve, 2 torch thread(s); `ours_1t_inproc`: ..., engine in the HTTP process."""
+    where = ", engine in the HTTP process (--in-process)" if name.endswith("_inproc") else ""
+    return f"simtune serve, {name.split('_')[1][:-1]} torch thread(s){where}"
 
 
 def markdown(result: dict) -> str:
@@ -394,18 +417,24 @@ def markdown(result: dict) -> str:
     on = result.get("online")
     if on:
         lines += [f"## Online: {on['requests']} requests, Poisson arrivals at {on['rate_per_s']:g}/s, "
-                  f"streaming /v1/completions, {w['output_tokens']} tokens each (our server: "
-                  f"{on['ours_threads']} torch thread(s))", "",
+                  f"streaming /v1/completions, {w['output_tokens']} tokens each (our server at "
+                  f"{', '.join(map(str, on['ours_threads']))} torch thread(s), each its own process)", "",
+                  "`simtune serve` steps its engine in a process of its own by default (`--engine-process`, as "
+                  "vLLM's engine core); `--in-process` steps it in a thread of the HTTP server's process, where the "
+                  "two share one GIL.", "",
                   "| server | output tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | failed | load |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, r in on["results"].items():
-            lines.append(f"| {'simtune serve' if name == 'ours' else 'vLLM api_server'} | "
+            label = "vLLM api_server" if name == "vllm" else _ours_label(name)
+            lines.append(f"| {label} | "
                          f"{_cell(r['output_tokens_per_s'])} | {_cell(r['ttft_s_p50'], '{:.2f}')} | "
                          f"{_cell(r['ttft_s_p90'], '{:.2f}')} | {_cell(r['tpot_s_p50'], '{:.0f}', 1e3)} | "
                          f"{_cell(r['tpot_s_p90'], '{:.0f}', 1e3)} | {r['failed']} | {_loads(r['load1'])} |")
-        q = on["ratio_ours_over_vllm"]
-        lines += ["", "Ours / vLLM (medians): " + ", ".join(f"{k} {v:.2f}" for k, v in q.items()) +
-                  " (above 1 is better for tok/s, worse for TTFT and TPOT).", ""]
+        for name, q in on["ratio_ours_over_vllm"].items():
+            lines += ["", f"Ours ({_ours_label(name)[len('simtune serve, '):]}) / vLLM (medians): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in q.items())
+                      + " (above 1 is better for tok/s, worse for TTFT and TPOT)."]
+        lines += [""]
     pr = result["decode_profile"]
     lines += [f"## Where our time goes ({pr['batch']} sequences, {pr['threads']} thread(s))", ""]
     if "decode_step_ms" in pr:

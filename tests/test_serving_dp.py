@@ -70,6 +70,17 @@ def test_dp2_greedy_output_equals_one_replica(dp2, prompts, reference):
     assert all(c["finished"] >= 2 for c in dp2.counters)   # both replicas computed
 
 
+def test_one_engine_in_its_own_process_equals_the_engine_in_this_one(decoder, prompts, reference):
+    """`simtune serve`'s default: the engine steps in a process of its own (dp = 1)."""
+    with start_engine(decoder, EngineConfig(num_blocks=64, timeout_s=30), own_process=True) as engine:
+        assert isinstance(engine, ReplicatedEngine) and len(engine.procs) == 1
+        seqs = engine.generate(prompts, GREEDY)
+        assert [s.output_ids for s in seqs] == reference
+        assert engine.stats.finished == len(prompts) and engine.spec is None
+        procs = list(engine.procs)
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_dp2_sampling_without_a_seed_equals_one_replica(dp2, decoder, prompts):
     one = Engine(decoder, EngineConfig(num_blocks=64, seed=7))
     want = [s.output_ids for s in one.generate(prompts, SAMPLED)]
@@ -152,8 +163,8 @@ def test_a_deployment_with_dp_configures_replicas(decoder):
     assert (config.dp, config.tp, config.pp) == (2, 1, 2)
     with pytest.raises(ValueError, match=r"dp=2: an Engine is one replica"):
         Engine(decoder, config)
-    with pytest.raises(ValueError, match=r"dp=1: a ReplicatedEngine serves dp >= 2"):
-        ReplicatedEngine(decoder, EngineConfig())
+    with pytest.raises(ValueError, match=r"dp=0: a ReplicatedEngine serves dp >= 1"):
+        ReplicatedEngine(decoder, EngineConfig(dp=0))
     spec = SpeculationSpec(draft="ngram", policy="fixed", k=2, acceptance={"distribution": "fixed", "mean": 0.6})
     with pytest.raises(SpecError, match=r"deployment\.dp = 2: speculative decoding runs on one replica"):
         EngineConfig.from_deployment(DeploymentSpec(dp=2, speculation=spec))

@@ -37,6 +37,13 @@ num_running / blocks / scheduler.idle / close. The sequences it returns are prox
 seeds are drawn here, in request order, exactly as the single engine draws them, so a
 seeded or greedy request samples the same tokens whichever replica serves it.
 
+One replica in its own process (dp = 1, `start_engine(..., own_process=True)`, what `simtune
+serve` runs by default) is vLLM's engine core: this process keeps HTTP, streaming and
+detokenizing for the client, the replica steps. In one process the server's event loop and
+the engine's step loop share one GIL: online (48 requests at 1/s, one torch thread, the
+AMD EPYC machine) the engine alone decoded at 33 ms per output token (TPOT p50), vLLM-CPU's
+server at 32 ms, and our in-process server at 37-44 ms.
+
 Failures: a replica whose process dies (killed, or its own rank failed) ends the engine with
 `ReplicaFailed` (a `RankFailed`, so the step loop stops and the server answers 503), naming
 the replica; `close()` then stops every replica (stop, a grace, SIGTERM, SIGKILL; the ranks
@@ -101,6 +108,20 @@ class PoolTotals:
     num_gpu_blocks: int = 0
 
 
+@dataclass
+class SpecTotals:
+    """Speculation counters of all replicas together, shaped as `/metrics` reads them
+    (`engine.spec.speculator.drafted`, `.accepted`, `.steps`)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def speculator(self) -> SpecTotals:
+        return self
+
+
 class _Queues:
     """`scheduler.idle` and `scheduler.preemptions`, as the step loop and /metrics read them."""
 
@@ -124,7 +145,9 @@ def _counters(engine: Engine) -> dict:
             "max_decode_batch": st.max_decode_batch, "finished": st.finished, "aborted": st.aborted,
             "preemptions": engine.scheduler.preemptions, "waiting": engine.num_waiting,
             "running": engine.num_running, "used_blocks": engine.blocks.num_used_gpu_blocks,
-            "total_blocks": engine.blocks.num_gpu_blocks}
+            "total_blocks": engine.blocks.num_gpu_blocks,
+            **({"spec": {"drafted": engine.spec.speculator.drafted, "accepted": engine.spec.speculator.accepted,
+                         "steps": engine.spec.speculator.steps}} if engine.spec is not None else {})}
 
 
 def _serve(conn: Connection, engine: Engine) -> None:
@@ -198,8 +221,8 @@ class ReplicatedEngine(Offline):
 
     def __init__(self, decoder: LlamaDecoder, config: EngineConfig, tokenizer=None,
                  clock: Callable[[], float] = time.perf_counter):
-        if config.dp < 2:
-            raise ValueError(f"dp={config.dp}: a ReplicatedEngine serves dp >= 2 replicas; use Engine for one")
+        if config.dp < 1:
+            raise ValueError(f"dp={config.dp}: a ReplicatedEngine serves dp >= 1 replicas")
         self.decoder, self.config, self.tokenizer, self.dp = decoder, config, tokenizer, config.dp
         self.clock, self.t0 = clock, clock()
         self.spec = None
@@ -384,6 +407,8 @@ class ReplicatedEngine(Offline):
         st.aborted = self._aborted_here + sum(c.get("aborted", 0) for c in cs)
         st.max_batch_size = max(c.get("max_batch_size", 0) for c in cs)
         st.max_decode_batch = max(c.get("max_decode_batch", 0) for c in cs)
+        if any("spec" in c for c in cs):
+            self.spec = SpecTotals(**{k: sum(c.get("spec", {}).get(k, 0) for c in cs) for k in ("drafted", "accepted", "steps")})
         self.blocks.num_used_gpu_blocks = sum(c.get("used_blocks", 0) for c in cs)
         self.blocks.num_gpu_blocks = sum(c.get("total_blocks", 0) for c in cs)
 
@@ -410,8 +435,12 @@ class ReplicatedEngine(Offline):
         return ReplicaFailed(i, self.dp, f"{how} without a report (killed or crashed)")
 
 
-def start_engine(decoder: LlamaDecoder, config: EngineConfig, tokenizer=None) -> Engine | ReplicatedEngine:
-    """The engine a config asks for: one `Engine` (dp = 1), or dp replicas behind the router."""
-    if config.dp > 1:
+def start_engine(decoder: LlamaDecoder, config: EngineConfig, tokenizer=None,
+                 own_process: bool = False) -> Engine | ReplicatedEngine:
+    """The engine a config asks for: one `Engine` in this process (dp = 1), or dp replicas
+    behind the router, each in its own process; `own_process`: a single replica in its own
+    process too (an engine core, as vLLM's: the server's HTTP and streaming then never hold
+    the GIL its steps need)."""
+    if config.dp > 1 or own_process:
         return ReplicatedEngine(decoder, config, tokenizer)
     return Engine(decoder, config, tokenizer)

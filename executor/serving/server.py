@@ -328,8 +328,11 @@ def prometheus_text(loop_thread: EngineThread) -> str:
 
 
 def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, dtype: str = "bfloat16",
-                  model_name: str = SERVED_MODEL, max_queue: int = 256, log_level: str = "info") -> None:
-    """Load SmolLM2, start the engine thread and serve HTTP until interrupted."""
+                  model_name: str = SERVED_MODEL, max_queue: int = 256, log_level: str = "info",
+                  engine_process: bool = True) -> None:
+    """Load SmolLM2, start the engine thread and serve HTTP until interrupted; `engine_process`:
+    the engine steps in a process of its own (executor/serving/replicas.py), not in a thread of
+    this one."""
     import torch
     import uvicorn
 
@@ -340,7 +343,7 @@ def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 800
         raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
     tokenizer = load_tokenizer()
     # starts tp x pp ranks; dp > 1: dp replicas, each in its own process (executor/serving/replicas.py)
-    engine = start_engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer)
+    engine = start_engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer, own_process=engine_process)
     try:
         loop_thread = EngineThread(engine, max_queue).start()
         try:

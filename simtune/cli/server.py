@@ -42,6 +42,9 @@ def serve(
     num_blocks: Annotated[int, typer.Option(help="KV cache blocks in the pool.")] = 2048,
     max_model_len: Annotated[int, typer.Option(help="Longest prompt + output, in tokens.")] = 2048,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 256,
+    engine_process: Annotated[bool, typer.Option(
+        "--engine-process/--in-process", help="Step the engine in a process of its own (default), or in a "
+        "thread of the HTTP server's process.")] = True,
 ) -> None:
     """Serve SmolLM2-135M with an OpenAI-compatible API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics)."""
@@ -62,7 +65,8 @@ def serve(
         layout = f"prefill {layout} -> decode tp{config.decode_tp or config.tp} pp{config.decode_pp or config.pp}"
     if config.dp > 1:
         layout = f"dp{config.dp} x {layout}"
+    layout += ", engine in its own process" if engine_process or config.dp > 1 else ", engine in this process"
     err.print(f"serving {model} on http://{host}:{port}/v1 ({layout}, {config.scheduler}, "
               f"up to {config.max_num_seqs} "
               f"sequences, {config.num_blocks} KV blocks of {config.block_size}, {dtype})")
-    serve_forever(config, host, port, dtype, model, max_queue)
+    serve_forever(config, host, port, dtype, model, max_queue, engine_process=engine_process)
