@@ -40,9 +40,10 @@ seeded or greedy request samples the same tokens whichever replica serves it.
 One replica in its own process (dp = 1, `start_engine(..., own_process=True)`, what `simtune
 serve` runs by default) is vLLM's engine core: this process keeps HTTP, streaming and
 detokenizing for the client, the replica steps. In one process the server's event loop and
-the engine's step loop share one GIL: online (48 requests at 1/s, one torch thread, the
-AMD EPYC machine) the engine alone decoded at 33 ms per output token (TPOT p50), vLLM-CPU's
-server at 32 ms, and our in-process server at 37-44 ms.
+the engine's step loop share one GIL and the cores. Online on the 2-core AMD EPYC (48 requests
+at 1/s, `make bench-peer`), with two torch threads the in-process server decoded at 54-63 ms
+per output token (TPOT p50) and the engine in its own process at 26-27 ms (vLLM-CPU 26-28 ms;
+two runs of the same day); with one thread both took 31-33 ms in one session.
 
 Failures: a replica whose process dies (killed, or its own rank failed) ends the engine with
 `ReplicaFailed` (a `RankFailed`, so the step loop stops and the server answers 503), naming

@@ -1,8 +1,10 @@
 """`simtune serve`: the OpenAI-compatible server over the real serving engine (SmolLM2-135M).
 
 Not `simulate serve` (which predicts a deployment): this one runs the model and answers HTTP.
-A deployment spec selects the scheduler, its limits and the layout: `prefill: {tp, pp}` starts
-tp x pp ranks (this process is rank 0: scheduler, sampler, HTTP; the others are workers).
+This process answers HTTP; the engine steps in a process of its own (`--engine-process`, the
+default, as vLLM's engine core; `--in-process`: a thread of this one). A deployment spec
+selects the scheduler, its limits and the layout: `prefill: {tp, pp}` starts tp x pp ranks
+(the engine's process is rank 0: scheduler and sampler; the others are workers).
 A re-sharding deployment (`scheduler: seesaw`, a `decode: {tp, pp}` on as many ranks, a
 `cpu_kv_buffer_GB`) prefills in the prefill layout and decodes in the decode layout, moving
 the KV through the CPU buffer (executor/serving/reshard.py). `dp: N` > 1 runs N replicas of
