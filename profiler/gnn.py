@@ -80,6 +80,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from executor.allocator import keep_freed_memory
 from profiler.context import ProfileContext
 from profiler.fit import fit_linear, shape_groups
 from profiler.ranks import run_ranks
@@ -274,7 +275,10 @@ def flush_caches() -> None:
 
 def measure(ctx: ProfileContext, shapes: list[dict]) -> Iterator[dict]:
     """Rows in input order: a shape timed alone, or (`ranks` >= 2) on that many ranks at once,
-    which are spawned once per rank count and time all of its shapes."""
+    which are spawned once per rank count and time all of its shapes. Both with freed memory
+    kept in the process (executor/allocator.py), as the executor's ranks run (`run_ranks`
+    sets it in every rank; here it stays set for the rest of this process)."""
+    keep_freed_memory()
     rng = np.random.default_rng(0)
     lockstep: dict[int, list[dict]] = {}
     for shape in shapes:

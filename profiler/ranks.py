@@ -7,7 +7,8 @@ CPU through it, and the training executor is to launch its local workers through
     parent                               rank r (a fresh "spawn" process)
     ------                               --------------------------------
     port = a free port on 127.0.0.1      MASTER_ADDR/PORT, RANK, WORLD_SIZE (+ GLOO_SOCKET_IFNAME=lo)
-    start N processes, one pipe each     torch.set_num_threads(threads); nccl: cuda:r
+    start N processes, one pipe each     keep_freed_memory (executor/allocator.py);
+                                         torch.set_num_threads(threads); nccl: cuda:r
     wait on pipes and process exits      init_process_group(backend, timeout)
       until every rank answered,         result = fn(r, world_size, *args)
       one failed, or the deadline        barrier, destroy_process_group
@@ -40,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from executor.allocator import keep_freed_memory
 
 BACKENDS = ("gloo", "nccl")
 ERROR_GRACE_S = 3.0  # how long the peers of a failed rank get to report their own failure
@@ -170,6 +173,7 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, backend: str,
     if backend == "gloo":
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     try:
+        keep_freed_memory()
         torch.set_num_threads(threads)
         barrier_kw = {}
         if backend == "nccl":

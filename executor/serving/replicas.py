@@ -66,6 +66,7 @@ from multiprocessing.connection import Connection, wait
 import torch
 import torch.multiprocessing as mp
 
+from executor.allocator import keep_freed_memory
 from executor.serving.engine import Engine, EngineConfig, EngineStats, Offline, check_prompt
 from executor.serving.model import LlamaDecoder, cast_weights
 from executor.serving.sampling import SamplingParams
@@ -196,6 +197,7 @@ def replica_main(index: int, config: EngineConfig, threads: int, conn: Connectio
     """The body of replica `index`: build its Engine (and its ranks), then serve the router."""
     engine = None
     try:
+        keep_freed_memory()
         torch.set_num_threads(threads)
         cfg, embed, norm, layers, tokenizer = conn.recv()   # the weights, in shared memory
         engine = Engine(LlamaDecoder(cfg, embed, norm, layers), config, tokenizer)

@@ -336,11 +336,13 @@ def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 800
     import torch
     import uvicorn
 
+    from executor.allocator import keep_freed_memory
     from executor.serving.model import load_decoder, load_tokenizer
     from executor.serving.replicas import start_engine
 
     if dtype not in ("bfloat16", "float32"):
         raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
+    keep_freed_memory()   # the in-process engine (ranks and replicas set their own)
     tokenizer = load_tokenizer()
     # starts tp x pp ranks; dp > 1: dp replicas, each in its own process (executor/serving/replicas.py)
     engine = start_engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer, own_process=engine_process)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from executor.allocator import keep_freed_memory
 from executor.serving.model import LlamaDecoder, cast_weights, load_decoder
 from executor.serving.paged import PagedKV
 from executor.serving.parallel import Comm, Layout, run_step, shard_decoder
@@ -118,6 +119,7 @@ def _shard_kv(shard: LlamaDecoder, job: ShardJob) -> PagedKV:
 def worker_main(rank: int, job: ShardJob, port: int, conn: Connection) -> None:
     """The body of a worker rank: build its shard, then run every step rank 0 sends."""
     try:
+        keep_freed_memory()
         torch.set_num_threads(job.threads)
         if job.decode is not None:
             _reshard_worker(rank, job, port, conn)
