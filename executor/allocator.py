@@ -12,7 +12,9 @@ smaller tensors did not change (0.88 against 0.86 s). Raising only one of the tw
 thresholds gave 4.1-4.5 s. This is what the env variables `MALLOC_MMAP_THRESHOLD_` and
 `MALLOC_TRIM_THRESHOLD_` do, set from inside the process (mallopt), so every rank the executors
 spawn gets it; PyTorch's CPU tuning guides reach the same end by preloading jemalloc or
-tcmalloc. The cost: the process keeps its peak footprint until it exits.
+tcmalloc. The cost: the process keeps its peak footprint until it exits. Freed blocks serve the
+loop's mix of sizes; a block of exactly a freed one's size may not fit it (torch aligns its
+allocations to 64 bytes, which needs a little more) and extends the heap instead.
 """
 
 from __future__ import annotations
