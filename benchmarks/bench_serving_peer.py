@@ -17,8 +17,8 @@ binding of one core for the engine process and one for the model worker):
   serve` at each thread count of `--online-threads`, default `--threads`, and vLLM's
   api_server), streaming /v1/completions with the official client's wire format over httpx.
   Reported: output tokens/s over the run, TTFT and TPOT (time per output token after the
-  first) p50/p90. The best thread count offline need not be the best online: our server runs
-  the engine and the HTTP event loop in one process.
+  first) p50/p90. Our server steps its engine in a process of its own (the default); at the
+  counts of `--in-process-threads` it also runs with the engine in the HTTP process.
 The servers and the helper listen on 127.0.0.1, are started here and stopped by their PID.
 vLLM's prefix cache is off (the repetitions resend the same prompts; our engine has none).
 Configurations alternate within each repetition; the one-minute load average is recorded
@@ -388,10 +388,10 @@ def _loads(pairs: list[list[float]]) -> str:
     return ", ".join(f"{a:.1f}->{b:.1f}" for a, b in pairs)
 
 
-def _ours_label(name: str) -> str:
-    """`ours_2t` -> simtune serve, 2 torch thread(s); `ours_1t_inproc`: ..., engine in the HTTP process."""
+def _ours_setup(name: str) -> str:
+    """`ours_2t` -> 2 torch thread(s); `ours_1t_inproc` -> ..., engine in the HTTP process."""
     where = ", engine in the HTTP process (--in-process)" if name.endswith("_inproc") else ""
-    return f"simtune serve, {name.split('_')[1][:-1]} torch thread(s){where}"
+    return f"{name.split('_')[1][:-1]} torch thread(s){where}"
 
 
 def markdown(result: dict) -> str:
@@ -425,13 +425,13 @@ def markdown(result: dict) -> str:
                   "| server | output tok/s | TTFT p50 s | TTFT p90 s | TPOT p50 ms | TPOT p90 ms | failed | load |",
                   "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, r in on["results"].items():
-            label = "vLLM api_server" if name == "vllm" else _ours_label(name)
+            label = "vLLM api_server" if name == "vllm" else f"simtune serve, {_ours_setup(name)}"
             lines.append(f"| {label} | "
                          f"{_cell(r['output_tokens_per_s'])} | {_cell(r['ttft_s_p50'], '{:.2f}')} | "
                          f"{_cell(r['ttft_s_p90'], '{:.2f}')} | {_cell(r['tpot_s_p50'], '{:.0f}', 1e3)} | "
                          f"{_cell(r['tpot_s_p90'], '{:.0f}', 1e3)} | {r['failed']} | {_loads(r['load1'])} |")
         for name, q in on["ratio_ours_over_vllm"].items():
-            lines += ["", f"Ours ({_ours_label(name)[len('simtune serve, '):]}) / vLLM (medians): "
+            lines += ["", f"Ours ({_ours_setup(name)}) / vLLM (medians): "
                       + ", ".join(f"{k} {v:.2f}" for k, v in q.items())
                       + " (above 1 is better for tok/s, worse for TTFT and TPOT)."]
         lines += [""]

@@ -342,7 +342,8 @@ def serve_forever(config: EngineConfig, host: str = "127.0.0.1", port: int = 800
 
     if dtype not in ("bfloat16", "float32"):
         raise SpecError("dtype", dtype, "one of 'bfloat16', 'float32'")
-    keep_freed_memory()   # the in-process engine (ranks and replicas set their own)
+    if not engine_process:
+        keep_freed_memory()   # the engine steps here (its ranks and a replica's process set their own)
     tokenizer = load_tokenizer()
     # starts tp x pp ranks; dp > 1: dp replicas, each in its own process (executor/serving/replicas.py)
     engine = start_engine(load_decoder(dtype=getattr(torch, dtype)), config, tokenizer, own_process=engine_process)
