@@ -10,6 +10,8 @@ policy of a deployment's `speculation` runs on the same requests:
 - fixed k = 3;
 - adaptive: k from the k*(b) table the serving cost model computes for SmolLM2 on the
   committed `1xcpu` profile and the deployment's acceptance model (a fixed 0.6 here);
+- adaptive, learned (`learn_acceptance`): the same table rebuilt from the acceptance the
+  engine has measured so far, 0.6 being the prior;
 - goodput: the k maximizing expected committed tokens per second from each sequence's own
   acceptance record (SmartSpec).
 Reported: output tokens/s (end to end, prefill included), its ratio to none at the same b,
@@ -47,7 +49,9 @@ NEW_TOKENS = 96
 ACCEPTANCE = {"distribution": "fixed", "mean": 0.6}
 POLICIES: dict[str, dict[str, Any] | None] = {
     "none": None, "fixed k=3": {"policy": "fixed", "k": 3},
-    "adaptive": {"policy": "adaptive", "k_max": 8}, "goodput": {"policy": "goodput", "k_max": 8}}
+    "adaptive": {"policy": "adaptive", "k_max": 8},
+    "adaptive, learned": {"policy": "adaptive", "k_max": 8, "learn_acceptance": True},
+    "goodput": {"policy": "goodput", "k_max": 8}}
 
 
 def run(decoder, tokenizer, prompts: list[list[int]], b: int, policy: dict[str, Any] | None) -> dict[str, Any]:

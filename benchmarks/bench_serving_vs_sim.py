@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from executor.allocator import keep_freed_memory  # noqa: E402
 from executor.serving.engine import Engine, EngineConfig  # noqa: E402
 from executor.serving.model import load_decoder  # noqa: E402
 from executor.serving.parallel import Comm  # noqa: E402
@@ -187,10 +188,12 @@ def engine_spec(profile: Path) -> EngineSpec:
     """The engine the simulator is told it simulates: this one (executor/serving), whose steps
     do not overlap (the next decode needs this step's tokens), so a pipeline fills and drains
     every step; its CPU time per step is the profile's host step time (the `decode` family's
-    tiny-width decoder), as for the device without an engine."""
+    tiny-width decoder), as for the device without an engine; its layers run eagerly (one
+    kernel per element-wise op)."""
     decode = load_profile(profile).fit("decode") or {}
     return EngineSpec(name="simtune executor/serving", source=f"host step of the profile {profile.name}",
-                      step_overhead_us=1e6 * float(decode.get("step_overhead_s", 0.0)), pipeline_overlap=False)
+                      step_overhead_us=1e6 * float(decode.get("step_overhead_s", 0.0)), pipeline_overlap=False,
+                      eager=True)
 
 
 def simulated_spec(cfg: Config, profile: Path) -> DeploymentSpec:
@@ -626,6 +629,7 @@ def main() -> None:
         common.rewrite_markdown(args.out, markdown)
         return
     only = [s.strip() for s in args.only.split(",")] if args.only else None
+    keep_freed_memory()   # as the engine's own process (replica_main) and its rank workers do
     result = run(args.quick, 1 if args.quick else args.repeats, only, args.profile, not args.no_same_run)
     common.write_results(result, args.out, markdown)
 

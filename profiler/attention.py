@@ -63,11 +63,16 @@ CPU_QUICK_HEADS = ((12, 12, 64), (16, 4, 64), (4, 1, 128))
 CUDA_HEADS = ((32, 8, 128), (8, 2, 128), (8, 1, 128), (12, 12, 128))
 CUDA_QUICK_HEADS = ((32, 8, 128), (8, 1, 128))
 GRIDS = {  # (prefill batches, prefill seqs, decode batches, decode contexts)
-    ("cpu", False): ((1, 4), (128, 256, 512, 1024, 2048), (1, 8, 32), (256, 1024, 4096)),
-    ("cpu", True): ((1, 2), (128, 512, 1024), (1, 16), (512, 2048)),
+    ("cpu", False): ((1, 4), (96, 160, 256, 512, 704, 1024, 2048), (1, 8, 32), (256, 1024, 4096)),
+    ("cpu", True): ((1, 2), (128, 512, 704, 1024), (1, 16), (512, 2048)),
     ("cuda", False): ((1, 4, 16), (1024, 2048, 4096, 8192, 16384), (1, 16, 64, 256), (1024, 4096, 16384, 32768)),
     ("cuda", True): ((1, 8), (2048, 8192), (16, 128), (4096, 16384)),
 }
+CPU_Q_BLOCK_STEPS = (192, 768)
+"""Query lengths at which PyTorch's CPU flash kernel changes its query block: 32 rows below 192
+queries, 64 below 768, 256 from there (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp); the
+prefill rows of the full CPU grid put two or more lengths in each regime, the quick grid one
+or two."""
 CAPS = {"cpu": (1e10, 1e9), "cuda": (2e13, 16e9)}  # (flops, bytes) of one call: ~0.3 s on a CPU core
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 KEY = TABLES["attention"].key
@@ -143,10 +148,24 @@ def fit(df: pd.DataFrame, device_meta: dict) -> dict:
         out[str(dtype)] = {"flops_per_s": _rate(c["flops"]), "bytes_per_s": _rate(c["bytes"]),
                            "overhead_s": c["launch"], "decode_flops_per_s": _rate(c["decode_flops"]),
                            "diagonal_keys": c["row_flops"] / c["flops"] if c["flops"] > 0 else None,
-                           **lf.summary()}
+                           "prefill_curve": prefill_curve(part), **lf.summary()}
+        if device_meta.get("kind") == "cpu":
+            out[str(dtype)]["q_block_steps"] = list(CPU_Q_BLOCK_STEPS)
         errors.append(lf.cv_errors)
     pooled = np.concatenate(errors) if errors else np.array([])
     return {**out, "cv_median_abs_error": float(np.median(pooled)) if len(pooled) else None, "samples": len(df)}
+
+
+def prefill_curve(part: pd.DataFrame) -> list[list[float]]:
+    """[[sequence length, FLOP/s], ...]: the causal prefill rows' rate (visible pairs, as `flops`
+    counts them) at each measured length, the median over head layouts and batches. The
+    simulator reads it where a sequence length is known (`timing.attention_efficiency`): a CPU
+    kernel's rate steps where its blocking changes, which the fit's one rate and diagonal
+    cannot draw (bf16 on the 2-core EPYC VM: 37 GFLOP/s at 512 tokens, 45 at 704, 52 at 1024;
+    the fit, 55 GFLOP/s with 45 diagonal keys, says 46, 48 and 50)."""
+    pre = part[part["phase"] == "prefill"]
+    rates = (pre["flops"] / pre["median_s"]).groupby(pre["seq_q"]).median()
+    return [[float(seq), float(rate)] for seq, rate in rates.sort_index().items() if rate > 0]
 
 
 def _rate(coef: float) -> float | None:

@@ -114,3 +114,33 @@ def test_cpu_ranks_take_the_datasheet_of_the_cpu_the_profile_measured():
     assert xeon.name == "cpu-xeon" and "gemm" in xeon.cost_sources and xeon.efficiency.gemm_max <= 1.0
     assert load_cluster("2xcpu", profile="none").device.name == "cpu"
     assert load_cluster("8xh100", profile="cpu-xeon-1t").device.name == load_cluster("8xh100").device.name
+
+
+def test_the_attention_curve_and_the_simple_op_rate_come_from_the_profile(tmp_path):
+    """The measured prefill rate per length becomes the device's attention curve (doubled to the
+    full-square convention, as the single rate is) with the kernel's block steps; add and mul
+    per-op rates become the simple element-wise efficiency (their harmonic mean)."""
+    fits = {**CPU_FITS,
+            "attention": {"bf16": {"flops_per_s": 5e10, "diagonal_keys": 40.0, "cv_median_abs_error": 0.1,
+                                   "samples": 10, "prefill_curve": [[128, 3e10], [512, 4e10], [1024, 5e10]],
+                                   "q_block_steps": [192, 768]}},
+            "memory": {**CPU_FITS["memory"], "by_op": {
+                "add": {"by_dtype": {"bf16": {"bytes_per_s": 3e10, "overhead_s": 1e-6}}},
+                "mul": {"by_dtype": {"bf16": {"bytes_per_s": 6e10, "overhead_s": 1e-6}}}}}}
+    cluster = apply_profile(load_cluster("1xcpu"), write_profile(tmp_path / "p", fits))
+    dev = cluster.device
+    e = dev.efficiency
+    assert [s for s, _ in e.attention_curve] == [128, 512, 1024]
+    assert e.attention_curve[1][1] == pytest.approx(2 * 4e10 / dev.peak_flops)
+    assert e.attention_steps == [192, 768]
+    assert e.memory_bound_simple * dev.hbm_bandwidth_bytes_per_s == pytest.approx(4e10)   # 2 / (1/3 + 1/6) x 1e10
+
+
+def test_an_attention_curve_above_the_peak_or_out_of_order_is_an_error(tmp_path):
+    fits = {**CPU_FITS, "attention": {"bf16": {"flops_per_s": 5e10, "cv_median_abs_error": 0.1, "samples": 10,
+                                               "prefill_curve": [[128, 1e20]]}}}
+    with pytest.raises(ProfileError, match=r"prefill_curve\[128\]"):
+        apply_profile(load_cluster("1xcpu"), write_profile(tmp_path / "p", fits))
+    eff = load_cluster("1xcpu").device.efficiency.model_dump()
+    with pytest.raises(SpecError, match="ascending"):
+        type(load_cluster("1xcpu").device.efficiency).parse({**eff, "attention_curve": [[512, 0.1], [128, 0.1]]})

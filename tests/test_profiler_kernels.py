@@ -128,8 +128,16 @@ def test_attention_fit_recovers_known_parameters():
     assert_close(fit["decode_flops_per_s"], truth_fd)
     assert_close(fit["diagonal_keys"], keys, rel=0.1)
     assert_close(fit["bytes_per_s"], truth_b, rel=0.1)
-    assert_close(fit["overhead_s"], truth_c, rel=0.1)
+    assert_close(fit["overhead_s"], truth_c, rel=0.2)  # 5-20% of the shortest rows
     assert fit["cv_median_abs_error"] < 0.03
+    # the curve: the measured visible-pair rate at each prefill length, where the kernel's blocks change
+    pre = df[df.phase == "prefill"]
+    lengths = sorted(pre.seq_q.unique())
+    assert [s for s, _ in fit["prefill_curve"]] == lengths and len(lengths) >= 7
+    at_512 = pre[pre.seq_q == 512]
+    assert dict(fit["prefill_curve"])[512] == pytest.approx((at_512.flops / at_512.median_s).median())
+    assert fit["q_block_steps"] == [192, 768]
+    assert "q_block_steps" not in attention.fit(df, {"kind": "cuda"})["bf16"]
 
 
 # --- memory-bound kernels ---------------------------------------------------------------

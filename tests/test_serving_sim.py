@@ -334,15 +334,23 @@ def test_pipeline_prefills_a_batch_of_prompts_faster_over_pcie():
 def test_an_engine_whose_steps_do_not_overlap_fills_the_pipeline_every_step():
     """pipeline_overlap false (simtune's own engine): two equal micro-batches on two stages take
     three stage-times, the GPipe bubble, instead of two; a lone micro-batch's trip is unchanged;
-    the fast-forward path (`decode_step_s`) gives the same bits."""
+    the final rows travel back to the first stage, where the engine samples; the fast-forward
+    path (`decode_step_s`) gives the same bits."""
+    from simulator.costs import comm
+
     model, cluster = load_model(MODEL), load_cluster("2xa100-80gb")
     engine = EngineSpec(step_overhead_us=0.0)
     overlapped = IterationModel(model, cluster, Parallel(pp=2), engine)
     synchronous = IterationModel(model, cluster, Parallel(pp=2), engine.model_copy(update={"pipeline_overlap": False}))
     stage_s, _ = overlapped._micro_batch_stage_s(BatchSums.of([Work(1, 100, True)]))
     two, one = [Work(1, 100, True)] * 2, [Work(1, 100, True)]
-    assert synchronous.step_s(two) - overlapped.step_s(two) == pytest.approx(stage_s, rel=1e-9)
-    assert synchronous.step_s(one) == overlapped.step_s(one)
+
+    def back(rows):
+        return comm.p2p_s(2.0 * rows * model.hidden_size, synchronous.pp_link)
+
+    assert synchronous.step_s(two) - overlapped.step_s(two) == pytest.approx(stage_s + back(2), rel=1e-9)
+    assert synchronous.step_s(one) - overlapped.step_s(one) == pytest.approx(back(1), rel=1e-9)
+    assert back(1) > 0
     assert synchronous.decode_step_s([(1, 100), (1, 100)]) == synchronous.step_s(two)
 
 
@@ -450,3 +458,56 @@ def test_seesaw_trace_shows_transitions_and_kv_copies(tmp_path):
 def test_swap_preemption_without_cpu_space_is_an_error():
     with pytest.raises(SpecError, match=r"deployment.cpu_kv_buffer_GB = 0.0: swap preemption needs CPU swap space"):
         DeploymentSpec.parse({"preemption": "swap"})
+
+
+def _with_efficiency(cluster, **fields):
+    dev = cluster.device
+    eff = dev.efficiency.model_copy(update=fields)
+    return cluster.model_copy(update={"device": dev.model_copy(update={"efficiency": eff})})
+
+
+def test_a_measured_attention_curve_prices_prompts_at_their_length_and_verifications_too():
+    """A flat curve at the device's own efficiency and no diagonal changes nothing; a curve that
+    halves the efficiency at a prompt's length adds exactly that prompt's attention once more,
+    and prices a speculative verification (decode_step_s, the fast-forward path) at its k + 1
+    tokens with the same bits as step_s."""
+    model = load_model("smollm2-135m")
+    base = _with_efficiency(load_cluster("1xa100-80gb"), attention_half_seq=0.0)
+    e = base.device.efficiency.attention
+    flat = _with_efficiency(base, attention_curve=[(100.0, e)])
+    steep = _with_efficiency(base, attention_curve=[(100.0, e), (1000.0, e / 2)])
+    its = {name: IterationModel(model, c, Parallel(), EngineSpec(step_overhead_us=0.0))
+           for name, c in (("base", base), ("flat", flat), ("steep", steep))}
+    prompt = [Work(1000, 0, True)]
+    assert its["flat"].step_s(prompt) == its["base"].step_s(prompt)
+    pairs = 1000 * 1001 // 2
+    attention = (2 * 4 * model.hidden_size * pairs * model.num_layers) / (e * base.device.peak_flops)
+    assert its["steep"].step_s(prompt) - its["base"].step_s(prompt) == pytest.approx(attention, rel=1e-9)
+    verify = [Work(5, 300, 5)] * 3
+    assert its["steep"].decode_step_s([(3, 900)], new_tokens=5) == its["steep"].step_s(verify)
+    assert its["steep"].step_s(verify) < its["steep"].step_s(prompt)
+
+
+def test_the_curve_holds_within_a_kernel_blocking_and_steps_between_them():
+    from simulator.costs.timing import curve_efficiency
+    curve, steps = [(96, 0.1), (160, 0.2), (256, 0.3), (704, 0.5), (1024, 0.7), (2048, 0.9)], [192, 768]
+    assert curve_efficiency(curve, steps, 767) == 0.5 and curve_efficiency(curve, steps, 768) == 0.7
+    assert curve_efficiency(curve, steps, 191) == 0.2 and curve_efficiency(curve, steps, 192) == 0.3
+    assert curve_efficiency(curve, steps, 50) == 0.1 and curve_efficiency(curve, steps, 4096) == 0.9
+    assert curve_efficiency(curve, steps, (96 * 160) ** 0.5) == pytest.approx(0.15)   # halfway in log length
+    arr = curve_efficiency(curve, steps, [50, 767, 768])
+    assert list(arr) == [0.1, 0.5, 0.7]
+    # a blocking without measured points of its own is read across its neighbours' points
+    assert curve_efficiency([(96, 0.1), (1024, 0.7)], steps, 400) == pytest.approx(
+        0.1 + 0.6 * math.log(400 / 96) / math.log(1024 / 96))
+
+
+def test_an_eager_engine_pays_the_unfused_passes_at_the_simple_op_bandwidth():
+    model, cluster = load_model("smollm2-135m"), load_cluster("1xcpu")
+    fused = IterationModel(model, cluster, Parallel(), EngineSpec(step_overhead_us=0.0))
+    eager = IterationModel(model, cluster, Parallel(), EngineSpec(step_overhead_us=0.0, eager=True))
+    faster = IterationModel(model, _with_efficiency(cluster, memory_bound_simple=1.0), Parallel(),
+                            EngineSpec(step_overhead_us=0.0, eager=True))
+    prompt = [Work(512, 0, True)]
+    assert fused.step_s(prompt) < faster.step_s(prompt) < eager.step_s(prompt)
+    assert eager.decode_step_s([(4, 400)]) == eager.step_s([Work(1, 100, True)] * 4)

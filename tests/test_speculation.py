@@ -253,3 +253,28 @@ def test_bad_speculation_names_the_field(dep, field, message):
     with pytest.raises(SpecError) as err:
         simulate_serving("llama-2-7b", "1xa100-80gb", dep, workload(n=4))
     assert err.value.field == field and message in str(err.value)
+
+
+def test_a_learning_adaptive_policy_rebuilds_its_table_from_the_measured_acceptance():
+    """learn_acceptance: the table built on the prior (0.9) is rebuilt once the pooled counts say
+    otherwise (accepted 10 of 100 drafts' outcomes: 0.1 with the prior's weight of 20 drafts ->
+    ~0.23), and it drafts less at b = 1; counts that agree with the prior keep the table."""
+    from simulator.speculation import Speculator
+
+    spec = SpeculationSpec(draft="llama-68m", policy="adaptive", acceptance=AcceptanceSpec(mean=0.9),
+                           learn_acceptance=True)
+    cost = ModelStepCost.build(load_model("llama-2-7b"), load_cluster("1xa100-80gb"), Parallel(), spec)
+    sp = Speculator(spec, cost, 512.0, np.random.default_rng(0), 64)
+    before = sp.k_for_batch(1, None)
+    assert sp.tables_built == 1 and before > 0
+    sp.accepted, sp.rejections = 90, 10          # agrees with the prior: no rebuild
+    sp.k_for_batch(1, None)
+    assert sp.tables_built == 1
+    sp.accepted, sp.rejections = 10, 90
+    after = sp.k_for_batch(1, None)
+    assert sp.tables_built == 2 and sp.table_acceptance == pytest.approx((10 + 0.9 * 20) / 120)
+    assert after < before
+    assert sp.stats()["table_acceptance"] == sp.table_acceptance
+    fixed = Speculator(spec.model_copy(update={"learn_acceptance": False}), cost, 512.0, np.random.default_rng(0), 64)
+    fixed.accepted, fixed.rejections = 10, 90
+    assert fixed.k_for_batch(1, None) == before and fixed.tables_built == 1

@@ -7,7 +7,10 @@ decode) on top of `context` tokens already cached. Per layer and device (one TP 
 - attention: causal score/value FLOPs of the new tokens against their context (with the
   diagonal blocks a blocked causal kernel computes in full, `attention_half_seq`), and the
   cached K/V they read (4 h_kv d bytes per token per layer, FORMULAS.md);
-- element-wise kernels and two TP all-reduces of the step's activations;
+- element-wise kernels (fused, or one per op in an eager engine, `EngineSpec.eager`: the extra
+  passes at the device's simple-op bandwidth, their launches counted in the engine's host time
+  per step, which for simtune's engine is a whole step of it measured at tiny widths) and two
+  TP all-reduces of the step's activations;
 - the LM head for the sequences that produce a token, on the last stage;
 - an uneven TP split (whole GQA groups over fewer devices than groups: SmolLM2's 3 over 2)
   costs its largest shard, the attention and the MLP each (`shard_degrees`): the slowest
@@ -26,7 +29,8 @@ engine, executor/serving: the next decode needs this step's tokens) fills and dr
 pipeline every step: the last stage starts once the first micro-batch has crossed the pp - 1
 stages before it, then runs every micro-batch, so a step adds (pp - 1) x the first
 micro-batch's stage time to the last stage's busy time (with m micro-batches of equal time t:
-(m + pp - 1) t, the GPipe bubble; 1.5x the busy time for 2 micro-batches on 2 stages).
+(m + pp - 1) t, the GPipe bubble; 1.5x the busy time for 2 micro-batches on 2 stages), and
+the last stage's final rows travel back to the first, where the engine samples.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numpy as np
 from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
-from simulator.costs.timing import attention_s, gemm_calls_s, gemm_s, memory_bound_s
+from simulator.costs.timing import curve_efficiency, gemm_calls_s, gemm_s, memory_bound_s
 from simulator.serving.engine_overhead import EngineOverhead
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
@@ -85,6 +89,7 @@ class BatchSums:
     attention_pairs: int | np.ndarray   # (query, key) pairs of causal attention: n * c + n (n + 1) / 2 per work
     decode_pairs: int | np.ndarray      # those pairs of the one-token (decode) works
     chunk_tokens: int = 0               # new tokens of the works of several (prompts, chunks, verifications)
+    chunks: int = 0                     # those works
 
     @classmethod
     def of(cls, works: list[Work]) -> BatchSums:
@@ -92,7 +97,8 @@ class BatchSums:
                    sum(w.context for w in works),
                    sum(w.new_tokens * w.context + w.new_tokens * (w.new_tokens + 1) // 2 for w in works),
                    sum(w.context + 1 for w in works if w.new_tokens == 1),
-                   sum(w.new_tokens for w in works if w.new_tokens > 1))
+                   sum(w.new_tokens for w in works if w.new_tokens > 1),
+                   sum(1 for w in works if w.new_tokens > 1))
 
     def __add__(self, other: BatchSums) -> BatchSums:
         return BatchSums(*(getattr(self, f) + getattr(other, f) for f in self.__slots__))
@@ -102,8 +108,10 @@ class BatchSums:
         """`sequences` works of `new_tokens` each (k + 1 when verifying k drafts) whose contexts
         sum to `context` (an int, or an array over steps)."""
         pairs = new_tokens * context + sequences * (new_tokens * (new_tokens + 1) // 2)
+        several = new_tokens > 1
         return cls(sequences, sequences * new_tokens, sequences * logits, context, pairs,
-                   pairs if new_tokens == 1 else 0 * pairs, 0 if new_tokens == 1 else sequences * new_tokens)
+                   0 * pairs if several else pairs, sequences * new_tokens if several else 0,
+                   sequences if several else 0)
 
 
 def _max(a, b):
@@ -142,12 +150,14 @@ class IterationModel:
         self.flops_per_token = float(c["gemm_flops_fwd"])  # b = s = 1: per token
         self.kv_bytes_per_token = float(c["kv_bytes_per_token"])
         self.elementwise_per_token = float(c["elementwise_bytes_fwd"])
+        self.eager_per_token = float(c["eager_extra_bytes_fwd"]) if engine is not None and engine.eager else 0.0
         if self.t_mlp != self.t_attn:  # uneven: attention at its largest shard, the MLP at its own
             cm = costs(self.t_mlp)
             mlp = float(cm["layer_weight_bytes"] - cm["attention_weight_bytes"])
             self.weight_bytes = float(c["attention_weight_bytes"]) + mlp
             self.flops_per_token = float(cm["gemm_flops_fwd"]) * self.weight_bytes / float(cm["layer_weight_bytes"])
             self.elementwise_per_token = float(cm["elementwise_bytes_fwd"])
+            self.eager_per_token = float(cm["eager_extra_bytes_fwd"]) if self.eager_per_token else 0.0
         level = comm.group_level(cluster, t, 1)
         self.tp_link = comm.Link.of(cluster, level)
         self.pp_link = comm.Link.of(cluster, comm.group_level(cluster, 2, t))
@@ -165,8 +175,10 @@ class IterationModel:
         # a blocked causal kernel computes whole blocks on the diagonal: about half a block of
         # keys more per query row of a prompt, chunk or verification (`timing.attention_s`:
         # eff(s) = attention * s / (s + attention_half_seq) is s (s + h) for a prompt of s, that
-        # is h / 2 pairs more per row); 0 on a device without a measured kernel
-        self.diagonal_keys = eff.attention_half_seq / 2.0
+        # is h / 2 pairs more per row); 0 on a device without a measured kernel. A measured
+        # curve holds them in its rate at each length instead (`_chunk_efficiency`).
+        self.diagonal_keys = 0.0 if eff.attention_curve else eff.attention_half_seq / 2.0
+        self._chunk_effs: dict[tuple[int, int], float] = {}
 
     # --- per device memory ------------------------------------------------------------------
     def weight_bytes_per_device(self) -> float:
@@ -179,11 +191,6 @@ class IterationModel:
         return self.kv_bytes_per_token * self.layers_per_stage
 
     # --- time ---------------------------------------------------------------------------------
-    def _layer_s(self, tokens: int, attn_flops: float, kv_read_bytes: float, decode_attn_flops: float = 0.0) -> float:
-        gemms, elementwise, tp = self._token_parts(tokens)
-        attention = (attention_s(self.device, FULL_SQUARE_PER_VISIBLE_PAIR * attn_flops, decode_attn_flops)
-                     + kv_read_bytes / self.kv_hbm)
-        return gemms + attention + elementwise + tp
 
     def _token_parts(self, tokens: int) -> tuple[float, float, float]:
         """The parts of a layer's time that depend only on the step's new tokens: GEMMs (with
@@ -197,6 +204,8 @@ class IterationModel:
             compute = gemm_s(dev, flops, min_dim)
             weights = self.weight_bytes / self.weight_hbm + 4.0 * tokens * m.hidden_size / self.hbm
             elementwise = memory_bound_s(dev, tokens * self.elementwise_per_token, KERNELS_PER_LAYER)
+            if self.eager_per_token:  # their launches: in the engine's host time per step (below)
+                elementwise += memory_bound_s(dev, tokens * self.eager_per_token, simple=True)
             tp = 2 * comm.allreduce_s(2.0 * tokens * m.hidden_size, t, self.tp_link)
             calls = gemm_calls_s(dev, m.gemms_per_layer, streaming=weights > compute)
             parts = self._parts[tokens] = (max(compute, weights) + calls, elementwise, float(tp))
@@ -221,11 +230,12 @@ class IterationModel:
         """(one stage's layers time, the last stage's LM head time) for one micro-batch."""
         # causal attention: each new token attends to the context and the new tokens before it
         scale = 4.0 * (self.model.hidden_size / self.t_attn)
-        decode = scale * b.decode_pairs
+        gemms, elementwise, tp = self._token_parts(b.new_tokens)
         kv = self.kv_bytes_per_token * (b.context + b.new_tokens)
-        pairs = b.attention_pairs - b.decode_pairs + self.diagonal_keys * b.chunk_tokens
-        layer = self._layer_s(b.new_tokens, scale * pairs, kv, decode)
-        return self.layers_per_stage * layer, self._lm_head_s(b.logits)
+        attention = (self._attention_s(scale * (b.attention_pairs - b.decode_pairs + self.diagonal_keys * b.chunk_tokens),
+                                       scale * b.decode_pairs, b.chunk_tokens, b.chunks)
+                     + kv / self.kv_hbm)
+        return self.layers_per_stage * (gemms + attention + elementwise + tp), self._lm_head_s(b.logits)
 
     def step_s(self, works: list[Work]) -> float:
         """Time of one engine step over `works` (every sequence advances once)."""
@@ -250,10 +260,21 @@ class IterationModel:
             fill = (pp - 1) * layers_s if fill is None else fill
         if not self.overlapped:
             busy = busy + fill
-        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
+        handoff = self._handoff_s(max_tokens, sum(g.logits for g in groups))
         sequences = sum(g.sequences for g in groups)
         context_tokens = sum(g.context + g.new_tokens for g in groups)
         return _max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
+
+    def _handoff_s(self, max_tokens: int, logits: int) -> float:
+        """Pipeline messages on a step's critical path: the activations of the largest
+        micro-batch from each stage to the next, and, in an engine whose steps do not overlap,
+        the final rows of the logits back from the last stage to the first (simtune's engine
+        samples on rank 0; the next step cannot start before they arrive)."""
+        pp, h = self.layout.pp, self.model.hidden_size
+        if pp == 1:
+            return 0.0
+        back = 0.0 if self.overlapped else float(comm.p2p_s(2.0 * logits * h, self.pp_link))
+        return (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * h, self.pp_link)) + back
 
     def decode_step_s(self, groups: list[tuple[int, int]], new_tokens: int = 1) -> float:
         """`batch_step_s` of a decode step on Python numbers: micro-batches of (sequences, sum of
@@ -272,7 +293,8 @@ class IterationModel:
             decode_pairs = pairs if new_tokens == 1 else 0 * pairs
             diagonal = 0.0 if new_tokens == 1 else self.diagonal_keys * tokens
             kv = self.kv_bytes_per_token * (context + tokens)
-            attention = (self._attention_s(scale * (pairs - decode_pairs + diagonal), scale * decode_pairs)
+            attention = (self._attention_s(scale * (pairs - decode_pairs + diagonal), scale * decode_pairs,
+                                           0 if new_tokens == 1 else tokens, 0 if new_tokens == 1 else n)
                          + kv / self.kv_hbm)
             layers_s = self.layers_per_stage * (gemms + attention + elementwise + tp)
             busy = busy + (layers_s + head_s)
@@ -283,7 +305,7 @@ class IterationModel:
             fill = (pp - 1) * layers_s if fill is None else fill
         if not self.overlapped:
             busy = busy + fill
-        handoff = (pp - 1) * float(comm.p2p_s(2.0 * max_tokens * self.model.hidden_size, self.pp_link)) if pp > 1 else 0.0
+        handoff = self._handoff_s(max_tokens, sequences * new_tokens)
         return max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
 
     def _decode_part(self, n: int, new_tokens: int) -> tuple:
@@ -294,11 +316,28 @@ class IterationModel:
         self._decode_parts[(n, new_tokens)] = parts
         return parts
 
-    def _attention_s(self, flops: float, decode_flops: float) -> float:
-        """`timing.attention_s` without a sequence length, with the device's numbers looked up once."""
+    def _attention_s(self, flops, decode_flops, chunk_tokens: int = 0, chunks: int = 0):
+        """Attention core: `flops` (4 x head width x the (query, key) pairs) of the prompts,
+        chunks and verifications, `chunk_tokens` new tokens in `chunks` works, at the efficiency of
+        their mean length (`_chunk_efficiency`), and `decode_flops` of one-query decodes at the
+        decode efficiency (`timing.attention_s`, with the device's numbers looked up once)."""
         e = self.device.efficiency
-        return ((FULL_SQUARE_PER_VISIBLE_PAIR * flops) / e.attention
+        return ((FULL_SQUARE_PER_VISIBLE_PAIR * flops) / self._chunk_efficiency(chunk_tokens, chunks)
                 + decode_flops / (e.attention_decode or e.attention)) / self._peak_flops
+
+    def _chunk_efficiency(self, chunk_tokens: int, chunks: int) -> float:
+        """Attention efficiency of `chunks` multi-token works of `chunk_tokens` new tokens in all:
+        on a device with a measured curve, the curve at their mean length (a step's prompts are
+        few and alike; a verification's k + 1 are all equal), else the device's `attention`
+        (the diagonal blocks are then extra pairs, `diagonal_keys`)."""
+        e = self.device.efficiency
+        if not chunks or not e.attention_curve:
+            return e.attention
+        key = (chunk_tokens, chunks)
+        eff = self._chunk_effs.get(key)
+        if eff is None:
+            eff = self._chunk_effs[key] = curve_efficiency(e.attention_curve, e.attention_steps, chunk_tokens / chunks)
+        return eff
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """A lone prefill of one prompt: the bare time-to-first-token of an idle replica."""

@@ -48,6 +48,14 @@ class Efficiency(Spec):
     attention_half_seq: float = Field(
         default=0.0, ge=0, description="sequence length at which the attention efficiency halves "
         "(a blocked causal kernel's diagonal blocks); 0: none")
+    attention_curve: list[tuple[float, float]] | None = Field(
+        default=None, description="measured causal prefill attention: (sequence length, efficiency in "
+        "`attention`'s convention) points, ascending; where a length is known it replaces `attention` and "
+        "`attention_half_seq`: interpolated in log length between the points of one kernel blocking "
+        "(`attention_steps`), held beyond them (simulator/costs/timing.py)")
+    attention_steps: list[float] = Field(
+        default_factory=list, description="sequence lengths at which the attention kernel changes its query "
+        "block (PyTorch's CPU flash kernel: 192 and 768); the curve is not interpolated across them")
     kv_read: float | None = Field(
         default=None, gt=0, le=1, description="achieved / peak memory bandwidth of attention reading the KV "
         "cache; default: memory_bound")
@@ -55,6 +63,9 @@ class Efficiency(Spec):
         default=None, gt=0, le=1, description="one-query decode attention (a matrix-vector product per head); "
         "default: `attention`")
     memory_bound: float = Field(gt=0, le=1, description="achieved / peak HBM bandwidth")
+    memory_bound_simple: float | None = Field(
+        default=None, gt=0, le=1, description="achieved / peak memory bandwidth of simple element-wise ops "
+        "(adds, multiplies, casts, copies): the extra passes of an eager layer; default: memory_bound")
     kernel_overhead_us: float = Field(ge=0)
     weight_stream: float | None = Field(
         default=None, gt=0, le=1, description="achieved / peak memory bandwidth streaming weights through "
@@ -70,6 +81,21 @@ class Efficiency(Spec):
     pcie: float = Field(gt=0, le=1, description="achieved / peak host link bandwidth")
     intra_node: CollectiveEfficiency
     inter_node: CollectiveEfficiency
+
+
+    @field_validator("attention_curve")
+    @classmethod
+    def _curve(cls, v: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must hold at least one (sequence length, efficiency) point, or be null")
+        for seq, eff in v:
+            if not (seq > 0 and 0 < eff <= 1):
+                raise ValueError(f"point ({seq}, {eff}): sequence length must be > 0 and efficiency in (0, 1]")
+        if any(a[0] >= b[0] for a, b in zip(v, v[1:])):
+            raise ValueError("sequence lengths must be strictly ascending")
+        return v
 
 
 class DeviceSpec(Spec):

@@ -27,7 +27,9 @@ The fits (see `profiler/fit.py`) are physical quantities, not efficiencies:
   flops (1 + half_dim / d) / flops_per_s + overhead_s, d the smallest GEMM dimension
   (`Efficiency`'s saturation form); `stream`: few-row (decode) GEMMs over weights larger than
   the caches, bound by streaming them;
-- `attention`: {dtype: {flops_per_s, bytes_per_s, overhead_s, decode_flops_per_s, diagonal_keys}};
+- `attention`: {dtype: {flops_per_s, bytes_per_s, overhead_s, decode_flops_per_s, diagonal_keys,
+  prefill_curve: [[seq, flops_per_s], ...], q_block_steps (CPU)}}; the curve is the measured
+  causal prefill rate at each length, which the simulator reads where a length is known;
 - `memory`: {bytes_per_s, overhead_s, by_dtype, by_op: {op: {..., by_dtype}}} over norms,
   softmax, element-wise, embedding, optimizer;
 - `copies`: {"<direction>[_pinned]": {bytes_per_s, overhead_s}};
@@ -278,6 +280,11 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
                                    device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
         if a.get("diagonal_keys"):  # extra keys per query row (per token): efficiency halves at twice that
             eff["attention_half_seq"] = 2.0 * float(a["diagonal_keys"])
+        if a.get("prefill_curve"):  # the measured rate at each prefill length, doubled as above
+            eff["attention_curve"] = [(float(seq), _rate(profile, "attention", f"{dtype}.prefill_curve[{seq:g}]",
+                                                         2 * r, device.peak_flops, "dense 16-bit peak FLOP/s"))
+                                      for seq, r in a["prefill_curve"]]
+            eff["attention_steps"] = [float(x) for x in a.get("q_block_steps", [])]
         if a.get("decode_flops_per_s"):
             eff["attention_decode"] = _rate(profile, "attention", f"{dtype}.decode_flops_per_s",
                                             a["decode_flops_per_s"], device.peak_flops, "dense 16-bit peak FLOP/s")
@@ -287,6 +294,9 @@ def apply_profile(cluster, profile: str | Path | HardwareProfile, dtypes: tuple[
         eff["memory_bound"] = _rate(profile, "memory", "bytes_per_s", rate,
                                     device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
         eff["kernel_overhead_us"] = overhead * 1e6
+        if (simple := _harmonic_rate(m, SIMPLE_ELEMENTWISE_OPS, dtypes)) is not None:
+            eff["memory_bound_simple"] = _rate(profile, "memory", "by_op.add|mul.bytes_per_s", simple[0],
+                                               device.hbm_bandwidth_bytes_per_s, "memory bandwidth")
         sources["memory"] = profile.label
     copies = profile.fit("copies") or {}
     if isinstance(copies.get("h2d_pinned"), dict):
@@ -316,22 +326,35 @@ LAYER_ELEMENTWISE_OPS = ("layer_norm", "rms_norm", "gelu", "silu", "add", "mul")
 """The element-wise ops a transformer layer runs outside its GEMMs and attention."""
 
 
-def _layer_elementwise_rate(memory: dict[str, Any], dtypes: tuple[str, ...]) -> tuple[Any, float]:
-    """(bytes/s, seconds per kernel) for the simulator's one memory-bound efficiency.
+SIMPLE_ELEMENTWISE_OPS = ("add", "mul")
+"""The ops an eager layer's extra passes are made of (casts, products, sums): `memory_bound_simple`."""
 
-    Where the profile fitted each op per dtype, the rate is the harmonic mean over the ops a
-    layer runs (each moving about as many bytes, their times add), in the first of `dtypes`
-    measured: on a CPU these ops differ several-fold (a bf16 norm widens to fp32 and runs at a
-    fraction of an add's rate), so the pooled fit over all ops would be the wrong average.
-    Otherwise the fit per dtype, else the single rate."""
+
+def _harmonic_rate(memory: dict[str, Any], ops: tuple[str, ...], dtypes: tuple[str, ...]) -> tuple[float, float] | None:
+    """(bytes/s, seconds per kernel) over `ops`, each moving about as many bytes (their times
+    add): the harmonic mean of their per-op rates in the first of `dtypes` the profile fitted
+    per op; None without per-op fits."""
     by_op = memory.get("by_op", {})
     for dtype in dtypes:
-        fits = [by_op[op]["by_dtype"][dtype] for op in LAYER_ELEMENTWISE_OPS
+        fits = [by_op[op]["by_dtype"][dtype] for op in ops
                 if isinstance(by_op.get(op, {}).get("by_dtype", {}).get(dtype), dict)]
         fits = [f for f in fits if isinstance(f.get("bytes_per_s"), (int, float)) and f["bytes_per_s"] > 0]
         if fits:
             rate = len(fits) / sum(1.0 / f["bytes_per_s"] for f in fits)
             return rate, sum(float(f.get("overhead_s", 0.0)) for f in fits) / len(fits)
+    return None
+
+
+def _layer_elementwise_rate(memory: dict[str, Any], dtypes: tuple[str, ...]) -> tuple[Any, float]:
+    """(bytes/s, seconds per kernel) for the simulator's one memory-bound efficiency.
+
+    Where the profile fitted each op per dtype, the rate is the harmonic mean over the ops a
+    layer runs (`_harmonic_rate`), in the first of `dtypes` measured: on a CPU these ops differ
+    several-fold (a bf16 norm widens to fp32 and runs at a fraction of an add's rate), so the
+    pooled fit over all ops would be the wrong average. Otherwise the fit per dtype, else the
+    single rate."""
+    if (found := _harmonic_rate(memory, LAYER_ELEMENTWISE_OPS, dtypes)) is not None:
+        return found
     rates = next((memory["by_dtype"][d] for d in dtypes if isinstance(memory.get("by_dtype", {}).get(d), dict)), memory)
     return rates.get("bytes_per_s"), float(rates.get("overhead_s", 0.0))
 

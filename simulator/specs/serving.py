@@ -56,6 +56,10 @@ class EngineSpec(Spec):
     draft_step_overhead_us: float = Field(default=0.0, ge=0, description=(
         "speculative decoding: CPU cost of each draft step (an engine that runs every draft "
         "token as its own model call pays it k times per step)"))
+    eager: bool = Field(default=False, description=(
+        "element-wise ops run one kernel per op, as PyTorch eager runs them (simtune's own engine: "
+        "RMS norms with float32 statistics, rope by slices, separate SwiGLU product); false: fused "
+        "kernels, as vLLM's custom ops and compiled graphs run them"))
     pipeline_overlap: bool = Field(default=True, description=(
         "pipeline parallel: the micro-batches of consecutive steps overlap across stages (vLLM's "
         "virtual engines); false: every step fills and drains the pipeline (simtune's own engine, "
@@ -109,6 +113,10 @@ class SpeculationSpec(Spec):
     k: int = Field(default=4, ge=0, description="fixed: tokens drafted per step")
     k_max: int = Field(default=8, ge=0, le=32, description="adaptive, goodput: largest k considered")
     acceptance: AcceptanceSpec
+    learn_acceptance: bool = Field(default=False, description=(
+        "adaptive: rebuild the k*(b) table from the acceptance measured so far (all sequences' accepted "
+        "drafts and rejections, with `acceptance` as the prior) whenever it moves more than 0.05 from the "
+        "rate the table was built on; an engine learns what its prompts accept"))
 
 
 class DeploymentSpec(Spec):

@@ -306,6 +306,8 @@ def max_batch_in_kv(model: TransformerSpec, cluster: ClusterSpec, deployment, co
     return int(capacity // (context + extra))
 
 
+LEARN_PRIOR_DRAFTS = 20      # learn_acceptance: the weight of the spec's acceptance, in drafts
+LEARN_TOLERANCE = 0.05       # learn_acceptance: how far the estimate moves before the table is rebuilt
 TABLE_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -324,11 +326,30 @@ class Speculator:
     accepted: int = 0
     rejections: int = 0
     k_histogram: dict[int, int] = field(default_factory=dict)
+    table_acceptance: float | None = None   # adaptive: the mean acceptance the table was built on
+    tables_built: int = 0
 
     def __post_init__(self):
         if self.spec.policy == "adaptive":
-            sizes = [b for b in TABLE_BATCH_SIZES if b < self.max_batch] + [self.max_batch]
-            self.table = policy_table(self.cost, self.spec.acceptance, sizes, self.spec.k_max, self.context)
+            self._build_table(self.spec.acceptance)
+
+    def _build_table(self, acceptance: AcceptanceSpec) -> None:
+        sizes = [b for b in TABLE_BATCH_SIZES if b < self.max_batch] + [self.max_batch]
+        self.table = policy_table(self.cost, acceptance, sizes, self.spec.k_max, self.context)
+        self.table_acceptance = acceptance.average
+        self.tables_built += 1
+
+    def _relearn(self) -> None:
+        """`learn_acceptance`: a new k*(b) table once the pooled acceptance estimate (the spec's
+        acceptance as a prior worth `LEARN_PRIOR_DRAFTS` drafts) has moved more than
+        `LEARN_TOLERANCE` from the rate of the table in use. Per drafted token the outcome is
+        accepted or the first rejection, so accepted / (accepted + rejections) is the per-token
+        rate's maximum-likelihood estimate (the model `sample_accepted` draws from)."""
+        prior = self.spec.acceptance.average
+        rate = (self.accepted + prior * LEARN_PRIOR_DRAFTS) / (self.accepted + self.rejections + LEARN_PRIOR_DRAFTS)
+        rate = min(max(rate, 0.01), 0.99)
+        if abs(rate - self.table_acceptance) > LEARN_TOLERANCE:
+            self._build_table(AcceptanceSpec(distribution="fixed", mean=rate))
 
     def k_for(self, seqs: Sequence) -> int:
         return self.k_for_batch(len(seqs), lambda: ([s.context for s in seqs], [s.spec_accepted for s in seqs],
@@ -340,6 +361,8 @@ class Speculator:
         if self.spec.policy == "fixed":
             return self.spec.k
         if self.spec.policy == "adaptive":
+            if self.spec.learn_acceptance:
+                self._relearn()
             return self.table.k_for(batch)
         contexts, accepted, rejections = (np.asarray(x) for x in records())
         context = float(np.mean(contexts))
@@ -384,4 +407,5 @@ class Speculator:
                 "k_histogram": dict(sorted(self.k_histogram.items())),
                 "mean_k": sum(k * n for k, n in self.k_histogram.items()) / max(self.steps, 1),
                 "acceptance_rate": acceptance_rate(self.accepted, self.rejections),
-                "table": self.table.as_dict() if self.table else None}
+                "table": self.table.as_dict() if self.table else None,
+                "table_acceptance": self.table_acceptance, "tables_built": self.tables_built}

@@ -30,13 +30,12 @@ from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
 from simulator.costs.timing import attention_s, gemm_s, memory_bound_s
-from simulator.costs.transformer import ADAM_STEP_BYTES
+from simulator.costs.transformer import ADAM_STEP_BYTES, EAGER_EXTRA_KERNELS_FWD
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.training.fsdp import FSDP_OPTION_KEYS, fsdp_costs, fsdp_memory_options
 
 KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
-EAGER_EXTRA_KERNELS_FWD = 30  # the same ops unfused, one launch per op (eager PyTorch)
 NON_SYMBOLIC_KEYS = ("sop", "eg", *FSDP_OPTION_KEYS)
 OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k", *NON_SYMBOLIC_KEYS)
 """Option arrays of a stage. `sop` (0/1): torchtitan's per-op selective checkpointing; `eg`
@@ -105,7 +104,7 @@ class StageModel:
         attn = core + memory_bound_s(dev, c["attention_elementwise_bytes_fwd"])
         elem = memory_bound_s(dev, c["elementwise_bytes_fwd"], KERNELS_PER_LAYER_FWD)
         if o is not None and np.any(o["eg"]):
-            elem = elem + o["eg"] * memory_bound_s(dev, c["eager_extra_bytes_fwd"], EAGER_EXTRA_KERNELS_FWD)
+            elem = elem + o["eg"] * memory_bound_s(dev, c["eager_extra_bytes_fwd"], EAGER_EXTRA_KERNELS_FWD, simple=True)
         tp = 2 * comm.allreduce_s(c["tp_allreduce_bytes"], self.tp, self.links.tp)
         if self.overlap_tp_comm:
             tp = np.maximum(0.0, tp - gemm)
