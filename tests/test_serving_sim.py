@@ -351,6 +351,12 @@ def test_an_engine_whose_steps_do_not_overlap_fills_the_pipeline_every_step():
     assert synchronous.step_s(two) - overlapped.step_s(two) == pytest.approx(stage_s + back(2), rel=1e-9)
     assert synchronous.step_s(one) - overlapped.step_s(one) == pytest.approx(back(1), rel=1e-9)
     assert back(1) > 0
+    # each micro-batch after the first is dispatched by itself: a stage's share of the host time
+    busy_host = IterationModel(model, cluster, Parallel(pp=2), EngineSpec(step_overhead_us=4000.0,
+                                                                          pipeline_overlap=False))
+    assert busy_host.step_s(two) - synchronous.step_s(two) == pytest.approx(4e-3 + 4e-3 / 2, rel=1e-9)
+    assert busy_host.step_s(one) - synchronous.step_s(one) == pytest.approx(4e-3, rel=1e-9)
+    assert busy_host.decode_step_s([(1, 100), (1, 100)]) == busy_host.step_s(two)
     assert synchronous.decode_step_s([(1, 100), (1, 100)]) == synchronous.step_s(two)
 
 

@@ -29,8 +29,10 @@ engine, executor/serving: the next decode needs this step's tokens) fills and dr
 pipeline every step: the last stage starts once the first micro-batch has crossed the pp - 1
 stages before it, then runs every micro-batch, so a step adds (pp - 1) x the first
 micro-batch's stage time to the last stage's busy time (with m micro-batches of equal time t:
-(m + pp - 1) t, the GPipe bubble; 1.5x the busy time for 2 micro-batches on 2 stages), and
-the last stage's final rows travel back to the first, where the engine samples.
+(m + pp - 1) t, the GPipe bubble; 1.5x the busy time for 2 micro-batches on 2 stages), each
+micro-batch after the first adds a stage's share of the engine's host time per step (it is
+dispatched by itself), and the last stage's final rows travel back to the first, where the
+engine samples.
 """
 
 from __future__ import annotations
@@ -259,11 +261,17 @@ class IterationModel:
             max_tokens = max(max_tokens, group.new_tokens)
             fill = (pp - 1) * layers_s if fill is None else fill
         if not self.overlapped:
-            busy = busy + fill
+            busy = busy + fill + self._dispatch_s(len(groups))
         handoff = self._handoff_s(max_tokens, sum(g.logits for g in groups))
         sequences = sum(g.sequences for g in groups)
         context_tokens = sum(g.context + g.new_tokens for g in groups)
         return _max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
+
+    def _dispatch_s(self, micro_batches: int) -> float:
+        """An engine whose steps do not overlap prepares and dispatches each micro-batch's layers
+        on each stage by itself (simtune's engine: `run_step` loops over them): every micro-batch
+        after the first adds a stage's share of the host time of a step to the last stage."""
+        return (micro_batches - 1) * self.overhead.step_s / self.layout.pp
 
     def _handoff_s(self, max_tokens: int, logits: int) -> float:
         """Pipeline messages on a step's critical path: the activations of the largest
@@ -304,7 +312,7 @@ class IterationModel:
             context_tokens += context + tokens
             fill = (pp - 1) * layers_s if fill is None else fill
         if not self.overlapped:
-            busy = busy + fill
+            busy = busy + fill + self._dispatch_s(len(groups))
         handoff = self._handoff_s(max_tokens, sequences * new_tokens)
         return max(busy, trip) + handoff + self.overhead.seconds_of(sequences, context_tokens)
 
