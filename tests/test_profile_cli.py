@@ -79,7 +79,12 @@ def test_the_committed_profile_sets_every_cost_it_measured():
 
 
 def test_attention_efficiency_saturates_with_sequence_length():
-    dev = load_cluster("1xcpu").device
+    """Without a measured curve, the saturating form; the committed CPU profile has a curve,
+    which steps where PyTorch's CPU flash kernel changes its query block (768 queries)."""
+    measured = load_cluster("1xcpu").device
+    assert measured.efficiency.attention_curve and 768 in measured.efficiency.attention_steps
+    assert attention_s(measured, 1e9, seq=768) < attention_s(measured, 1e9, seq=767)
+    dev = measured.model_copy(update={"efficiency": measured.efficiency.model_copy(update={"attention_curve": None})})
     h = dev.efficiency.attention_half_seq
     assert attention_s(dev, 1e9, seq=h) == pytest.approx(2 * attention_s(dev, 1e9))
     assert attention_s(dev, 1e9, seq=100 * h) == pytest.approx(attention_s(dev, 1e9), rel=0.02)
