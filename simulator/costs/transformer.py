@@ -87,8 +87,6 @@ eager_extra_bytes_fwd = b * s * (
 )
 """HBM bytes a PyTorch-eager layer (one kernel per op: torchtitan without torch.compile) moves on
 top of the fused count: each op of a norm, RoPE or gate reads and writes its whole tensor."""
-EAGER_EXTRA_KERNELS_FWD = 30
-"""The launches of those ops (one per op), on top of the fused count's."""
 attention_elementwise_bytes_fwd = (1 - flash) * ACT_BYTES * b * a * s**2 / t * (2 + 2.5 * dropout)
 """Softmax (r+w) and attention dropout (r+w+mask) on the s x s scores; FlashAttention fuses
 them into its kernel."""

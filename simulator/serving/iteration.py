@@ -44,7 +44,7 @@ import numpy as np
 from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
-from simulator.costs.timing import curve_efficiency, gemm_calls_s, gemm_s, memory_bound_s
+from simulator.costs.timing import attention_efficiency, gemm_calls_s, gemm_s, memory_bound_s
 from simulator.serving.engine_overhead import EngineOverhead
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
@@ -193,7 +193,6 @@ class IterationModel:
         return self.kv_bytes_per_token * self.layers_per_stage
 
     # --- time ---------------------------------------------------------------------------------
-
     def _token_parts(self, tokens: int) -> tuple[float, float, float]:
         """The parts of a layer's time that depend only on the step's new tokens: GEMMs (with
         their calls), element-wise kernels, TP all-reduces. Kept per token count: a serving run
@@ -344,7 +343,7 @@ class IterationModel:
         key = (chunk_tokens, chunks)
         eff = self._chunk_effs.get(key)
         if eff is None:
-            eff = self._chunk_effs[key] = curve_efficiency(e.attention_curve, e.attention_steps, chunk_tokens / chunks)
+            eff = self._chunk_effs[key] = attention_efficiency(self.device, chunk_tokens / chunks)
         return eff
 
     def prefill_s(self, prompt_tokens: int) -> float:

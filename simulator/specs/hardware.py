@@ -82,7 +82,6 @@ class Efficiency(Spec):
     intra_node: CollectiveEfficiency
     inter_node: CollectiveEfficiency
 
-
     @field_validator("attention_curve")
     @classmethod
     def _curve(cls, v: list[tuple[float, float]] | None) -> list[tuple[float, float]] | None:

@@ -30,12 +30,13 @@ from simulator.costs import comm
 from simulator.costs.compile import compiled_costs
 from simulator.costs.symbols import model_values
 from simulator.costs.timing import attention_s, gemm_s, memory_bound_s
-from simulator.costs.transformer import ADAM_STEP_BYTES, EAGER_EXTRA_KERNELS_FWD
+from simulator.costs.transformer import ADAM_STEP_BYTES
 from simulator.specs.hardware import ClusterSpec
 from simulator.specs.model import TransformerSpec
 from simulator.training.fsdp import FSDP_OPTION_KEYS, fsdp_costs, fsdp_memory_options
 
 KERNELS_PER_LAYER_FWD = 12  # launches outside GEMMs: norms, bias/act fusions, dropout-adds ...
+EAGER_EXTRA_KERNELS_FWD = 30  # the same ops unfused, one launch per op (eager PyTorch)
 NON_SYMBOLIC_KEYS = ("sop", "eg", *FSDP_OPTION_KEYS)
 OPTION_KEYS = ("sq", "sel", "flash", "z1", "z2", "z3", "gb", "o_w", "o_g", "o_o", "o_a", "k", *NON_SYMBOLIC_KEYS)
 """Option arrays of a stage. `sop` (0/1): torchtitan's per-op selective checkpointing; `eg`
