@@ -1,6 +1,6 @@
 """Serving measured vs simulated on this machine: the real engine against `simtune simulate serve`.
 
-What runs (in one process, `python benchmarks/bench_serving_vs_sim.py`, ~15 min; `--quick` < 3 min):
+What runs (in one process, `python benchmarks/bench_serving_vs_sim.py`, ~30 min; `--quick` < 3 min):
 
 ```
 same-run profile  (profiler families the serving model reads, timed now, into a temporary folder)
@@ -32,7 +32,11 @@ profile families the serving model reads measured again before each repeat (`PRO
 quick sweeps; `--no-same-run` skips them): the prediction of the machine of this run, not of
 the committed profile's day. Without a committed profile of this CPU the same-run profile is
 the prediction. The machine is shared: configurations are interleaved and repeated (median,
-min and max), and the one-minute load average is recorded before and after every engine run.
+min and max), and the one-minute load average is recorded before and after every engine run,
+with the share of CPU time the hypervisor stole meanwhile (`common.stolen_share`; up to a fifth
+in some minutes of this virtual machine, none in others). Every request's measured and predicted
+TTFT and TPOT are kept (the run of median throughput): a percentile of a few requests can sit
+between two clusters of them, and the per-request errors say how the typical request fares.
 Targets: throughput within 15%, latency percentiles within 25% (error = predicted / measured - 1).
 
 Usage: python benchmarks/bench_serving_vs_sim.py [--quick] [--repeats N] [--only LABEL,...]
@@ -92,7 +96,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "short": {"name": "poisson-short", "num_requests": 32, "arrival": {"kind": "poisson", "rate_per_s": 0.75},
               "input_tokens": {"distribution": "uniform", "min": 64, "max": 256},
               "output_tokens": {"distribution": "uniform", "min": 16, "max": 64}, "seed": 0},
-    "long": {"name": "poisson-long", "num_requests": 10, "arrival": {"kind": "poisson", "rate_per_s": 0.2},
+    "long": {"name": "poisson-long", "num_requests": 20, "arrival": {"kind": "poisson", "rate_per_s": 0.2},
              "input_tokens": {"distribution": "uniform", "min": 512, "max": 1024},
              "output_tokens": {"distribution": "uniform", "min": 16, "max": 48}, "seed": 1},
 }
@@ -162,7 +166,7 @@ def profile_shapes(op: str, ctx: ProfileContext) -> list[dict[str, Any]]:
 def same_run_profile(root: Path) -> dict[str, Any]:
     """`PROFILE_OPS` measured now into a new profile directory (the profiler's own store,
     families and fits; only the shapes are chosen here), one thread per rank."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), common.cpu_times()
     load = os.getloadavg()[0]
     torch.set_num_threads(THREADS_PER_RANK)
     ctx = ProfileContext(device="cpu", quick=True, threads=THREADS_PER_RANK, ranks=(2,), dtypes=("bf16",))
@@ -176,6 +180,7 @@ def same_run_profile(root: Path) -> dict[str, Any]:
     allreduce = fits.get("collectives", {}).get("gloo", {}).get("all_reduce", {}).get("2", {})
     return {"ops": list(PROFILE_OPS), "seconds": time.perf_counter() - t0,
             "load_average_1min": {"before": load, "after": os.getloadavg()[0]},
+            "cpu_stolen": common.stolen_share(cpu0, common.cpu_times()),
             "rows": {op: len(store.table(op).rows) for op in PROFILE_OPS},
             "decode_step_overhead_s": decode.get("step_overhead_s"), "decode_intercept_s": decode.get("intercept_s"),
             "gloo_allreduce_alpha_s": allreduce.get("alpha_s"),
@@ -205,7 +210,8 @@ def simulate(cfg: Config, workload: dict[str, Any], profile: Path) -> dict[str, 
     rep = simulate_serving(MODEL, cluster, simulated_spec(cfg, profile), workload)
     return {**metrics_of(rep.output_tokens_per_s, rep.ttft_s, rep.tpot_s), "makespan_s": rep.makespan_s,
             "steps": rep.steps, "preemptions": rep.preemptions, "transitions": rep.transitions,
-            "transition_time_s": rep.transition_time_s}
+            "transition_time_s": rep.transition_time_s,
+            "per_request": {k: rep.per_request[k] for k in ("ttft_s", "tpot_s")}}
 
 
 def metrics_of(tokens_per_s: float, ttft: dict[str, float], tpot: dict[str, float]) -> dict[str, float]:
@@ -292,10 +298,12 @@ def all_reduce_summary(times: list[float]) -> dict[str, float] | None:
 
 def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict[str, Any]:
     """Serve the requests at their arrival times; the simulator's report formulas on the result."""
-    load_before = os.getloadavg()[0]
+    load_before, cpu_before = os.getloadavg()[0], common.cpu_times()
     with timed_all_reduces() as all_reduces, Engine(decoder, engine_config(cfg, requests)) as eng:
-        # warm-up: two short requests through prefill and decode (pp micro-batches, all-reduces)
-        eng.generate([prompts[0][:32], prompts[1][:48]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        # warm-up: two short requests through prefill and decode (pp micro-batches, all-reduces),
+        # of tokens in an order no request's prompt opens with (nothing for a prefix cache to keep)
+        eng.generate([prompts[0][31::-1], prompts[1][47::-1]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                                              ignore_eos=True))
         all_reduces.clear()
         log = StepLog(eng)
         seqs = [eng.add_request(p, SamplingParams(max_tokens=r.output_tokens, temperature=0.0, ignore_eos=True),
@@ -303,6 +311,7 @@ def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict
         eng.t0 = eng.clock()
         eng.run_until_done()
         all_reduce = all_reduce_summary(all_reduces)
+    stolen = common.stolen_share(cpu_before, common.cpu_times())
     wrong = [s.id for s in seqs if len(s.output_ids) != s.req.output_tokens]
     if wrong:
         raise RuntimeError(f"{cfg.label}: {len(wrong)} requests ended early (first {wrong[:3]})")
@@ -317,7 +326,8 @@ def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict
     return {**metrics_of(out / makespan, percentiles(ttft), percentiles(tpot)), "makespan_s": makespan,
             "steps": steps, "preemptions": eng.scheduler.preemptions, "step_log": log.rows,
             "transitions": len(log.transitions), "transition_time_s": sum(log.transitions), "all_reduce": all_reduce,
-            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+            "per_request": {"ttft_s": ttft, "tpot_s": tpot},
+            "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "cpu_stolen": stolen}
 
 
 def step_attribution(cfg: Config, log: list[dict[str, Any]], profile: Path) -> dict[str, Any]:
@@ -418,13 +428,15 @@ def run(quick: bool, repeats: int, only: list[str] | None, given_profile: Path |
                 print(f"repeat {rep + 1}/{repeats} {cfg.label:14s} measured {r['output_tokens_per_s']:6.1f} tok/s "
                       f"TTFT p50 {r['ttft_p50_s']:.3f} s TPOT p50 {1e3 * r['tpot_p50_s']:.0f} ms | simulated "
                       f"{sim['output_tokens_per_s']:6.1f} tok/s {sim['ttft_p50_s']:.3f} s {1e3 * sim['tpot_p50_s']:.0f} ms"
-                      f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f})",
+                      f" (load {r['load_average_1min']['before']:.1f}-{r['load_average_1min']['after']:.1f}, "
+                      f"{r['cpu_stolen'] or 0:.0%} stolen)",
                       flush=True)
         for row, cfg in zip(rows, configs):
             row["deployment"] = simulated_spec(cfg, committed or profiles[0][0]).to_dict()
             sims = row.pop("simulated_runs")
             if sims:
                 median = {**sims[0], **{m: statistics.median(x[m] for x in sims) for m in (*METRICS, "makespan_s")}}
+                median.pop("per_request")
                 row["simulated_same_run" if committed is not None else "simulated"] = median
             if "runs" not in row:
                 continue
@@ -460,6 +472,7 @@ def summarize(row: dict[str, Any]) -> None:
         row["measured"]["all_reduce"] = {k: spread([r["all_reduce"][k] for r in runs])
                                          for k in ("count", "mean_s", "median_s", "p90_s", "sum_s")}
     row["load_average_1min"] = [r["load_average_1min"] for r in runs]
+    row["cpu_stolen"] = [r["cpu_stolen"] for r in runs]
     sim = row["simulated"]
     row["error"] = {m: sim[m] / row["measured"][m]["median"] - 1 for m in METRICS}
     if "simulated_same_run" in row:
@@ -468,6 +481,21 @@ def summarize(row: dict[str, Any]) -> None:
                             for m, e in row["error"].items()}
     median_run = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
     row["steps_measured_vs_predicted"] = median_run["step_attribution"]
+    row["per_request"] = per_request_errors(median_run["per_request"], sim.pop("per_request"))
+
+
+def per_request_errors(measured: dict[str, list[float]], simulated: dict[str, list[float]]) -> dict[str, Any]:
+    """Request by request (the same requests, in arrival order; the run of median throughput):
+    the median of |predicted / measured - 1| of TTFT and TPOT, and the share of requests
+    predicted within the latency target. A percentile of a few requests can flip between two
+    clusters of values (a request whose decode a long prefill interrupts, or not); the
+    per-request errors show how far the typical request's prediction is."""
+    out: dict[str, Any] = {"measured": measured, "simulated": simulated}
+    for key in ("ttft_s", "tpot_s"):
+        errors = [abs(p / m - 1) for p, m in zip(simulated[key], measured[key]) if m > 0]
+        out[key] = {"median_abs_error": statistics.median(errors),
+                    "within_target": sum(e <= LATENCY_TARGET for e in errors) / len(errors)}
+    return out
 
 
 def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -528,7 +556,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{s['seed']}), prompts {s['input_tokens']['min']}-{s['input_tokens']['max']} tokens (mean "
                      f"{ln['input_tokens_mean']:.0f}), outputs {s['output_tokens']['min']}-{s['output_tokens']['max']} "
                      f"(mean {ln['output_tokens_mean']:.0f})")
-    lines += ["", "| deployment | ranks | load | output tok/s measured | predicted | err | TTFT p50 s | pred | err "
+    lines += ["", "Load: the one-minute load average before and after the engine runs, and the share of the CPU time "
+              "the machine wanted that the hypervisor gave to other guests (stolen; the median of the repeats). A "
+              "profile measured in a minute with little stolen time predicts a run with much of it too fast.",
+              "", "| deployment | ranks | load (stolen) | output tok/s measured | predicted | err | TTFT p50 s | pred | err "
               "| TTFT p90 s | pred | err | TPOT p50 ms | pred | err | TPOT p90 ms | pred | err |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -549,13 +580,28 @@ def markdown(result: dict[str, Any]) -> str:
             mark = "" if r["within_target"][key] else " ✗"
             cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
                       f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * sim[key]), f"{r['error'][key]:+.0%}{mark}"]
-        lines.append(f"| {r['label']} | {r['ranks']} | {lo:.1f}-{hi:.1f} | " + " | ".join(cells) + " |")
+        stolen = [x for x in r.get("cpu_stolen", []) if x is not None]
+        steal = f" ({statistics.median(stolen):.0%})" if stolen else ""
+        lines.append(f"| {r['label']} | {r['ranks']} | {lo:.1f}-{hi:.1f}{steal} | " + " | ".join(cells) + " |")
     same = [r for r in result["rows"] if "error_same_run" in r]
     if same:
         lines += ["", "Errors of the same-run profile's prediction (median of the repeats):", "",
                   "| deployment | output tok/s | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 |", "|---|---:|---:|---:|---:|---:|"]
         for r in same:
             lines.append(f"| {r['label']} | " + " | ".join(f"{r['error_same_run'][k]:+.0%}" for k in METRICS) + " |")
+    by_request = [r for r in result["rows"] if "per_request" in r]
+    if by_request:
+        lines += ["", "Request by request (the run of median throughput, each request's prediction against its "
+                  "measurement): the median error, and the share of requests predicted within "
+                  f"{result['targets']['latency']:.0%}. Where a percentile misses while most requests are "
+                  "predicted well, it sits between two clusters of requests (a decode a long prefill "
+                  "interrupted, or not) and a few requests changed sides.", "",
+                  "| deployment | TTFT median error | TTFT within | TPOT median error | TPOT within |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in by_request:
+            t, d = r["per_request"]["ttft_s"], r["per_request"]["tpot_s"]
+            lines.append(f"| {r['label']} | {t['median_abs_error']:.0%} | {t['within_target']:.0%} "
+                         f"| {d['median_abs_error']:.0%} | {d['within_target']:.0%} |")
     missing = [r for r in result["rows"] if "measured" not in r]
     if missing:
         lines += ["", "Not measured (the engine refuses the deployment today; simulated only):"]
@@ -609,8 +655,9 @@ def markdown(result: dict[str, Any]) -> str:
     if measured_profiles:
         lines.append("")
     for i, q in enumerate(measured_profiles):
+        stolen = "" if q.get("cpu_stolen") is None else f", {q['cpu_stolen']:.0%} stolen"
         lines.append(f"Same-run profile {i + 1}: {q['seconds']:.0f} s at load {q['load_average_1min']['before']:.1f}-"
-                     f"{q['load_average_1min']['after']:.1f}; host time of a decoder step "
+                     f"{q['load_average_1min']['after']:.1f}{stolen}; host time of a decoder step "
                      f"{1e3 * (q['decode_step_overhead_s'] or 0):.1f} ms, gloo all-reduce latency (2 ranks) "
                      f"{1e6 * (q['gloo_allreduce_alpha_s'] or 0):.0f} us.")
     lines.append("")
@@ -619,7 +666,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0], "fewer requests, one repeat, the long TP1 and PP2 rows left out", DEFAULT_OUT)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", help="comma-separated row labels to run (default: all)")
     p.add_argument("--profile", type=Path, help="the profile directory to predict from (default: the committed "
                    "profile of this CPU)")

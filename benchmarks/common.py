@@ -56,6 +56,30 @@ def machine_info() -> dict:
     }
 
 
+def cpu_times() -> dict[str, int] | None:
+    """The machine's CPU time counters since boot, in clock ticks, summed over its cores: `busy`
+    (user, nice, system, irq, softirq), `idle` (idle, iowait) and `steal` (time a virtual CPU
+    was ready to run while the hypervisor ran someone else); None where /proc/stat is absent."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    if first[0] != "cpu" or len(first) < 9:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in first[1:9])
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def stolen_share(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Of the CPU time the machine's cores wanted between two `cpu_times` readings, the share the
+    hypervisor gave to other guests: steal / (busy + steal). On a shared virtual machine this is
+    the slowdown no profile taken at another time can know of; None without readings or work."""
+    if before is None or after is None:
+        return None
+    busy, steal = after["busy"] - before["busy"], after["steal"] - before["steal"]
+    return steal / (busy + steal) if busy + steal > 0 else None
+
+
 def run_fields(benchmark: str, quick: bool, repetitions: dict) -> dict:
     """The fields every result JSON opens with: what ran, when, how often, on what."""
     return {"benchmark": benchmark, "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -52,6 +52,7 @@ from simulator.serving.measured_plots import (
     comparison_table,
     load_result,
     plot_measured_vs_simulated,
+    plot_per_request,
     plot_steps,
     step_table,
 )
@@ -176,6 +177,15 @@ comparison"""),
 plot_steps(measured)
 plt.tight_layout()
 step_table(measured)"""),
+    ("md", """\
+Request by request: each request's simulated TTFT and TPOT against its measured ones. Points in the
+grey band are predicted within the latency target. TPOT on the long-prompt load splits into two
+clusters, decodes that a later arrival's prefill interrupted and decodes it did not; a percentile
+that falls between the clusters misses when a few requests land on the other side of the split."""),
+    ("code", """\
+if any("per_request" in r for r in measured["rows"]):
+    plot_per_request(measured)
+    plt.tight_layout()"""),
     ("md", """\
 ## 5. Conclusion
 

@@ -92,6 +92,18 @@ def test_resharding_deployment_reports_transitions(cli, tmp_path):
     assert "re-sharding" in cli("simulate", "serve", *args).stdout
 
 
+def test_prefix_caching_is_reported(cli, tmp_path):
+    workload = write_yaml(tmp_path / "system-prompt.yaml", {
+        "num_requests": 20, "arrival": {"kind": "offline"}, "shared_prefix": {"tokens": 256, "groups": 2},
+        "input_tokens": {"distribution": "fixed", "value": 32}, "output_tokens": {"distribution": "fixed", "value": 8}})
+    deployment = write_yaml(tmp_path / "cached.yaml", {"prefix_caching": True, "max_batched_tokens": 512})
+    args = ["--model", "llama-2-7b", "--cluster", "1xa100-80gb", "--deployment", deployment, "--workload", workload]
+    data = one_json_object(cli("simulate", "serve", *args, "--json"))
+    assert data["prefix_cache"]["prompt_tokens"] == 20 * (256 + 32)
+    assert 0 < data["prefix_cache"]["cached_prompt_tokens"] <= 18 * 256
+    assert "prompt tokens from the prefix cache" in cli("simulate", "serve", *args).stdout
+
+
 def test_bad_deployment_exits_2_naming_the_field(cli, small_workload, tmp_path):
     deployment = write_yaml(tmp_path / "tp64.yaml", {"prefill": {"tp": 64}, "scheduler": "vllm"})
     args = small_run(small_workload)

@@ -115,6 +115,7 @@ def test_vllm_flags_parse_back(case, tmp_path):
     assert args["--block-size"] == str(deployment.block_size)
     assert args["--gpu-memory-utilization"] == "0.9"
     assert args["--dtype"] == "float16"
+    assert args["--no-enable-prefix-caching"] is True and "--enable-prefix-caching" not in args
     assert args["--port"] == "8001"  # the script's own arguments pass through
     assert "--swap-space" not in args and "--distributed-executor-backend" not in args
 
@@ -134,6 +135,7 @@ def test_sglang_flags_parse_back(case, tmp_path):
     assert args["--mem-fraction-static"] == "0.9"
     assert args["--page-size"] == str(deployment.block_size)
     assert args["--dtype"] == "float16"
+    assert args["--disable-radix-cache"] is True
     assert args["--port"] == "8001"
     assert "--enable-mixed-chunk" not in args and "--nnodes" not in args
 
@@ -151,6 +153,17 @@ def test_sarathi_chunks_become_the_engines_chunks(tmp_path):
     assert sglang["--chunked-prefill-size"] == "512" and sglang["--enable-mixed-chunk"] is True
     assert approximations(model, cluster, deployment, "vllm") == []
     assert approximations(model, cluster, deployment, "sglang") == []
+
+
+@needs_bash
+def test_prefix_caching_becomes_the_engines_prefix_caches(tmp_path):
+    model, cluster, deployment = specs("llama-2-13b", "4xl4", "vllm-tp4")
+    deployment = deployment.model_copy(update={"prefix_caching": True})
+    out = tmp_path / "out"
+    emit_serving_configs(model, cluster, deployment, ENGINES, out)
+    _, vllm = vllm_call(out, tmp_path)
+    assert vllm["--enable-prefix-caching"] is True and "--no-enable-prefix-caching" not in vllm
+    assert "--disable-radix-cache" not in sglang_call(out, tmp_path)
 
 
 @needs_bash

@@ -67,8 +67,8 @@ class CheckedBlockManager(BlockManager):
         assert 0 <= self.num_used_cpu_blocks <= self.num_cpu_blocks, self
         self.peak_gpu_blocks = max(self.peak_gpu_blocks, self.num_used_gpu_blocks)
 
-    def allocate(self, seq_id, num_tokens):
-        super().allocate(seq_id, num_tokens)
+    def allocate(self, seq_id, num_tokens, *prefix):
+        super().allocate(seq_id, num_tokens, *prefix)
         self.check()
 
     def append(self, seq_id, new_tokens=1):

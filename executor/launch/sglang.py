@@ -103,6 +103,10 @@ def _memory_args(deployment: DeploymentSpec, approx: Approximations) -> list[Fla
              note="float16 weights and KV cache: 2 bytes per value, as simulated (bfloat16 takes "
                   "the same memory; use it for checkpoints trained in bfloat16)."),
     ]
+    if not deployment.prefix_caching:
+        args.append(flag("--disable-radix-cache", note="No prefix caching, as simulated (SGLang's radix "
+                                                       "cache shares prefixes by default; set prefix_caching "
+                                                       "to simulate it)."))
     if deployment.preemption == "swap":
         approx.add("SGLang has no swap preemption: it retracts requests when the KV pool runs out "
                    "and recomputes them later (preemption recompute)")

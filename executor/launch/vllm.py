@@ -156,6 +156,10 @@ def _memory_args(
         flag("--dtype", "float16",
              note="float16 weights and KV cache: 2 bytes per value, as simulated (bfloat16 takes "
                   "the same memory; use it for checkpoints trained in bfloat16)."),
+        flag("--enable-prefix-caching", note="Automatic prefix caching, as simulated (prefix_caching).")
+        if deployment.prefix_caching else
+        flag("--no-enable-prefix-caching", note="No prefix caching, as simulated (vLLM's V1 engine caches "
+                                                "prefixes by default; set prefix_caching to simulate it)."),
     ]
     buffer_GB = deployment.cpu_kv_buffer_GB
     if deployment.preemption == "swap":

@@ -50,10 +50,18 @@ decode steps carry a k and reserve k + 1 KV slots per sequence; `SpecDecoder`
 (executor/serving/spec_engine.py) builds the verification items from n-gram drafts and
 accepts, and the scheduler's commit truncates the rejected slots, which `PagedKV.sync` then
 returns to the free list.
+
+Prefix caching (`EngineConfig(prefix_caching=True)`, from a deployment's `prefix_caching`;
+static layouts): the block manager keeps the computed full blocks of prompts by a key of
+their tokens and of every token before them (`EngineSeq.block_keys`: a chained BLAKE2b), and
+the shared scheduler starts a prompt whose leading blocks are cached that far into it, as the
+simulator does; `PagedKV.sync` maps the shared blocks into each table. A step computes only
+the rest (`EngineStats.cached_prompt_tokens` counts what it skipped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import time
@@ -112,6 +120,7 @@ class EngineConfig:
     speculation_cluster: str = "1xcpu"   # speculation: the cluster whose profile prices the steps
     speculation_context: int = 256       # adaptive: the context its k*(b) table is computed at
     dp: int = 1                      # data-parallel replicas (executor/serving/replicas.py; start_engine)
+    prefix_caching: bool = False     # share the KV blocks of equal prompt prefixes (static layouts)
 
     def deployment(self) -> DeploymentSpec:
         """The deployment the shared scheduler reads (one static layout of tp x pp ranks, or a
@@ -123,6 +132,7 @@ class EngineConfig:
                                   block_size=self.block_size, cpu_kv_buffer_GB=self.cpu_kv_buffer_GB)
         swap = self.num_cpu_blocks > 0
         return DeploymentSpec(prefill=Parallel(tp=self.tp, pp=self.pp), scheduler=self.scheduler,
+                              prefix_caching=self.prefix_caching,
                               max_num_seqs=self.max_num_seqs,
                               max_batched_tokens=self.max_batched_tokens, chunk_size=self.chunk_size,
                               block_size=self.block_size, preemption="swap" if swap else "recompute",
@@ -140,7 +150,8 @@ class EngineConfig:
         config = cls(**{"scheduler": dep.scheduler, "max_num_seqs": dep.max_num_seqs,
                         "max_batched_tokens": dep.max_batched_tokens, "chunk_size": dep.chunk_size,
                         "block_size": dep.block_size, "tp": dep.prefill.tp, "pp": dep.prefill.pp,
-                        "speculation": dep.speculation, "dp": dep.dp, **seesaw, **overrides})
+                        "speculation": dep.speculation, "dp": dep.dp, "prefix_caching": dep.prefix_caching,
+                        **seesaw, **overrides})
         if config.speculation is not None:
             check_speculation(config)
         if config.dp > 1 and config.speculation is not None:
@@ -163,6 +174,18 @@ class EngineSeq(Seq):
     def done(self) -> bool:
         return self.finish_reason is not None or self.generated >= self.req.output_tokens
 
+    def block_keys(self, block_size: int) -> list[bytes]:
+        """Keys of the prompt's full blocks: each a BLAKE2b digest of the previous key and the
+        block's token ids, so equal keys mean equal tokens up to the block's end (equal KV)."""
+        keys, prev = [], b""
+        ids = self.prompt_ids
+        for start in range(0, len(ids) - block_size + 1, block_size):
+            h = hashlib.blake2b(prev, digest_size=16)
+            h.update(",".join(map(str, ids[start:start + block_size])).encode())
+            prev = h.digest()
+            keys.append(prev)
+        return keys
+
     @property
     def text(self) -> str:
         """The output text so far (cut at a stop string); what a stream may send now."""
@@ -176,7 +199,8 @@ class EngineStats:
     steps: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0, "mixed": 0})
     step_s: float = 0.0
     output_tokens: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0              # prompt tokens computed (re-computed after a preemption too)
+    cached_prompt_tokens: int = 0       # prompt tokens taken from the prefix cache instead
     max_batch_size: int = 0             # most sequences in one step
     max_decode_batch: int = 0           # most decoding sequences in one step
     finished: int = 0
@@ -243,7 +267,12 @@ class Engine(Offline):
         cfg = decoder.cfg
         if not 1 <= config.max_model_len <= cfg.max_positions:
             raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
-        self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark)
+        if config.prefix_caching and config.scheduler == "seesaw":
+            raise ValueError("prefix_caching: not with the seesaw scheduler (its two layouts keep separate pools)")
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark,
+                                   prefix_caching=config.prefix_caching)
+        if config.prefix_caching:
+            self.blocks.cache_events = []   # PagedKV.sync maps the cached blocks from these
         self.spec = SpecDecoder(self) if config.speculation is not None else None
         self.group: RankGroup | None = None
         self.reshard: Seesaw | None = None
@@ -451,6 +480,7 @@ class Engine(Offline):
         st.step_s += end - start
         st.output_tokens += emitted
         st.prompt_tokens += prompt_tokens
+        st.cached_prompt_tokens = getattr(self.scheduler, "cached_tokens", 0)
         st.max_batch_size = max(st.max_batch_size, len(plan.seqs))
         st.max_decode_batch = max(st.max_decode_batch, sum(1 for s in plan.seqs if s.decoding))
         st.recent.append((end, emitted))

@@ -15,6 +15,13 @@ shrunk). Both pools have the manager's sizes, so whatever the manager admits the
 can hold; the policy is never written twice, and a scheduler change cannot make the
 engine's memory disagree with the simulator's accounting.
 
+Prefix caching: a cached block belongs to the cache, not to the sequences that hold it. The
+manager tells of its decisions as events (`BlockManager.cache_events`, in order): a
+sequence's block became cached under a key (that physical block is the key's from then on),
+or a key was evicted (its block goes back to the free list). A new sequence whose leading
+blocks are cached gets those blocks at the head of its table; a sequence that finishes,
+or is swapped out, frees only the blocks after its shared ones (`shared`).
+
 Layout: keys of layer l are `k[l]` of shape [kv_heads, num_blocks, block_size, head_dim]
 (values alike). Writing new tokens is one `index_copy_` per layer at flat slots (block x
 block_size + offset). Reading for attention gathers a sequence's blocks with `index_select`
@@ -28,7 +35,7 @@ whatever the size, index_select 0.03 ms for a few blocks and 1.4 ms for 64 x 15 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 
@@ -51,6 +58,8 @@ class PagedKV:
         self.cpu_free: list[int] = list(range(num_cpu_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}       # sequence id -> GPU block ids
         self.cpu_tables: dict[int, list[int]] = {}   # sequence id -> CPU block ids (swapped out)
+        self.cached: dict[Hashable, int] = {}        # prefix caching: block key -> GPU block id
+        self.shared: dict[int, int] = {}             # sequence id -> its leading blocks that are cached
         self.swapped_blocks = 0                      # blocks copied either way, since creation
         self.ops: list[tuple[str, list[int], list[int]]] | None = None   # swap copies to replay elsewhere
 
@@ -61,8 +70,10 @@ class PagedKV:
     def sync(self, kv: BlockManager, live: Iterable[int]) -> None:
         """Make the block tables match the manager's counters (see the module docstring);
         `live` names every sequence the engine has not finished (the manager's own set)."""
+        if kv.cache_events:
+            self._follow_cache(kv.cache_events)
         for sid in [s for s in self.tables if s not in kv]:
-            self.free.extend(reversed(self.tables.pop(sid)))
+            self.free.extend(reversed(self.tables.pop(sid)[self.shared.pop(sid, 0):]))
         for sid in [s for s in self.cpu_tables if s not in kv]:
             self.cpu_free.extend(reversed(self.cpu_tables.pop(sid)))
         for sid in [s for s in self.tables if kv.on_cpu(s)]:
@@ -76,7 +87,12 @@ class PagedKV:
         for sid in live:  # new sequences, and growth
             if sid not in kv or kv.on_cpu(sid):
                 continue
-            table = self.tables.setdefault(sid, [])
+            table = self.tables.get(sid)
+            if table is None:   # a new sequence: its cached leading blocks first
+                shared = kv.shared_blocks(sid)
+                table = self.tables[sid] = [self.cached[key] for key in kv.block_keys(sid)[:shared]]
+                if shared:
+                    self.shared[sid] = shared
             want = kv.blocks(sid)
             if want - len(table) > len(self.free):
                 raise RuntimeError(f"sequence {sid}: needs {want - len(table)} blocks, {len(self.free)} free; "
@@ -84,11 +100,22 @@ class PagedKV:
             while len(table) < want:
                 table.append(self.free.pop())
 
+    def _follow_cache(self, events: list[tuple]) -> None:
+        """Apply the manager's prefix-cache decisions since the last sync, in order."""
+        for event in events:
+            if event[0] == "cache":
+                _, sid, index, key = event
+                self.cached[key] = self.tables[sid][index]
+                self.shared[sid] = index + 1
+            else:
+                self.free.append(self.cached.pop(event[1]))
+        events.clear()
+
     def _swap_out(self, sid: int) -> None:
         gpu = self.tables.pop(sid)
         cpu = [self.cpu_free.pop() for _ in gpu]
         self.copy_blocks("out", gpu, cpu)
-        self.free.extend(reversed(gpu))
+        self.free.extend(reversed(gpu[self.shared.pop(sid, 0):]))   # cached blocks stay the cache's
         self.cpu_tables[sid] = cpu
 
     def _swap_in(self, sid: int) -> None:

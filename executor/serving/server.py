@@ -305,6 +305,8 @@ def prometheus_text(loop_thread: EngineThread) -> str:
         ("simtune_output_tokens_total", "counter", "Output tokens generated.", st.output_tokens),
         ("simtune_prompt_tokens_total", "counter", "Prompt tokens computed (recomputation included).",
          st.prompt_tokens),
+        ("simtune_prompt_tokens_cached_total", "counter", "Prompt tokens taken from the prefix cache.",
+         st.cached_prompt_tokens),
         ("simtune_requests_finished_total", "counter", "Requests that finished.", st.finished),
         ("simtune_requests_aborted_total", "counter", "Requests aborted (clients gone).", st.aborted),
         ("simtune_preemptions_total", "counter", "Sequences preempted.", eng.scheduler.preemptions),

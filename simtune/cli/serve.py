@@ -108,6 +108,11 @@ def _serving_table(r: Any) -> Table:
         acc = "-" if s["acceptance_rate"] is None else f"{s['acceptance_rate']:.2f}"
         table.add_row(f"speculation ({s['policy']}, draft {s['draft']})",
                       f"mean k {s['mean_k']:.2f} · acceptance {acc}")
+    if r.prefix_cache:
+        c = r.prefix_cache
+        share = c["cached_prompt_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0
+        table.add_row("prompt tokens from the prefix cache", f"{c['cached_prompt_tokens']:,} of {c['prompt_tokens']:,} "
+                      f"({share:.0%}) · {c['evictions']:,} evictions")
     return table
 
 

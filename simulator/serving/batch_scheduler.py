@@ -102,7 +102,7 @@ class BatchScheduler(StaticScheduler):
             budget -= take
         for seq, take in self._admit(budget):
             self.prefilling.append(seq)
-            self._add_prompt(step, seq, take, Work(take, 0, take == seq.prompt_len))
+            self._add_prompt(step, seq, take, Work(take, seq.prefilled, seq.prefilled + take == seq.prompt_len))
         if not n and not step.prompts:
             return None
         if n and step.prompts:

@@ -11,7 +11,11 @@ notebook never runs the engine):
   simulated (hatched bar) for every deployment that was measured;
 - `step_table` / `plot_steps`: per deployment and step kind, the seconds the engine spent in
   steps against the iteration model's seconds for the very same batches, and the CPU time
-  rank 0's engine thread got in them (less than the wall time when the machine is shared).
+  rank 0's engine thread got in them (less than the wall time when the machine is shared);
+- `plot_per_request`: each request's predicted TTFT and TPOT against its measured ones (the run
+  of median throughput), with the target band: a percentile that misses while most points sit
+  in the band is one whose requests split into two clusters (decodes a long prefill
+  interrupted, or not) with a few requests on the other side of the split.
 """
 
 from __future__ import annotations
@@ -71,6 +75,35 @@ def plot_measured_vs_simulated(result: dict[str, Any], axes=None):
         ax.set_xticks(x, [r["label"] for r in rows], rotation=45, ha="right")
         ax.set_title(label)
     axes[0].legend()
+    return axes
+
+
+def plot_per_request(result: dict[str, Any], axes=None):
+    """Predicted against measured TTFT and TPOT of every request, one colour per deployment,
+    log axes, the diagonal and the latency target's band (results with per-request data)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in measured_rows(result) if "per_request" in r]
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 4))[1]
+    band = result["targets"]["latency"]
+    for ax, key, label in zip(axes, ("ttft_s", "tpot_s"), ("TTFT (s)", "TPOT (s)")):
+        lo, hi = np.inf, 0.0
+        for r in rows:
+            m = np.asarray(r["per_request"]["measured"][key])
+            p = np.asarray(r["per_request"]["simulated"][key])
+            ax.scatter(m, p, s=12, label=r["label"])
+            lo, hi = min(lo, m.min(), p.min()), max(hi, m.max(), p.max())
+        if rows:
+            line = np.geomspace(lo, hi, 50)
+            ax.plot(line, line, color="black", lw=0.8)
+            ax.fill_between(line, line * (1 - band), line * (1 + band), color="grey", alpha=0.2,
+                            label=f"within {band:.0%}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"simulated {label}")
+    axes[0].legend(fontsize=7)
     return axes
 
 

@@ -40,6 +40,7 @@ class ServingReport:
     kv_timeline: list[tuple[float, float]] = field(default_factory=list, repr=False)
     per_request: dict[str, list[float]] = field(default_factory=dict, repr=False)
     speculation: dict[str, Any] | None = None  # policy, k per step, acceptance (speculative decoding)
+    prefix_cache: dict[str, int] | None = None  # prompt tokens taken from the cache, of all; evictions
     cost_sources: dict[str, str] = field(default_factory=dict)  # cost -> datasheet | measured <date> (<profile>)
 
     def to_dict(self, timelines: bool = False) -> dict[str, Any]:
@@ -96,5 +97,6 @@ def build_report(model, cluster, deployment, workload, seqs: list[Seq], stats: d
         kv_utilization={"mean": mean_util, "max": float(values.max()) if len(values) else 0.0},
         steps=stats["steps"], deployment=deployment.to_dict(), workload=workload.to_dict(),
         kv_timeline=util, per_request={"ttft_s": ttft, "tpot_s": tpot, "latency_s": latency},
-        speculation=stats.get("speculation"), cost_sources=cluster.device.sources(),
+        speculation=stats.get("speculation"), prefix_cache=stats.get("prefix_cache"),
+        cost_sources=cluster.device.sources(),
     )

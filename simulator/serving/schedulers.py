@@ -50,6 +50,7 @@ class StaticScheduler:
         self.swapped: deque[Seq] = deque()
         self.prefilling: list[Seq] = []   # sarathi: prompts part-way through
         self.preemptions = 0
+        self.cached_tokens = 0            # prompt tokens taken from the prefix cache, not computed
         self.swapped_tokens = 0           # KV tokens moved over PCIe by swaps since last asked
 
     @property
@@ -75,16 +76,28 @@ class StaticScheduler:
             self.running.append(seq)
 
     def _admit(self, budget: int) -> list[tuple[Seq, int]]:
-        """Waiting sequences that fit: (seq, tokens to compute now), within `budget` tokens."""
+        """Waiting sequences that fit: (seq, tokens to compute now), within `budget` tokens.
+        With prefix caching, a prompt's cached blocks are not computed again: it starts
+        prefilled that far (`seq.prefilled`), at least its last token left to compute."""
         out, seats = [], self.max_seqs - len(self.running) - len(self.prefilling)
+        caching = self.kv.prefix_caching
         while self.waiting and seats > len(out):
             seq = self.waiting[0]
-            take = seq.prompt_len if self.dep.scheduler == "vllm" else min(seq.prompt_len, budget)
+            keys, cached = None, 0
+            if caching:
+                if seq.keys is None:
+                    seq.keys = seq.block_keys(self.kv.block_size)
+                keys = seq.keys
+                cached = self.kv.cached_prefix(keys, seq.prompt_len - 1)
+            left = seq.prompt_len - cached
+            take = left if self.dep.scheduler == "vllm" else min(left, budget)
             if take <= 0 or (take > budget and out):
                 break
-            if not self.kv.can_allocate(seq.id, take):
+            if not self.kv.can_allocate(seq.id, cached + take, keys, cached):
                 break
-            self.kv.allocate(seq.id, take)
+            self.kv.allocate(seq.id, cached + take, keys, cached)
+            seq.prefilled = cached
+            self.cached_tokens += cached
             self.waiting.popleft()
             out.append((seq, take))
             budget -= take
@@ -96,7 +109,7 @@ class StaticScheduler:
             return None
         seqs = [s for s, _ in admitted]
         chunks = [n for _, n in admitted]
-        works = [Work(n, 0, True) for n in chunks]
+        works = [Work(n, s.prefilled, True) for s, n in admitted]
         return Step("prefill", seqs, works, chunks)
 
     def _make_room(self, need_seqs: list[Seq], grow: int = 1) -> list[Seq]:
@@ -148,7 +161,7 @@ class StaticScheduler:
         for seq, take in self._admit(budget):
             self.prefilling.append(seq)
             seqs.append(seq), chunks.append(take)
-            works.append(Work(take, 0, take == seq.prompt_len))
+            works.append(Work(take, seq.prefilled, seq.prefilled + take == seq.prompt_len))
         if not seqs:
             return None
         return Step("mixed" if decodes and len(seqs) > len(decodes) else ("decode" if decodes else "prefill"),
@@ -158,6 +171,8 @@ class StaticScheduler:
         """Cache a prompt chunk; when it completes the prompt, the sequence emits its first
         token and starts decoding (unless that token was its last). Whether it completed."""
         seq.prefilled += chunk
+        if seq.keys is not None:
+            self.kv.cache_blocks(seq.id, seq.prefilled)
         if seq.prefilled < seq.prompt_len:
             return False
         if seq in self.prefilling:

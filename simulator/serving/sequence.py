@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from simulator.serving.workload import Request
@@ -20,6 +21,7 @@ class Seq:
     spec_accepted: int = 0      # drafted tokens accepted so far
     spec_rejections: int = 0    # steps that rejected a drafted token
     token_times: list[float] = field(default_factory=list)  # only when asked for
+    keys: list[Hashable] | None = None   # prefix caching: its prompt's block keys (`block_keys`, once)
 
     @property
     def id(self) -> int:
@@ -35,6 +37,16 @@ class Seq:
     def context(self) -> int:
         """Tokens whose KV the next decode step reads."""
         return self.req.input_tokens + self.generated
+
+    def block_keys(self, block_size: int) -> list[Hashable]:
+        """Keys of the prompt's full KV blocks, equal for equal blocks that follow equal
+        prompts (prefix caching, simulator/serving/kv_cache.py): a block all inside the
+        request's shared prefix is its group's; any other is the request's own. The engine's
+        sequences key their real tokens instead."""
+        req, bs = self.req, block_size
+        shared = req.prefix_tokens // bs if req.prefix_group is not None else 0
+        return [("prefix", req.prefix_group, i) if i < shared else ("request", req.id, i)
+                for i in range(req.input_tokens // bs)]
 
     @property
     def done(self) -> bool:

@@ -128,7 +128,8 @@ def _replicas(env, model, cluster, dep, caps, rec, requests, seed, next_arrival_
     out = []
     for i in range(dep.dp):
         cpu_blocks = int(dep.cpu_kv_buffer_GB * GB // (prefill.kv_bytes_per_token_per_device() * dep.block_size))
-        kv = BlockManager(caps["prefill"] // dep.block_size, dep.block_size, cpu_blocks)
+        kv = BlockManager(caps["prefill"] // dep.block_size, dep.block_size, cpu_blocks,
+                          prefix_caching=dep.prefix_caching)
         speculator = _speculator(model, cluster, dep, requests, seed + 1 + i)
         if next_arrival_s is None:
             replica = Replica(env, i, StaticScheduler(dep, kv, speculator), prefill, rec, cluster.host_link_bytes_per_s())
@@ -211,7 +212,12 @@ def simulate_serving(model: Any, cluster: Any, deployment: Any, workload: Any,
     if unfinished:  # a scheduler bug: every request must complete
         raise RuntimeError(f"{len(unfinished)} requests never finished (first: {unfinished[:5]})")
     stats = rec.stats()
-    stats["preemptions"] = sum(r.sched.preemptions for r in replicas if not isinstance(r, SeesawReplica))
+    static = [r for r in replicas if not isinstance(r, SeesawReplica)]
+    stats["preemptions"] = sum(r.sched.preemptions for r in static)
+    if dep.prefix_caching:
+        stats["prefix_cache"] = {"cached_prompt_tokens": sum(r.sched.cached_tokens for r in static),
+                                 "prompt_tokens": sum(s.req.input_tokens for s in seqs),
+                                 "evictions": sum(r.sched.kv.evictions for r in static)}
     if dep.speculation is not None:
         stats["speculation"] = _merge_speculation([r.sched.speculator.stats() for r in replicas])
     if trace_path is not None:

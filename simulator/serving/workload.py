@@ -40,6 +40,8 @@ class Request:
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    prefix_group: int | None = None   # its prompt opens with shared prefix number ... (WorkloadSpec.shared_prefix)
+    prefix_tokens: int = 0            # ... of this many tokens (counted in input_tokens)
 
 
 # -- presets --------------------------------------------------------------------------------
@@ -99,6 +101,12 @@ def _streams(seed: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
 
 
+def _prefix_stream(seed: int) -> np.random.Generator:
+    """The generator of shared-prefix groups: a fourth child of the same seed (spawning is by
+    index, so the other three streams, and workloads without prefixes, do not change)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3])
+
+
 def generate_requests(workload: WorkloadSpec, base_dir: Path | None = None) -> list[Request]:
     """The workload's requests, sorted by arrival; relative trace paths resolve in base_dir."""
     arrival_rng, input_rng, output_rng = _streams(workload.seed)
@@ -107,7 +115,7 @@ def generate_requests(workload: WorkloadSpec, base_dir: Path | None = None) -> l
                                                workload.num_requests)
         if workload.arrival.kind_ == "poisson":
             arrivals = sample_arrivals(workload.arrival, len(inputs), arrival_rng).tolist()
-        return _requests(arrivals, inputs, outputs)
+        return _requests(arrivals, inputs, outputs, workload)
     if workload.preset is not None:
         input_dist, output_dist, _ = PRESETS[workload.preset]
     else:
@@ -115,12 +123,20 @@ def generate_requests(workload: WorkloadSpec, base_dir: Path | None = None) -> l
     n = workload.num_requests
     return _requests(sample_arrivals(workload.arrival, n, arrival_rng).tolist(),
                      sample_lengths(input_dist, n, input_rng).tolist(),
-                     sample_lengths(output_dist, n, output_rng).tolist())
+                     sample_lengths(output_dist, n, output_rng).tolist(), workload)
 
 
-def _requests(arrivals: list[float], inputs: list[int], outputs: list[int]) -> list[Request]:
+def _requests(arrivals: list[float], inputs: list[int], outputs: list[int],
+              workload: WorkloadSpec) -> list[Request]:
+    """Requests in arrival order; with a shared prefix, each prompt is one of the groups'
+    prefixes followed by its drawn tokens (in the order the requests were drawn)."""
     order = sorted(range(len(arrivals)), key=arrivals.__getitem__)  # stable: ties keep row order
-    return [Request(i, arrivals[j], inputs[j], outputs[j]) for i, j in enumerate(order)]
+    prefix = workload.shared_prefix
+    if prefix is None:
+        return [Request(i, arrivals[j], inputs[j], outputs[j]) for i, j in enumerate(order)]
+    groups = _prefix_stream(workload.seed).integers(prefix.groups, size=len(arrivals)).tolist()
+    return [Request(i, arrivals[j], prefix.tokens + inputs[j], outputs[j], groups[j], prefix.tokens)
+            for i, j in enumerate(order)]
 
 
 def describe_lengths(requests: list[Request]) -> dict[str, float]:

@@ -133,6 +133,8 @@ class DeploymentSpec(Spec):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     cpu_kv_buffer_GB: float = Field(default=0.0, ge=0, description="seesaw: CPU KV buffer per replica")
     preemption: Literal["recompute", "swap"] = "recompute"
+    prefix_caching: bool = Field(default=False, description="share the KV blocks of equal prompt prefixes "
+                                                            "(vLLM's automatic prefix caching)")
     engine: EngineSpec | None = Field(default=None, description="catalog name or inline; default: the device's step overhead")
     speculation: SpeculationSpec | None = Field(default=None, description="speculative decoding (vllm scheduler)")
 
@@ -160,6 +162,8 @@ class DeploymentSpec(Spec):
             raise ValueError("cpu_kv_buffer_GB: the seesaw scheduler needs a CPU KV buffer > 0")
         if self.speculation is not None and self.scheduler != "vllm":
             raise ValueError(f"speculation: needs the 'vllm' scheduler (decode-only steps), not {self.scheduler!r}")
+        if self.prefix_caching and self.scheduler == "seesaw":
+            raise ValueError("prefix_caching: not with the seesaw scheduler (its two layouts keep separate pools)")
         if self.preemption == "swap" and self.cpu_kv_buffer_GB <= 0:
             raise ValueError("cpu_kv_buffer_GB: swap preemption needs CPU swap space > 0 "
                              "(when it is full, a victim is preempted by recompute instead)")
@@ -212,6 +216,16 @@ class Arrival(Spec):
         return self
 
 
+class SharedPrefix(Spec):
+    """Prompts that open alike (a system prompt, a few-shot header): each request's prompt is
+    one of `groups` prefixes of `tokens` tokens, drawn uniformly (seeded), then its own
+    `input_tokens`, so its prompt has `tokens` + input_tokens tokens."""
+
+    kind: ClassVar[str] = "workload.shared_prefix"
+    tokens: int = Field(ge=1, description="tokens of each shared prefix")
+    groups: int = Field(default=1, ge=1, description="distinct prefixes")
+
+
 class WorkloadSpec(Spec):
     """Requests to serve: synthetic (a preset or length distributions) or a trace file."""
 
@@ -225,6 +239,8 @@ class WorkloadSpec(Spec):
     output_tokens: LengthDist | None = None
     trace: str | None = Field(default=None, description="CSV or JSONL: arrival_s, input_tokens, output_tokens")
     seed: int = Field(default=0, ge=0, description="of numpy's SeedSequence, which takes no negatives")
+    shared_prefix: SharedPrefix | None = Field(default=None, description="prompts opening with shared prefixes "
+                                                                         "(what prefix caching saves)")
 
     @model_validator(mode="after")
     def _source(self):

@@ -113,6 +113,7 @@ SERVING = {
     "llama-2-13b pp4 tp4 (seesaw, prefill layout)": ("llama-2-13b", "4xl4", "seesaw-pp4-tp4"),
     "llama-2-7b tp1 n-gram speculation": ("llama-2-7b", "1xa100-80gb", {
         "speculation": {"draft": "ngram", "policy": "fixed", "k": 3, "acceptance": {"mean": 0.6}}}),
+    "llama-3-8b tp1 prefix caching": ("llama-3-8b", "1xa100-80gb", {"prefix_caching": True}),
 }
 
 
@@ -368,6 +369,7 @@ def test_vllm_flags_parse_and_match_the_deployment(case, tmp_path):
     layout = deployment.prefill
     assert (a["tensor_parallel_size"], a["pipeline_parallel_size"]) == (layout.tp, layout.pp)
     assert a["data_parallel_size"] == deployment.dp
+    assert a["enable_prefix_caching"] is deployment.prefix_caching
     if deployment.speculation is not None:
         config = a["speculative_config"]
         assert config["method"] == ("ngram" if deployment.speculation.draft == "ngram" else "draft_model")
