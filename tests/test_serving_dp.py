@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import test_serving_parallel as shared
@@ -77,6 +78,9 @@ def test_one_engine_in_its_own_process_equals_the_engine_in_this_one(decoder, pr
         seqs = engine.generate(prompts, GREEDY)
         assert [s.output_ids for s in seqs] == reference
         assert engine.stats.finished == len(prompts) and engine.spec is None
+        asked = engine.generate(prompts[:1], replace(GREEDY, logprobs=2))[0]   # log-probabilities cross too
+        assert asked.output_ids == reference[0] and len(asked.logprobs) == len(reference[0])
+        assert all(len(alts) == 2 and alts[0][0] == t for t, (_, alts) in zip(asked.output_ids, asked.logprobs))
         procs = list(engine.procs)
     assert not any(p.is_alive() for p in procs)
 

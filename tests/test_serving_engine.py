@@ -203,6 +203,26 @@ def test_too_long_requests_are_refused(decoder):
         eng.add_request([], SamplingParams())
 
 
+def test_logprobs_are_the_models_log_softmax(decoder, prompts, reference):
+    eng = Engine(decoder, EngineConfig(num_blocks=64, block_size=4))
+    with_lp = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, logprobs=3)
+    seqs = eng.generate([prompts[0], prompts[2]], [with_lp, SamplingParams(max_tokens=NEW, temperature=0.0,
+                                                                           ignore_eos=True, logprobs=0)])
+    assert [s.output_ids for s in seqs] == [reference[0], reference[2]]   # asking changes no token
+    (first, *_), zero = seqs[0].logprobs, seqs[1].logprobs
+    assert len(seqs[0].logprobs) == NEW and all(not alts for _, alts in zero)
+    # the first token's: log-softmax of the prompt's last logits, from the sequential decoder
+    cache = decoder.new_cache(1, len(prompts[0]) + 1)
+    logits = decoder.forward(torch.tensor([prompts[0]]), cache)[0, -1]
+    want = torch.log_softmax(logits.float(), -1)
+    lp, alts = first
+    assert lp == pytest.approx(float(want.max()), abs=1e-4) and alts[0][0] == reference[0][0]
+    assert [t for t, _ in alts] == want.topk(3).indices.tolist()
+    assert [v for _, v in alts] == pytest.approx(want.topk(3).values.tolist(), abs=1e-4)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(decoder, prompts):
     params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = Engine(decoder, EngineConfig(num_blocks=64, block_size=4)).generate(prompts[:1], params)

@@ -78,6 +78,17 @@ def test_sarathi_chunks_under_pipeline_parallel(decoder, prompts, reference):
         assert engine.stats.steps["mixed"] > 0
 
 
+def test_prefix_caching_shares_blocks_on_every_rank(decoder, prompts):
+    """Cached blocks hold each rank's own heads; a later prompt reads them on both ranks."""
+    shared = [prompts[2], prompts[2][:20] + prompts[0], prompts[2] + prompts[3][:5]]
+    want = [s.output_ids for s in Engine(decoder, EngineConfig(num_blocks=64, block_size=4)).generate(shared, GREEDY)]
+    config = EngineConfig(num_blocks=64, block_size=4, tp=2, prefix_caching=True, timeout_s=60)
+    with Engine(decoder, config) as engine:
+        out = [s.output_ids for s in engine.generate(shared[:1], GREEDY) + engine.generate(shared[1:], GREEDY)]
+        assert engine.stats.cached_prompt_tokens == 20 + 28   # 5 and 7 blocks of 4 from the first prompt
+    assert out == want
+
+
 def test_layouts_the_model_does_not_allow_are_refused_by_field(decoder):
     cfg = decoder.cfg
     with pytest.raises(SpecError, match=r"deployment\.prefill\.tp = 4: .*3 K/V heads.*\[1, 2, 3\]"):

@@ -98,6 +98,39 @@ def test_chat_and_completions_streaming_and_not_agree(server, client):
     assert _drained(engine)
 
 
+def test_logprobs_of_chat_and_completions_streaming_and_not(server, client):
+    base, engine, _ = server
+    messages = [{"role": "user", "content": "Name three colors."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert "".join(e.token for e in content).startswith(chat.choices[0].message.content)
+    for e in content:   # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.logprob <= 0
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert bytes(e.bytes).decode() == e.token
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0,
+                                     logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == done.usage.completion_tokens
+    assert "".join(lp.tokens).startswith(done.choices[0].text) and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    pieces = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                                            temperature=0, logprobs=2, stream=True))
+    assert [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2).choices[0].logprobs is None
+    r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    assert _drained(engine)
+
+
 def test_stop_string_cuts_the_text(client):
     full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0]
     stop = full.text.strip()[:2]
@@ -127,6 +160,7 @@ def test_concurrent_requests_are_batched(server, client):
     ({"model": MODEL, "prompt": "hi", "max_tokens": 400}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),                # no such token
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
 ])
 def test_bad_completions_get_openai_errors(server, body, status, param):
     r = httpx.post(server[0] + "/v1/completions", json=body)

@@ -12,7 +12,7 @@ import pytest
 from smollm2 import GGUF, one_torch_thread, torch
 
 from executor.serving import model as M
-from executor.serving.engine import Engine, EngineConfig
+from executor.serving.engine import Engine, EngineConfig, RequestRejected
 from executor.serving.sampling import SamplingParams, nucleus_probs
 from executor.serving.spec_engine import verify_greedy, verify_sampled
 from simulator.errors import SpecError
@@ -151,6 +151,9 @@ def test_bad_combinations_are_refused_by_field(decoder):
         EngineConfig.from_deployment(dep)
     config = EngineConfig.from_deployment(DeploymentSpec(speculation=spec("adaptive")))
     assert config.speculation.policy == "adaptive"
+    with pytest.raises(RequestRejected, match="logprobs") as exc:   # verified tokens report none
+        Engine(decoder, EngineConfig(speculation=spec())).add_request([5, 6, 7], SamplingParams(logprobs=1))
+    assert exc.value.param == "logprobs"
 
 
 def test_simtune_serve_refuses_speculation_it_cannot_run(tmp_path):

@@ -76,7 +76,7 @@ from executor.serving.paged import PagedKV
 from executor.serving.parallel import check_deployment, check_layout
 from executor.serving.reshard import Seesaw
 from executor.serving.runner import Item, PagedRunner
-from executor.serving.sampling import SamplingParams, StopChecker, sample_rows
+from executor.serving.sampling import SamplingParams, StopChecker, sample_rows, token_logprobs
 from executor.serving.spec_engine import SpecDecoder, check_speculation, speculative_tokens
 from executor.serving.workers import RankGroup, ShardJob
 from simulator.engine.trace import write_chrome_trace
@@ -167,6 +167,7 @@ class EngineSeq(Seq):
         super().__init__(req)
         self.prompt_ids, self.params, self.generator, self.stop = prompt_ids, params, generator, stop
         self.output_ids: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []   # per output token, when asked
         self.finish_reason: str | None = None   # "stop", "length" or "abort"
         self.on_output: Callable[[EngineSeq], None] | None = None
 
@@ -214,9 +215,10 @@ class EngineStats:
 
 
 def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, limit: int, vocab: int,
-                 has_tokenizer: bool) -> list[int]:
+                 has_tokenizer: bool, speculative: bool = False) -> list[int]:
     """The prompt as a list of ints, or RequestRejected naming what is wrong: empty, a token id
-    outside the vocabulary, prompt + max_tokens over `limit`, stop strings without a tokenizer."""
+    outside the vocabulary, prompt + max_tokens over `limit`, stop strings without a tokenizer,
+    log-probabilities from a speculative engine (its verified tokens do not report them)."""
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise RequestRejected("the prompt is empty; give at least one token", "prompt")
@@ -229,6 +231,8 @@ def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, limit: int, 
             "max_tokens" if len(prompt_ids) < limit else "prompt", "context_length_exceeded")
     if params.stop and not has_tokenizer:
         raise RequestRejected("stop strings need the engine's tokenizer", "stop")
+    if params.logprobs is not None and speculative:
+        raise RequestRejected("logprobs: not reported by an engine with speculative decoding", "logprobs")
     return prompt_ids
 
 
@@ -348,7 +352,7 @@ class Engine(Offline):
         """The prompt as a list of ints, or RequestRejected naming what is wrong (reads only
         fixed settings, so any thread may call it)."""
         return check_prompt(prompt_ids, params, self.max_request_tokens, self.decoder.cfg.vocab,
-                            self.tokenizer is not None)
+                            self.tokenizer is not None, self.config.speculation is not None)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -441,7 +445,9 @@ class Engine(Offline):
     def _sample(self, emitting: list[EngineSeq], logits: torch.Tensor) -> list[EngineSeq]:
         """Sample a token for each sequence (a row of logits each) and accept it; `emitting`."""
         tokens = sample_rows(logits, [s.params for s in emitting], [s.generator for s in emitting])
-        for seq, tok in zip(emitting, tokens):
+        for i, (seq, tok) in enumerate(zip(emitting, tokens)):
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(token_logprobs(logits[i], tok, seq.params.logprobs))
             self._accept(seq, tok)
         return emitting
 

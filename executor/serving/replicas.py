@@ -92,6 +92,7 @@ class ReplicaSeq:
     def __init__(self, sid: int, prompt_ids: list[int], params: SamplingParams, arrival_s: float):
         self.id, self.prompt_ids, self.params, self.arrival_s = sid, prompt_ids, params, arrival_s
         self.output_ids: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []   # per output token, when asked
         self.text = ""
         self.finish_reason: str | None = None
         self.replica: int | None = None   # set when routed
@@ -185,7 +186,8 @@ def _serve(conn: Connection, engine: Engine) -> None:
         updates = []
         for rid, (eid, seq) in list(live.items()):
             if eid in emitting:
-                updates.append((rid, seq.output_ids[sent[rid]:], seq.text, seq.finish_reason))
+                updates.append((rid, seq.output_ids[sent[rid]:], seq.logprobs[sent[rid]:], seq.text,
+                                seq.finish_reason))
                 sent[rid] = len(seq.output_ids)
                 if seq.finish_reason is not None:
                     del live[rid], sent[rid]
@@ -294,7 +296,7 @@ class ReplicatedEngine(Offline):
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """As `Engine.check_request` (every replica has the same limits)."""
         return check_prompt(prompt_ids, params, self.max_request_tokens, self.decoder.cfg.vocab,
-                            self.tokenizer is not None)
+                            self.tokenizer is not None, self.config.speculation is not None)
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     arrival_s: float | None = None) -> ReplicaSeq:
@@ -388,11 +390,12 @@ class ReplicatedEngine(Offline):
             raise self._failure(i, msg)
         _, updates, self.counters[i] = msg
         out = []
-        for rid, tokens, text, reason in updates:
+        for rid, tokens, logprobs, text, reason in updates:
             seq = self.seqs.get(rid)
             if seq is None:   # aborted here while the replica was stepping
                 continue
             seq.output_ids += tokens
+            seq.logprobs += logprobs
             seq.text, seq.finish_reason = text, reason
             if reason is not None:
                 del self.seqs[rid]

@@ -11,6 +11,11 @@ with an error that names the field. `sample` turns one row of logits into a toke
 Each request owns its generator, seeded from `seed` (or from the engine's seed sequence when
 none is given), so a seeded request draws the same tokens whatever else is in its batch.
 
+Log-probabilities (`logprobs`, the OpenAI field): for each sampled token, its log-probability
+under the model's distribution (log-softmax of the raw logits, before temperature and top-p,
+as vLLM reports them by default) and the `logprobs` most likely tokens with theirs
+(`token_logprobs`).
+
 Stop strings are checked on the decoded text by `StopChecker`, which also holds back the
 tail of the text that could still become a stop string, so a stream never shows a partial
 stop string that the final text then cuts.
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20   # the OpenAI API's limit on top_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -33,6 +40,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = field(default=())
+    logprobs: int | None = None   # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -45,6 +53,9 @@ class SamplingParams:
             raise ValueError(f"stop={self.stop!r}: must be non-empty strings")
         if len(self.stop) > 4:
             raise ValueError(f"stop: at most 4 stop strings, got {len(self.stop)}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs={self.logprobs!r}: must be an integer in [0, {MAX_LOGPROBS}] (top "
+                             f"alternatives per token)")
 
     @property
     def greedy(self) -> bool:
@@ -82,6 +93,17 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     greedy = logits.max(-1).indices.tolist()
     return [greedy[i] if p.greedy else sample(logits[i], p, g)
             for i, (p, g) in enumerate(zip(params, generators))]
+
+
+def token_logprobs(row: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under one row of raw logits [vocab], and the `top` most
+    likely tokens with theirs, most likely first."""
+    lp = torch.log_softmax(row.float(), dim=-1)
+    alternatives = []
+    if top:
+        values, ids = lp.topk(top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return float(lp[token]), alternatives
 
 
 class StopChecker:

@@ -18,6 +18,11 @@ one. Failures are OpenAI-style bodies, `{"error": {"message", "type", "param", "
 asyncio queue that the engine thread fills through `loop.call_soon_threadsafe`; a stream
 whose client goes away is cancelled by the ASGI server, and its `finally` aborts the request,
 which frees its KV blocks between two steps.
+
+Log-probabilities: `logprobs` (0-5 alternatives) on completions, `logprobs: true` and
+`top_logprobs` (0-20) on chat, in the OpenAI shapes (completions: tokens, token_logprobs,
+top_logprobs, text_offset; chat: content entries of token, logprob, bytes, top_logprobs), each
+token as its own decoded text; a stream sends each token's entry with the chunk that follows it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[Int]
+    logprobs: Int | None = Field(default=None, ge=0, le=5, description="top alternatives per token")
 
 
 class TextPart(BaseModel):
@@ -81,6 +87,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
 
 
 class APIError(Exception):
@@ -106,11 +114,13 @@ class OpenAIServer:
         self.app = self._build()
 
     # --- requests -> engine -------------------------------------------------------------------
-    def _params(self, body: _Sampling, max_tokens: int | None, default: int) -> SamplingParams:
+    def _params(self, body: _Sampling, max_tokens: int | None, default: int,
+                logprobs: int | None = None) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             return SamplingParams(max_tokens=max_tokens or default, temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos)
+                                  top_p=body.top_p, seed=body.seed, stop=tuple(stop), ignore_eos=body.ignore_eos,
+                                  logprobs=logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc), param=str(exc).split("=")[0].split(":")[0]) from exc
 
@@ -123,8 +133,8 @@ class OpenAIServer:
         q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def on_output(seq: EngineSeq) -> None:
-            update = (seq.text, len(seq.output_ids), seq.finish_reason)
+        def on_output(seq: EngineSeq) -> None:   # the sequence itself too: its lists only grow
+            update = (seq.text, len(seq.output_ids), seq.finish_reason, seq)
             loop.call_soon_threadsafe(q.put_nowait, update)
 
         try:
@@ -137,9 +147,9 @@ class OpenAIServer:
             raise APIError(503, f"the engine has stopped: {exc}", "server_error", code="rank_failed") from exc
 
     @staticmethod
-    async def _updates(q: asyncio.Queue) -> AsyncIterator[tuple[str, int, str | None]]:
-        """The request's (text so far, output tokens, finish reason) until it finishes, the
-        newest only when several wait."""
+    async def _updates(q: asyncio.Queue) -> AsyncIterator[tuple[str, int, str | None, EngineSeq]]:
+        """The request's (text so far, output tokens, finish reason, sequence) until it
+        finishes, the newest only when several wait."""
         while True:
             update = await q.get()
             while not q.empty() and update[2] is None:
@@ -176,48 +186,58 @@ class OpenAIServer:
         def usage(n: int) -> dict:
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
 
+        def logprobs(seq, start: int, end: int, offset: int = 0) -> dict | None:
+            if params.logprobs is None:
+                return None
+            ids, entries = seq.output_ids[start:end], seq.logprobs[start:end]
+            return self._chat_logprobs(ids, entries) if chat else self._completion_logprobs(ids, entries, offset)
+
         if not body.stream:
-            text, n, reason = "", 0, None
+            text, n, reason, seq = "", 0, None, None
             try:
                 async for update in self._updates(q):
-                    text, n, reason = update
+                    text, n, reason, seq = update
             finally:  # cancelled (the client went away): free its blocks
                 if reason is None:
                     self.loop_thread.abort(handle)
             if reason == "error":
                 raise APIError(500, "the engine failed while running this request", "server_error")
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            lp = logprobs(seq, 0, n)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                        "finish_reason": reason} if chat else
-                      {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+                      {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason})
             return JSONResponse({**head, "choices": [choice], "usage": usage(n)})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(delta: str | None, reason: str | None, role: bool = False, lp: dict | None = None) -> str:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": delta or "", "logprobs": lp, "finish_reason": reason}
             return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         async def events() -> AsyncIterator[str]:
-            sent, n, reason = "", 0, None
+            sent, n, reason, lp_sent, offset = "", 0, None, 0, 0
             try:
                 if chat:
                     yield chunk(None, None, role=True)
                 async for update in self._updates(q):
-                    text, n, reason = update
+                    text, n, reason, seq = update
                     if reason == "error":
                         yield _sse({"error": {"message": "the engine failed while running this request",
                                               "type": "server_error", "param": None, "code": None}})
                         return
                     delta, sent = text[len(sent):], text
-                    if reason is None and delta:
-                        yield chunk(delta, None)
-                    elif reason is not None:
-                        yield chunk(delta, reason)
+                    if reason is None and not delta:
+                        continue
+                    lp = logprobs(seq, lp_sent, n, offset)
+                    if lp is not None and not chat:
+                        offset += sum(len(t) for t in lp["tokens"])
+                    lp_sent = n
+                    yield chunk(delta, reason, lp=lp)
             finally:  # the client went away mid-stream: free its sequence
                 if reason is None:
                     self.loop_thread.abort(handle)
@@ -226,6 +246,29 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _chat_logprobs(self, ids: list[int], entries: list) -> dict:
+        def entry(token: int, logprob: float, alternatives=None) -> dict:
+            text = self._token_text(token)
+            out = {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            if alternatives is not None:
+                out["top_logprobs"] = [entry(t, v) for t, v in alternatives]
+            return out
+
+        return {"content": [entry(t, lp, alts) for t, (lp, alts) in zip(ids, entries)]}
+
+    def _completion_logprobs(self, ids: list[int], entries: list, offset: int = 0) -> dict:
+        tokens = [self._token_text(t) for t in ids]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{self._token_text(t): v for t, v in alts} for _, alts in entries],
+                "text_offset": offsets}
 
     # --- the app ------------------------------------------------------------------------------
     def _build(self) -> FastAPI:
@@ -272,7 +315,7 @@ class OpenAIServer:
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest):
             self._check_model(body)
-            params = self._params(body, body.max_tokens, 16)
+            params = self._params(body, body.max_tokens, 16, body.logprobs)
             return await self._respond(body, self._completion_prompt(body), params, chat=False)
 
         @app.post("/v1/chat/completions")
@@ -281,7 +324,10 @@ class OpenAIServer:
             prompt = self._chat_prompt(body)
             room = self.loop_thread.engine.max_request_tokens - len(prompt)
             default = max(1, min(self.default_chat_max_tokens, room))
-            params = self._params(body, body.max_completion_tokens or body.max_tokens, default)
+            if body.top_logprobs is not None and not body.logprobs:
+                raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+            params = self._params(body, body.max_completion_tokens or body.max_tokens, default,
+                                  (body.top_logprobs or 0) if body.logprobs else None)
             return await self._respond(body, prompt, params, chat=True)
 
         return app
