@@ -131,6 +131,25 @@ def test_logprobs_of_chat_and_completions_streaming_and_not(server, client):
     assert _drained(engine)
 
 
+def test_n_choices_streaming_and_not(server, client):
+    base, engine, _ = server
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=7,
+              extra_body={"ignore_eos": True})
+    done = client.completions.create(n=3, **kw)
+    texts = [c.text for c in sorted(done.choices, key=lambda c: c.index)]
+    assert [c.index for c in done.choices] == [0, 1, 2] and done.usage.completion_tokens == 3 * 8
+    assert len(set(texts)) > 1                      # seed + i: the choices differ ...
+    assert client.completions.create(n=1, **{**kw, "seed": 8}).choices[0].text == texts[1]   # ... and repeat
+    pieces: dict[int, str] = {}
+    for c in client.completions.create(n=3, stream=True, **kw):
+        pieces[c.choices[0].index] = pieces.get(c.choices[0].index, "") + c.choices[0].text
+    assert [pieces[i] for i in range(3)] == texts
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    assert _drained(engine)
+
+
 def test_stop_string_cuts_the_text(client):
     full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0).choices[0]
     stop = full.text.strip()[:2]
@@ -155,7 +174,7 @@ def test_concurrent_requests_are_batched(server, client):
     ({"prompt": "hi"}, 400, "model"),                                    # missing field
     ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),   # wrong type
     ({"model": MODEL, "prompt": "hi", "temperature": 5}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
     ({"model": MODEL, "prompt": [5] * 300}, 400, "prompt"),              # longer than the context
     ({"model": MODEL, "prompt": "hi", "max_tokens": 400}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": [10**9]}, 400, "prompt"),                # no such token

@@ -19,6 +19,10 @@ asyncio queue that the engine thread fills through `loop.call_soon_threadsafe`; 
 whose client goes away is cancelled by the ASGI server, and its `finally` aborts the request,
 which frees its KV blocks between two steps.
 
+Choices: `n` (up to 16) runs n engine requests on the same prompt, batched with the rest; a
+seeded request's choice i samples from seed + i, so the choices differ and repeat. Their
+outputs share one queue; a stream interleaves the choices' chunks by `index`.
+
 Log-probabilities: `logprobs` (0-5 alternatives) on completions, `logprobs: true` and
 `top_logprobs` (0-20) on chat, in the OpenAI shapes (completions: tokens, token_logprobs,
 top_logprobs, text_offset; chat: content entries of token, logprob, bytes, top_logprobs), each
@@ -32,6 +36,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -47,6 +52,7 @@ from executor.serving.workers import RankFailed
 from simulator.errors import SpecError
 
 SERVED_MODEL = "smollm2-135m"   # the one model the engine loads (SmolLM2-135M-Instruct)
+MAX_CHOICES = 16                 # n, choices per request
 
 Int = Annotated[int, Field(strict=True)]
 
@@ -61,7 +67,7 @@ class _Sampling(BaseModel):
     max_tokens: Int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Int = Field(default=1, ge=1, le=1, description="one choice per request")
+    n: Int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices: one engine request each")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -129,34 +135,51 @@ class OpenAIServer:
             raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
+    def _submit(self, prompt_ids: list[int], params: list[SamplingParams]) -> tuple[list[Handle], asyncio.Queue]:
+        """One engine request per choice; their outputs arrive on one queue as (choice index,
+        update). A choice that cannot be queued takes back the ones queued before it."""
         q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def on_output(seq: EngineSeq) -> None:   # the sequence itself too: its lists only grow
-            update = (seq.text, len(seq.output_ids), seq.finish_reason, seq)
-            loop.call_soon_threadsafe(q.put_nowait, update)
+        def on_output(index: int):
+            def put(seq: EngineSeq) -> None:   # the sequence itself too: its lists only grow
+                update = (seq.text, len(seq.output_ids), seq.finish_reason, seq)
+                loop.call_soon_threadsafe(q.put_nowait, (index, update))
+            return put
 
+        handles: list[Handle] = []
         try:
-            return self.loop_thread.submit(prompt_ids, params, on_output), q
-        except RequestRejected as exc:
-            raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
-        except QueueFull as exc:
-            raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
-        except RankFailed as exc:
+            for i, p in enumerate(params):
+                handles.append(self.loop_thread.submit(prompt_ids, p, on_output(i)))
+            return handles, q
+        except (RequestRejected, QueueFull, RankFailed) as exc:
+            for handle in handles:
+                self.loop_thread.abort(handle)
+            if isinstance(exc, RequestRejected):
+                raise APIError(400, str(exc), param=exc.param, code=exc.code) from exc
+            if isinstance(exc, QueueFull):
+                raise APIError(429, str(exc), "rate_limit_error", code="queue_full") from exc
             raise APIError(503, f"the engine has stopped: {exc}", "server_error", code="rank_failed") from exc
 
     @staticmethod
-    async def _updates(q: asyncio.Queue) -> AsyncIterator[tuple[str, int, str | None, EngineSeq]]:
-        """The request's (text so far, output tokens, finish reason, sequence) until it
-        finishes, the newest only when several wait."""
-        while True:
-            update = await q.get()
+    async def _updates(q: asyncio.Queue, n: int) -> AsyncIterator[tuple[int, tuple[str, int, str | None, EngineSeq]]]:
+        """(choice index, (text so far, output tokens, finish reason, sequence)) until every
+        choice has finished; of one choice, the newest only when several of its updates wait."""
+        live = set(range(n))
+        while live:
+            index, update = await q.get()
+            waiting = []
             while not q.empty() and update[2] is None:
-                update = q.get_nowait()
-            yield update
+                other = q.get_nowait()
+                if other[0] == index:
+                    update = other[1]
+                else:
+                    waiting.append(other)
+            for other in waiting:   # other choices' updates, in their order, for the next turns
+                q.put_nowait(other)
+            yield index, update
             if update[2] is not None:
-                return
+                live.discard(index)
 
     def _completion_prompt(self, body: CompletionRequest) -> list[int]:
         prompt = body.prompt
@@ -178,12 +201,17 @@ class OpenAIServer:
 
     # --- engine -> responses ------------------------------------------------------------------
     async def _respond(self, body: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool):
-        handle, q = self._submit(prompt_ids, params)
+        # n choices: n engine requests; a seeded request's choice i draws from seed + i
+        choices = [params if body.n == 1 or params.seed is None else replace(params, seed=params.seed + i)
+                   for i in range(body.n)]
+        handles, q = self._submit(prompt_ids, choices)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
+        state = [{"text": "", "n": 0, "reason": None, "seq": None, "lp_sent": 0, "offset": 0} for _ in handles]
 
-        def usage(n: int) -> dict:
+        def usage() -> dict:
+            n = sum(c["n"] for c in state)
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
 
         def logprobs(seq, start: int, end: int, offset: int = 0) -> dict | None:
@@ -192,57 +220,63 @@ class OpenAIServer:
             ids, entries = seq.output_ids[start:end], seq.logprobs[start:end]
             return self._chat_logprobs(ids, entries) if chat else self._completion_logprobs(ids, entries, offset)
 
-        if not body.stream:
-            text, n, reason, seq = "", 0, None, None
-            try:
-                async for update in self._updates(q):
-                    text, n, reason, seq = update
-            finally:  # cancelled (the client went away): free its blocks
-                if reason is None:
+        def abort_unfinished() -> None:   # cancelled (the client went away): free their blocks
+            for handle, c in zip(handles, state):
+                if c["reason"] is None:
                     self.loop_thread.abort(handle)
-            if reason == "error":
+
+        if not body.stream:
+            try:
+                async for i, (text, n, reason, seq) in self._updates(q, len(handles)):
+                    state[i].update(text=text, n=n, reason=reason, seq=seq)
+            finally:
+                abort_unfinished()
+            if any(c["reason"] == "error" for c in state):
                 raise APIError(500, "the engine failed while running this request", "server_error")
-            lp = logprobs(seq, 0, n)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                       "finish_reason": reason} if chat else
-                      {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason})
-            return JSONResponse({**head, "choices": [choice], "usage": usage(n)})
+            out = []
+            for i, c in enumerate(state):
+                lp = logprobs(c["seq"], 0, c["n"])
+                out.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
+                            "finish_reason": c["reason"]} if chat else
+                           {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["reason"]})
+            return JSONResponse({**head, "choices": out, "usage": usage()})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, reason: str | None, role: bool = False, lp: dict | None = None) -> str:
+        def chunk(i: int, delta: str | None, reason: str | None, role: bool = False, lp: dict | None = None) -> str:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "logprobs": lp, "finish_reason": reason}
+                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": lp, "finish_reason": reason}
+                choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": reason}
             return _sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         async def events() -> AsyncIterator[str]:
-            sent, n, reason, lp_sent, offset = "", 0, None, 0, 0
             try:
                 if chat:
-                    yield chunk(None, None, role=True)
-                async for update in self._updates(q):
-                    text, n, reason, seq = update
+                    for i in range(len(handles)):
+                        yield chunk(i, None, None, role=True)
+                async for i, (text, n, reason, seq) in self._updates(q, len(handles)):
+                    c = state[i]
                     if reason == "error":
+                        c["reason"] = reason
                         yield _sse({"error": {"message": "the engine failed while running this request",
                                               "type": "server_error", "param": None, "code": None}})
                         return
-                    delta, sent = text[len(sent):], text
+                    delta = text[len(c["text"]):]
+                    c.update(text=text, n=n, reason=reason)
                     if reason is None and not delta:
                         continue
-                    lp = logprobs(seq, lp_sent, n, offset)
+                    lp = logprobs(seq, c["lp_sent"], n, c["offset"])
                     if lp is not None and not chat:
-                        offset += sum(len(t) for t in lp["tokens"])
-                    lp_sent = n
-                    yield chunk(delta, reason, lp=lp)
-            finally:  # the client went away mid-stream: free its sequence
-                if reason is None:
-                    self.loop_thread.abort(handle)
+                        c["offset"] += sum(len(t) for t in lp["tokens"])
+                    c["lp_sent"] = n
+                    yield chunk(i, delta, reason, lp=lp)
+            finally:  # the client went away mid-stream: free its sequences
+                abort_unfinished()
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": usage(n)})
+                yield _sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
