@@ -159,6 +159,20 @@ def test_the_simulator_computes_only_what_the_cache_lacks(scheduler):
     assert exact.ttft_s == on.ttft_s and exact.prefix_cache == on.prefix_cache
 
 
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_a_memory_tight_cached_run_preempts_evicts_and_agrees_step_by_step(preemption):
+    # 20% of an A100 holds about 5,000 tokens of llama-2-7b: 48 prompts of 1000-1064 with 256 to generate
+    deployment = {"gpu_memory_utilization": 0.2, "preemption": preemption, "cpu_kv_buffer_GB": 4,
+                  "prefix_caching": True}
+    workload = {**SHARED, "num_requests": 48, "arrival": {"kind": "offline"},
+                "output_tokens": {"distribution": "fixed", "value": 256}}
+    fast = simulate_serving("llama-2-7b", "1xa100-80gb", deployment, workload)
+    exact = simulate_serving("llama-2-7b", "1xa100-80gb", deployment, workload, exact_steps=True)
+    assert fast.preemptions > 0 and fast.prefix_cache["evictions"] > 0
+    assert fast.prefix_cache["cached_prompt_tokens"] > 0
+    assert (fast.ttft_s, fast.tpot_s, fast.prefix_cache) == (exact.ttft_s, exact.tpot_s, exact.prefix_cache)
+
+
 def test_prefix_caching_is_refused_with_seesaw():
     from simulator.specs.serving import DeploymentSpec
 
@@ -217,6 +231,9 @@ def test_engine_output_is_unchanged_by_prefix_caching(decoder, prompts, referenc
         rest = eng.generate(prompts[1:], greedy)      # every later prompt opens with cached blocks
     assert [o.output_ids for o in first + rest] == reference
     assert eng.stats.cached_prompt_tokens >= 4 * 12 if num_blocks == 64 else eng.stats.cached_prompt_tokens > 0
+    if num_blocks == 12:   # the small pool evicts cached blocks and preempts (by swap with a CPU pool)
+        assert eng.blocks.evictions > 0 and eng.scheduler.preemptions > 0
+        assert (eng.kv.swapped_blocks > 0) == (cpu_blocks > 0)
     assert eng.stats.prompt_tokens + eng.stats.cached_prompt_tokens >= sum(map(len, prompts))
     # nothing leaks: the tables are gone, the cache's blocks are its own, the rest are free
     assert not eng.kv.tables and eng.blocks.num_used_gpu_blocks == 0
