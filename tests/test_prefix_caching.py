@@ -239,3 +239,18 @@ def test_engine_output_is_unchanged_by_prefix_caching(decoder, prompts, referenc
     assert not eng.kv.tables and eng.blocks.num_used_gpu_blocks == 0
     assert len(eng.kv.free) + len(eng.kv.cached) == num_blocks == eng.blocks.num_free_gpu_blocks
     assert set(eng.kv.cached.values()).isdisjoint(eng.kv.free)
+
+
+def test_the_tuner_caches_prefixes_of_a_workload_that_shares_them():
+    from simulator.specs.catalog import load_cluster, load_model
+    from tuner.serving import candidates, tune_serving
+
+    model, cluster = load_model("llama-2-13b"), load_cluster("4xl4")
+    cands = candidates(model, cluster, prefix_caching=True)
+    assert {d.prefix_caching for d in cands if d.scheduler != "seesaw"} == {True}
+    assert {d.prefix_caching for d in cands if d.scheduler == "seesaw"} == {False}
+    result = tune_serving("llama-2-7b", "1xa100-80gb", {**SHARED, "num_requests": 40}, screen_requests=40)
+    assert result.static.deployment.prefix_caching and result.static.report.prefix_cache["cached_prompt_tokens"] > 0
+    plain = tune_serving("llama-2-7b", "1xa100-80gb", {k: v for k, v in SHARED.items() if k != "shared_prefix"}
+                         | {"num_requests": 40}, screen_requests=40)
+    assert not plain.static.deployment.prefix_caching

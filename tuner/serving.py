@@ -4,7 +4,8 @@
    inside a node and dividing the heads; static deployments under the vllm and sarathi
    schedulers, and re-sharding ones (seesaw) for every pair of different prefill and decode
    layouts of the same replica size, with the CPU memory left after the host copy of the
-   weights as KV buffer.
+   weights as KV buffer. On a workload whose prompts share prefixes, static deployments cache
+   them (`prefix_caching`, as vLLM and SGLang do by default; Seesaw's two pools do not).
 2. Screen every candidate on one sample of the workload: at least `screen_requests`, and
    enough to fill every batch slot of the largest candidate once; candidates that do not
    fit are pruned with the simulator's reason.
@@ -51,14 +52,15 @@ def buffer_GB(model: TransformerSpec, cluster: ClusterSpec, devices: int) -> flo
     return max(0.0, 0.9 * (host - weights)) / GB
 
 
-def candidates(model, cluster) -> list[DeploymentSpec]:
+def candidates(model, cluster, prefix_caching: bool = False) -> list[DeploymentSpec]:
     out = []
     n = cluster.num_devices
     for devices in (d for d in range(1, n + 1) if n % d == 0):
         lays = layouts(model, cluster, devices)
         for lay in lays:
             for scheduler in ("vllm", "sarathi"):
-                out.append(DeploymentSpec(dp=n // devices, prefill=lay, scheduler=scheduler, max_batched_tokens=16384))
+                out.append(DeploymentSpec(dp=n // devices, prefill=lay, scheduler=scheduler, max_batched_tokens=16384,
+                                          prefix_caching=prefix_caching))
         buf = buffer_GB(model, cluster, devices)
         if buf <= 0:
             continue
@@ -130,7 +132,7 @@ def tune_serving(model: Any, cluster: Any, workload: Any, *, screen_requests: in
     as its own event (`simulate_serving`'s switch: same results, slower)."""
     model, cluster, wl = load_model(model), load_cluster(cluster), load_workload(workload)
     start = time.perf_counter()
-    cands = candidates(model, cluster)
+    cands = candidates(model, cluster, prefix_caching=wl.shared_prefix is not None)
     sample = _sample(wl, cands, screen_requests)
     screened, pruned = [], []
     for n, dep in enumerate(cands):
