@@ -36,7 +36,8 @@ CPU memory so that it switches rarely. This notebook reads in four steps:
    model's shapes and the datasheet alone, against the simulator's step time.
 3. **Measurement** - the simulator against published serving measurements (TensorRT-LLM, vLLM).
 4. **Measurement on this machine** - the real engine (`executor/serving`, SmolLM2-135M on CPU ranks)
-   against the simulator on the same requests, read from the committed benchmark results.
+   against the simulator on the same requests, read from the committed benchmark results; and
+   prefix caching, estimated as the shared prefix grows, then measured with the engine.
 5. **Conclusion** - the numbers above, computed when the notebook runs; nothing typed in by hand.
 
 Everything uses Llama-3 15B-class on one node of 4 L4 GPUs (PCIe only), the smallest of Seesaw's
@@ -61,6 +62,7 @@ from simulator.serving.plots import (
     latency_cdfs,
     latency_table,
     phase_summary,
+    prefix_caching_sweep,
     throughput_vs_ratio,
     transition_timeline,
 )
@@ -187,6 +189,33 @@ if any("per_request" in r for r in measured["rows"]):
     plot_per_request(measured)
     plt.tight_layout()"""),
     ("md", """\
+## 4b. Prefix caching: what if prompts share a system prompt
+
+Estimate first: one replica (vllm, tp4) serving chat requests that open with one of 4 system prompts
+of growing length, prefix caching off and on. Off, every prompt's prefix is prefilled again and TTFT
+grows with it; on, each group's prefix is computed once and later prompts start after it. Then the
+measurement: `benchmarks/bench_serving_prefix.py` ran the real engine both ways on this machine,
+beside the simulator's prediction of both (read from the committed results)."""),
+    ("code", """\
+chat = {"num_requests": 200, "arrival": {"kind": "poisson", "rate_per_s": 4.0},
+        "input_tokens": {"distribution": "uniform", "min": 32, "max": 256},
+        "output_tokens": {"distribution": "uniform", "min": 32, "max": 256},
+        "shared_prefix": {"tokens": 16, "groups": 4}, "seed": 0}
+prefix_sweep = prefix_caching_sweep(MODEL, CLUSTER, {"prefill": {"tp": 4}, "scheduler": "vllm"}, chat,
+                                    [16, 512, 1024, 2048, 4096])
+plt.tight_layout()
+prefix_sweep"""),
+    ("code", """\
+prefix = load_result(Path("..") / "benchmarks" / "results" / "serving_prefix.json")
+prefix_rows = pd.DataFrame([{"prefix caching": "on" if r["prefix_caching"] else "off",
+                             "cached prompt tokens (measured)": r["measured"]["cached_prompt_tokens"],
+                             "cached prompt tokens (simulated)": r["simulated"]["cached_prompt_tokens"],
+                             **{f"{k} measured": r["measured"][k]["median"] for k in ("ttft_p50_s", "tpot_p50_s")},
+                             **{f"{k} simulated": r["simulated"][k] for k in ("ttft_p50_s", "tpot_p50_s")}}
+                            for r in prefix["rows"]]).set_index("prefix caching")
+display(pd.DataFrame(prefix["speedup"]).T.rename(columns=lambda c: c + " (on / off)"))
+prefix_rows"""),
+    ("md", """\
 ## 5. Conclusion
 
 Computed from the cells above. The throughput ratios are simulator predictions for one small
@@ -208,6 +237,11 @@ sim_over = roofline["simulator / achievable roofline"]
 print(f"decode step: simulator is {roofline['simulator / datasheet roofline'].min():.2f}x-"
       f"{roofline['simulator / datasheet roofline'].max():.2f}x the pure roofline and {sim_over.min():.2f}x-"
       f"{sim_over.max():.2f}x the roofline with achievable bandwidth and step overhead")
+ttft = prefix_sweep["TTFT p50 (s)"]
+print(f"prefix caching, simulated: with {ttft.index[-1]} shared tokens TTFT p50 {ttft['on'].iloc[-1]:.3f} s cached "
+      f"against {ttft['off'].iloc[-1]:.3f} s not; measured on this machine "
+      f"{prefix['speedup']['measured']['ttft_p50_s']:.2f}x TTFT p50 with caching, simulated "
+      f"{prefix['speedup']['simulated']['ttft_p50_s']:.2f}x")
 within = comparison["within target"]
 print(f"this machine, real engine vs simulator: {int(within.sum())} of {len(within)} measured numbers within target "
       f"(throughput errors {', '.join(f'{e:+.0%}' for e in comparison.xs('output tokens/s', level='metric')['error'])})")

@@ -73,13 +73,15 @@ def test_dp2_greedy_output_equals_one_replica(dp2, prompts, reference):
 
 def test_one_engine_in_its_own_process_equals_the_engine_in_this_one(decoder, prompts, reference):
     """`simtune serve`'s default: the engine steps in a process of its own (dp = 1)."""
-    with start_engine(decoder, EngineConfig(num_blocks=64, timeout_s=30), own_process=True) as engine:
+    config = EngineConfig(num_blocks=64, timeout_s=30, prefix_caching=True)   # caching changes no token
+    with start_engine(decoder, config, own_process=True) as engine:
         assert isinstance(engine, ReplicatedEngine) and len(engine.procs) == 1
         seqs = engine.generate(prompts, GREEDY)
         assert [s.output_ids for s in seqs] == reference
         assert engine.stats.finished == len(prompts) and engine.spec is None
-        asked = engine.generate(prompts[:1], replace(GREEDY, logprobs=2))[0]   # log-probabilities cross too
-        assert asked.output_ids == reference[0] and len(asked.logprobs) == len(reference[0])
+        asked = engine.generate(prompts[2:3], replace(GREEDY, logprobs=2))[0]   # log-probabilities cross too
+        assert asked.output_ids == reference[2] and len(asked.logprobs) == len(reference[2])
+        assert engine.stats.cached_prompt_tokens == 16   # the 30-token prompt's first block, from the cache
         assert all(len(alts) == 2 and alts[0][0] == t for t, (_, alts) in zip(asked.output_ids, asked.logprobs))
         procs = list(engine.procs)
     assert not any(p.is_alive() for p in procs)

@@ -144,7 +144,8 @@ class _Queues:
 def _counters(engine: Engine) -> dict:
     st = engine.stats
     return {"steps": dict(st.steps), "step_s": st.step_s, "output_tokens": st.output_tokens,
-            "prompt_tokens": st.prompt_tokens, "max_batch_size": st.max_batch_size,
+            "prompt_tokens": st.prompt_tokens, "cached_prompt_tokens": st.cached_prompt_tokens,
+            "max_batch_size": st.max_batch_size,
             "max_decode_batch": st.max_decode_batch, "finished": st.finished, "aborted": st.aborted,
             "preemptions": engine.scheduler.preemptions, "waiting": engine.num_waiting,
             "running": engine.num_running, "used_blocks": engine.blocks.num_used_gpu_blocks,
@@ -408,7 +409,7 @@ class ReplicatedEngine(Offline):
         """The stats and the KV totals: the sum over replicas (most, for the maxima)."""
         cs, st = self.counters, self.stats
         st.steps = {k: sum(c.get("steps", {}).get(k, 0) for c in cs) for k in ("prefill", "decode", "mixed")}
-        for name in ("step_s", "output_tokens", "prompt_tokens", "finished"):
+        for name in ("step_s", "output_tokens", "prompt_tokens", "cached_prompt_tokens", "finished"):
             setattr(st, name, sum(c.get(name, 0) for c in cs))
         st.aborted = self._aborted_here + sum(c.get("aborted", 0) for c in cs)
         st.max_batch_size = max(c.get("max_batch_size", 0) for c in cs)

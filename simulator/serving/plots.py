@@ -75,6 +75,35 @@ def throughput_vs_ratio(model: Any, cluster: Any, deployments: Mapping[str, Any]
     return df
 
 
+def prefix_caching_sweep(model: Any, cluster: Any, deployment: Mapping[str, Any], workload: Mapping[str, Any],
+                         prefix_tokens: Sequence[int], axes=None):
+    """TTFT p50 and output tokens/s as the prompts' shared prefix grows (`shared_prefix.tokens`;
+    the workload's own `input_tokens` follow it), with prefix caching off and on; plotted on two
+    axes. Returns a DataFrame (prefix tokens x metric and caching)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    model, cluster = load_model(model), load_cluster(cluster)
+    groups = workload.get("shared_prefix", {}).get("groups", 1)
+    rows = []
+    for tokens in prefix_tokens:
+        wl = {**workload, "shared_prefix": {"tokens": tokens, "groups": groups}}
+        for caching in (False, True):
+            rep = simulate_serving(model, cluster, {**deployment, "prefix_caching": caching}, wl)
+            rows.append({"prefix tokens": tokens, "prefix caching": "on" if caching else "off",
+                         "TTFT p50 (s)": rep.ttft_s["p50"], "output tokens/s": rep.output_tokens_per_s})
+    df = pd.DataFrame(rows).pivot(index="prefix tokens", columns="prefix caching")
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 3.2))[1]
+    for ax, metric in zip(axes, ("TTFT p50 (s)", "output tokens/s")):
+        for caching in ("off", "on"):
+            ax.plot(df.index, df[(metric, caching)], marker="o", label=f"prefix caching {caching}")
+        ax.set_xlabel(f"shared prefix (tokens, {groups} groups)")
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"{model.name} on {cluster.name}", fontsize=9)
+    return df
+
+
 # --- transition timeline -----------------------------------------------------------------------
 
 def _boxes(events: Any, replica: int) -> list[tuple[str, str, float, float]]:
