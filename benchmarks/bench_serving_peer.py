@@ -20,7 +20,7 @@ binding of one core for the engine process and one for the model worker):
   first) p50/p90. Our server steps its engine in a process of its own (the default); at the
   counts of `--in-process-threads` it also runs with the engine in the HTTP process.
 The servers and the helper listen on 127.0.0.1, are started here and stopped by their PID.
-vLLM's prefix cache is off (the repetitions resend the same prompts; our engine has none).
+vLLM's prefix cache is off, as ours is by default (the repetitions resend the same prompts).
 Configurations alternate within each repetition; the one-minute load average is recorded
 before and after every run, since the machine is shared. A short torch.profiler run of our
 decode steps says where our time goes.

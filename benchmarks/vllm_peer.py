@@ -57,7 +57,7 @@ def offline(model: Path, max_num_seqs: int) -> None:
     os.dup2(2, 1)
     from vllm import LLM, SamplingParams
 
-    # no prefix caching: the benchmark repeats the same prompts, and our engine does not cache them
+    # no prefix caching: the benchmark repeats the same prompts, and our engine runs without it
     llm = LLM(model=str(model), dtype="bfloat16", enforce_eager=True, max_model_len=2048,
               max_num_seqs=max_num_seqs, enable_prefix_caching=False, seed=0)
     print(json.dumps({"ready": True}), file=answers, flush=True)
