@@ -1,6 +1,6 @@
 """Serving measured vs simulated on this machine: the real engine against `simtune simulate serve`.
 
-What runs (in one process, `python benchmarks/bench_serving_vs_sim.py`, ~30 min; `--quick` < 3 min):
+What runs (in one process, `python benchmarks/bench_serving_vs_sim.py`, ~35 min; `--quick` < 3 min):
 
 ```
 same-run profile  (profiler families the serving model reads, timed now, into a temporary folder)
@@ -20,7 +20,8 @@ model's time for the same batch (which phase misses: prefill, decode, host, comm
 
 Deployments: static TP1, PP2 and TP2 on a short-prompt Poisson load; on a long-prompt Poisson
 load the same static layouts and the re-sharding deployment (PP2 prefill -> TP2 decode,
-seesaw); "Seesaw for real": whether re-sharding beats the best static layout, measured,
+seesaw); the static layouts again on an offline batch (all requests at once, so that the
+output throughput is the steps', not the arrivals'); "Seesaw for real": whether re-sharding beats the best static layout, measured,
 beside the simulator's verdict for the same pair. A deployment the engine cannot run yet
 (`EngineConfig.from_deployment` refuses it with a SpecError) is still simulated; its row
 says why it was not measured, so the same command picks it up once the engine runs it.
@@ -99,8 +100,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "long": {"name": "poisson-long", "num_requests": 20, "arrival": {"kind": "poisson", "rate_per_s": 0.2},
              "input_tokens": {"distribution": "uniform", "min": 512, "max": 1024},
              "output_tokens": {"distribution": "uniform", "min": 16, "max": 48}, "seed": 1},
+    # all at once: throughput set by the steps, not by the arrivals (the Poisson loads' is)
+    "offline": {"name": "offline", "num_requests": 32, "arrival": {"kind": "offline"},
+                "input_tokens": {"distribution": "uniform", "min": 90, "max": 110},
+                "output_tokens": {"distribution": "fixed", "value": 64}, "seed": 3},
 }
-QUICK_REQUESTS = {"short": 8, "long": 4}
+QUICK_REQUESTS = {"short": 8, "long": 4, "offline": 8}
 LIMITS = {"scheduler": "vllm", "max_num_seqs": 32, "max_batched_tokens": 2048, "block_size": 16}
 
 
@@ -125,6 +130,8 @@ CONFIGS = [
     Config("TP1", "short", TP1), Config("PP2", "short", PP2), Config("TP2", "short", TP2),
     Config("TP1 long", "long", TP1, quick=False), Config("PP2 long", "long", PP2, quick=False),
     Config("TP2 long", "long", TP2), Config("PP2->TP2 long", "long", RESHARD),
+    Config("TP1 offline", "offline", TP1), Config("PP2 offline", "offline", PP2, quick=False),
+    Config("TP2 offline", "offline", TP2, quick=False),
 ]
 STATIC_LONG = ("TP1 long", "PP2 long", "TP2 long")
 RESHARDING = "PP2->TP2 long"
@@ -530,6 +537,10 @@ def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- markdown ----------------------------------------------------------------------------------------
+def _lengths(dist: dict[str, Any]) -> str:
+    return str(dist["value"]) if dist.get("distribution") == "fixed" else f"{dist['min']}-{dist['max']}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m, load = result["machine"], result["load_average_1min"]
     profs = result.get("same_run_profiles", [])
@@ -552,10 +563,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"One-minute load average {load['before']:.1f} before and {load['after']:.1f} after the run.", ""]
     for wl in result["workloads"].values():
         s, ln = wl["spec"], wl["lengths"]
-        lines.append(f"- `{s['name']}`: {s['num_requests']} requests, Poisson {s['arrival']['rate_per_s']}/s (seed "
-                     f"{s['seed']}), prompts {s['input_tokens']['min']}-{s['input_tokens']['max']} tokens (mean "
-                     f"{ln['input_tokens_mean']:.0f}), outputs {s['output_tokens']['min']}-{s['output_tokens']['max']} "
-                     f"(mean {ln['output_tokens_mean']:.0f})")
+        arrival = (f"Poisson {s['arrival']['rate_per_s']}/s" if s["arrival"].get("kind") == "poisson"
+                   else "all at once")
+        lines.append(f"- `{s['name']}`: {s['num_requests']} requests, {arrival} (seed {s['seed']}), prompts "
+                     f"{_lengths(s['input_tokens'])} tokens (mean {ln['input_tokens_mean']:.0f}), outputs "
+                     f"{_lengths(s['output_tokens'])} (mean {ln['output_tokens_mean']:.0f})")
     lines += ["", "Load: the one-minute load average before and after the engine runs, and the share of the CPU time "
               "the machine wanted that the hypervisor gave to other guests (stolen; the median of the repeats). A "
               "profile measured in a minute with little stolen time predicts a run with much of it too fast.",
