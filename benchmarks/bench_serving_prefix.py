@@ -76,7 +76,8 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
                         "simulated": simulate(cfg, workload, profile), "runs": []} for cfg in CONFIGS}
     for rep in range(repeats):
         for cfg in CONFIGS if rep % 2 == 0 else CONFIGS[::-1]:
-            r = run_engine(decoder, cfg, requests, prompts)
+            r = vs.run_engine(decoder, cfg, requests, prompts)
+            r.pop("step_log")
             rows[cfg.label]["runs"].append(r)
             sim = rows[cfg.label]["simulated"]
             print(f"repeat {rep + 1}/{repeats} {cfg.label:10s} measured {r['output_tokens_per_s']:5.1f} tok/s TTFT p50 "
@@ -100,25 +101,6 @@ def run(quick: bool, repeats: int) -> dict[str, Any]:
             "rows": list(rows.values()), "speedup": speedup}
 
 
-def run_engine(decoder, cfg: vs.Config, requests, prompts) -> dict[str, Any]:
-    """bench_serving_vs_sim's engine run, with the engine's count of cached prompt tokens."""
-    counts = {}
-    original = vs.Engine.run_until_done
-
-    def counted(eng):
-        out = original(eng)
-        counts["cached"] = eng.stats.cached_prompt_tokens
-        return out
-
-    vs.Engine.run_until_done = counted
-    try:
-        r = vs.run_engine(decoder, cfg, requests, prompts)
-    finally:
-        vs.Engine.run_until_done = original
-    r.pop("step_log")
-    return {**r, "cached_prompt_tokens": counts["cached"]}
-
-
 def markdown(result: dict[str, Any]) -> str:
     wl, ln = result["workload"]["spec"], result["workload"]["lengths"]
     m = result["machine"]
@@ -135,13 +117,7 @@ def markdown(result: dict[str, Any]) -> str:
              "| TTFT p50 s | pred | err | TTFT p90 s | pred | err | TPOT p50 ms | pred | err | TPOT p90 ms | pred | err |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        cells = []
-        for key, scale, fmt in (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"),
-                                ("ttft_p90_s", 1, "{:.3f}"), ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}")):
-            meas = r["measured"][key]
-            cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
-                      f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * r["simulated"][key]),
-                      f"{r['error'][key]:+.0%}"]
+        cells = vs.measured_cells(r)
         lines.append(f"| {'on' if r['prefix_caching'] else 'off'} | {r['measured']['cached_prompt_tokens']} | "
                      f"{r['simulated']['cached_prompt_tokens']} | " + " | ".join(cells) + " |")
     s = result["speedup"]

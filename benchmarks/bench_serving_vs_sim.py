@@ -333,7 +333,7 @@ def run_engine(decoder, cfg: Config, requests, prompts: list[list[int]]) -> dict
     return {**metrics_of(out / makespan, percentiles(ttft), percentiles(tpot)), "makespan_s": makespan,
             "steps": steps, "preemptions": eng.scheduler.preemptions, "step_log": log.rows,
             "transitions": len(log.transitions), "transition_time_s": sum(log.transitions), "all_reduce": all_reduce,
-            "per_request": {"ttft_s": ttft, "tpot_s": tpot},
+            "per_request": {"ttft_s": ttft, "tpot_s": tpot}, "cached_prompt_tokens": eng.stats.cached_prompt_tokens,
             "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}, "cpu_stolen": stolen}
 
 
@@ -537,6 +537,23 @@ def seesaw_verdict(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- markdown ----------------------------------------------------------------------------------------
+METRIC_CELLS = (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"), ("ttft_p90_s", 1, "{:.3f}"),
+                ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}"))   # key, scale to the unit shown, format
+
+
+def measured_cells(row: dict[str, Any]) -> list[str]:
+    """Per metric of a measured row: median [min, max] measured, predicted, error (marked ✗
+    outside the target where the row says whether it is within)."""
+    cells = []
+    for key, scale, fmt in METRIC_CELLS:
+        meas = row["measured"][key]
+        mark = "" if row.get("within_target", {}).get(key, True) else " ✗"
+        cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
+                  f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * row["simulated"][key]),
+                  f"{row['error'][key]:+.0%}{mark}"]
+    return cells
+
+
 def _lengths(dist: dict[str, Any]) -> str:
     return str(dist["value"]) if dist.get("distribution") == "fixed" else f"{dist['min']}-{dist['max']}"
 
@@ -578,20 +595,13 @@ def markdown(result: dict[str, Any]) -> str:
         sim = r["simulated"]
         if "measured" not in r:
             cells = []
-            for key, scale, fmt in (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"),
-                                    ("ttft_p90_s", 1, "{:.3f}"), ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}")):
+            for key, scale, fmt in METRIC_CELLS:
                 cells += ["-", fmt.format(scale * sim[key]), "-"]
             lines.append(f"| {r['label']} | {r['ranks']} | not measured | " + " | ".join(cells) + " |")
             continue
         loads = r["load_average_1min"]
         lo, hi = min(x["before"] for x in loads), max(x["after"] for x in loads)
-        cells = []
-        for key, scale, fmt in (("output_tokens_per_s", 1, "{:.1f}"), ("ttft_p50_s", 1, "{:.3f}"),
-                                ("ttft_p90_s", 1, "{:.3f}"), ("tpot_p50_s", 1e3, "{:.0f}"), ("tpot_p90_s", 1e3, "{:.0f}")):
-            meas = r["measured"][key]
-            mark = "" if r["within_target"][key] else " ✗"
-            cells += [f"{fmt.format(scale * meas['median'])} [{fmt.format(scale * meas['min'])}, "
-                      f"{fmt.format(scale * meas['max'])}]", fmt.format(scale * sim[key]), f"{r['error'][key]:+.0%}{mark}"]
+        cells = measured_cells(r)
         stolen = [x for x in r.get("cpu_stolen", []) if x is not None]
         steal = f" ({statistics.median(stolen):.0%})" if stolen else ""
         lines.append(f"| {r['label']} | {r['ranks']} | {lo:.1f}-{hi:.1f}{steal} | " + " | ".join(cells) + " |")

@@ -179,6 +179,11 @@ def test_prefix_caching_is_refused_with_seesaw():
     with pytest.raises(ValueError, match="prefix_caching"):
         DeploymentSpec(prefill={"tp": 1, "pp": 2}, decode={"tp": 2, "pp": 1}, scheduler="seesaw",
                        cpu_kv_buffer_GB=1.0, prefix_caching=True)
+    from executor.serving.engine import EngineConfig  # the engine's seesaw reads the same spec
+
+    with pytest.raises(ValueError, match="prefix_caching"):
+        EngineConfig(scheduler="seesaw", pp=2, decode_tp=2, decode_pp=1, cpu_kv_buffer_GB=1.0,
+                     prefix_caching=True).deployment()
 
 
 # --- the engine -------------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ class EngineConfig:
         if self.scheduler == "seesaw":
             decode = Parallel(tp=self.decode_tp or self.tp, pp=self.decode_pp or self.pp)
             return DeploymentSpec(prefill=Parallel(tp=self.tp, pp=self.pp), decode=decode, scheduler="seesaw",
+                                  prefix_caching=self.prefix_caching,
                                   max_num_seqs=self.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
                                   block_size=self.block_size, cpu_kv_buffer_GB=self.cpu_kv_buffer_GB)
         swap = self.num_cpu_blocks > 0
@@ -271,8 +272,6 @@ class Engine(Offline):
         cfg = decoder.cfg
         if not 1 <= config.max_model_len <= cfg.max_positions:
             raise ValueError(f"max_model_len={config.max_model_len}: must be in 1..{cfg.max_positions}")
-        if config.prefix_caching and config.scheduler == "seesaw":
-            raise ValueError("prefix_caching: not with the seesaw scheduler (its two layouts keep separate pools)")
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.num_cpu_blocks, config.watermark,
                                    prefix_caching=config.prefix_caching)
         if config.prefix_caching:

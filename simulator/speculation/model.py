@@ -295,6 +295,13 @@ def acceptance_rate(accepted: int, rejections: int) -> float | None:
     return accepted / (accepted + rejections) if accepted + rejections else None
 
 
+def shrunk_acceptance(accepted, rejections, prior: float, weight: float, bound: float):
+    """`acceptance_rate` shrunk toward a prior mean worth `weight` drafts, clipped to
+    [bound, 1 - bound] (scalars, or arrays of per-sequence counts)."""
+    rate = (accepted + prior * weight) / (accepted + rejections + weight)
+    return np.minimum(np.maximum(rate, bound), 1 - bound)
+
+
 def max_batch_in_kv(model: TransformerSpec, cluster: ClusterSpec, deployment, context: float) -> int:
     """The largest batch whose KV (context + k_max drafts per sequence) fits one replica."""
     from simulator.serving.simulate import kv_capacity_tokens  # simulate imports this module
@@ -345,9 +352,8 @@ class Speculator:
         `LEARN_TOLERANCE` from the rate of the table in use. Per drafted token the outcome is
         accepted or the first rejection, so accepted / (accepted + rejections) is the per-token
         rate's maximum-likelihood estimate (the model `sample_accepted` draws from)."""
-        prior = self.spec.acceptance.average
-        rate = (self.accepted + prior * LEARN_PRIOR_DRAFTS) / (self.accepted + self.rejections + LEARN_PRIOR_DRAFTS)
-        rate = min(max(rate, 0.01), 0.99)
+        rate = float(shrunk_acceptance(self.accepted, self.rejections, self.spec.acceptance.average,
+                                       LEARN_PRIOR_DRAFTS, 0.01))
         if abs(rate - self.table_acceptance) > LEARN_TOLERANCE:
             self._build_table(AcceptanceSpec(distribution="fixed", mean=rate))
 
@@ -371,9 +377,7 @@ class Speculator:
     def _estimate(self, accepted: np.ndarray, rejections: np.ndarray) -> np.ndarray:
         """Acceptance estimate of each sequence: its own record, starting from the prior mean
         with the weight of two observations (SmartSpec tracks a moving acceptance rate)."""
-        prior, weight = self.spec.acceptance.average, 2.0
-        rate = (accepted + prior * weight) / (accepted + rejections + weight)
-        return np.minimum(np.maximum(rate, 1e-3), 1 - 1e-3)
+        return shrunk_acceptance(accepted, rejections, self.spec.acceptance.average, 2.0, 1e-3)
 
     def draft_s(self, works: list[Work], k: int) -> float:
         """k draft steps over the batch at its actual contexts."""
