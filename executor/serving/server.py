@@ -202,8 +202,7 @@ class OpenAIServer:
     # --- engine -> responses ------------------------------------------------------------------
     async def _respond(self, body: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool):
         # n choices: n engine requests; a seeded request's choice i draws from seed + i
-        choices = [params if body.n == 1 or params.seed is None else replace(params, seed=params.seed + i)
-                   for i in range(body.n)]
+        choices = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(body.n)]
         handles, q = self._submit(prompt_ids, choices)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
